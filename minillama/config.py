@@ -1,0 +1,24 @@
+"""One dataclass of engine settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    """Engine settings. ``model=None`` means the built-in SmolLM2-135M-Instruct."""
+
+    model: str | None = None
+    backend: str = "torch"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: str = "auto"  # "auto" = float32 on cpu, bfloat16 on cuda
+    max_model_len: int = 4096
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    kvcache_block_size: int = 0  # 0 = 16 for torch, 256 for flash-attn
+    num_kvcache_blocks: int = 0  # 0 = sized from memory
+    cpu_kvcache_bytes: int = 2 << 30  # KV budget on cpu when num_kvcache_blocks == 0
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True

@@ -1,0 +1,1 @@
+"""The serving loop: sequences, block manager, scheduler, model runner."""

@@ -1,0 +1,49 @@
+"""The step context: the tensors every attention layer of one forward pass needs.
+
+Set once per step by the model runner, read by each ``Attention`` layer, so the model's forward
+keeps a plain ``(input_ids, positions)`` signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Context:
+    """Per-step attention metadata, vLLM names.
+
+    ``is_prefill`` selects ``flash_attn_varlen_func`` (prefill, chunked prefill, mixed batches);
+    otherwise every sequence adds one token and ``flash_attn_with_kvcache`` runs (decode).
+    """
+
+    is_prefill: bool = False
+    cu_seqlens_q: torch.Tensor | None = None  # (batch+1,) int32, offsets of each sequence's new tokens
+    cu_seqlens_k: torch.Tensor | None = None  # (batch+1,) int32, offsets of each sequence's keys
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    slot_mapping: torch.Tensor | None = None  # (num_tokens,) int64 cache slot of each new token, -1 = skip
+    context_lens: torch.Tensor | None = None  # (batch,) int32, keys per sequence (decode)
+    block_tables: torch.Tensor | None = None  # (batch, max_blocks) int32, None if no key comes from the cache
+    # for the debugger: which request each row belongs to, and where this step sits
+    seq_ids: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    step: int = -1
+
+
+_CONTEXT = Context()
+
+
+def set_context(ctx: Context) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def get_context() -> Context:
+    return _CONTEXT
+
+
+def reset_context() -> None:
+    set_context(Context())

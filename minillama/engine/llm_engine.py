@@ -1,0 +1,136 @@
+"""The step loop: schedule -> run the model -> postprocess, with hook sites around each step."""
+
+from __future__ import annotations
+
+import torch
+
+from minillama import hooks
+from minillama.attention import get_backend
+from minillama.config import Config
+from minillama.engine.block_manager import BlockManager
+from minillama.engine.model_runner import ModelRunner
+from minillama.engine.scheduler import ScheduledBatch, Scheduler
+from minillama.engine.sequence import Sequence
+from minillama.models.llama import LlamaForCausalLM
+from minillama.models.loader import load_weights, open_model
+from minillama.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (too long, empty); the message says how to fix it."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but no CUDA GPU is usable here: use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: choose one of auto, float32, bfloat16, float16")
+    return table[name]
+
+
+class LLMEngine:
+    """Owns the model, the KV cache, the block manager and the scheduler."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.backend = get_backend(config.backend)
+        if config.kvcache_block_size == 0:
+            config.kvcache_block_size = max(16, self.backend.block_size_multiple)
+        if config.kvcache_block_size % self.backend.block_size_multiple:
+            raise ValueError(
+                f"kvcache_block_size {config.kvcache_block_size} does not work with the {self.backend.name} backend: "
+                f"use a multiple of {self.backend.block_size_multiple}")
+        loaded = open_model(config.model)
+        self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.model_source = loaded
+        self.backend.check(self.model_config.head_dim, self.dtype, self.device)
+        config.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
+        self.model = self._build_model(loaded)
+        self.runner = ModelRunner(config, self.model_config, self.model, self.device, self.dtype)
+        num_blocks = config.num_kvcache_blocks or self._num_blocks_from_memory()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.num_kvcache_blocks = num_blocks
+        self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager, self.model_config.eos_token_ids)
+        self.num_steps = 0
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from minillama.engine.cuda_graph import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(self.runner)
+
+    def _build_model(self, loaded) -> LlamaForCausalLM:
+        old = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(self.dtype)
+            with torch.device(self.device):
+                model = LlamaForCausalLM(self.model_config, self.config.max_model_len, self.backend)
+        finally:
+            torch.set_default_dtype(old)
+        load_weights(model, loaded.weights())
+        loaded._gguf_weights = None  # drop the host copy
+        return model.eval()
+
+    def _num_blocks_from_memory(self) -> int:
+        per_block = self.runner.bytes_per_block()
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - total * (1 - self.config.gpu_memory_utilization) - self._activation_reserve()
+        else:
+            budget = self.config.cpu_kvcache_bytes
+        # no point in more blocks than max_num_seqs full-length sequences can use
+        cap = self.config.max_num_seqs * -(-self.config.max_model_len // self.config.kvcache_block_size)
+        num_blocks = min(int(budget // per_block), cap)
+        if num_blocks < -(-self.config.max_model_len // self.config.kvcache_block_size):
+            raise ValueError(f"only {num_blocks} KV blocks fit in memory, fewer than one max_model_len sequence needs: "
+                             "lower max_model_len or raise gpu_memory_utilization / cpu_kvcache_bytes")
+        return num_blocks
+
+    def _activation_reserve(self) -> int:
+        c, n = self.model_config, self.config.max_num_batched_tokens
+        return int(n * (c.vocab_size * 4 + c.intermediate_size * 2 * 4 + c.hidden_size * 16) * 2)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        limit = self.config.max_model_len
+        if len(token_ids) >= limit:
+            raise RequestError(f"the prompt has {len(token_ids)} tokens but max_model_len is {limit}: "
+                               f"shorten the prompt or raise max_model_len (the model allows "
+                               f"{self.model_config.max_position_embeddings})")
+        if max(token_ids) >= self.model_config.vocab_size or min(token_ids) < 0:
+            raise RequestError(f"token ids must be in [0, {self.model_config.vocab_size}): the prompt has "
+                               f"{max(token_ids)}")
+        seq = Sequence(token_ids, params, self.config.kvcache_block_size)
+        self.scheduler.add(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return not self.scheduler.is_finished()
+
+    def step(self) -> tuple[ScheduledBatch, list[Sequence]]:
+        """Run one scheduler step; returns the batch that ran and the sequences it finished."""
+        batch = self.scheduler.schedule()
+        if hooks.enabled:
+            hooks.emit("step.begin", None, step=self.num_steps, batch=batch, engine=self)
+        sampled = self.runner.run(batch, self.num_steps)
+        finished = self.scheduler.postprocess(batch, sampled)
+        if hooks.enabled:
+            hooks.emit("step.end", None, step=self.num_steps, batch=batch, sampled=sampled, finished=finished,
+                       engine=self)
+        self.num_steps += 1
+        return batch, finished

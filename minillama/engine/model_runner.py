@@ -1,0 +1,131 @@
+"""Turns a scheduled batch into tensors, runs the network, samples.
+
+``prepare`` builds vLLM's per-step inputs (``input_ids``, ``positions``, ``cu_seqlens_q/k``,
+``max_seqlen_q/k``, ``slot_mapping``, ``context_lens``, ``block_tables``) and puts them in the
+step context; ``run`` does one forward pass and returns one sampled token per sequence whose
+new tokens reach its end (None for a prefill chunk that stops short).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minillama import hooks
+from minillama.config import Config
+from minillama.engine.context import Context, reset_context, set_context
+from minillama.engine.scheduler import ScheduledBatch
+from minillama.engine.sequence import Sequence
+from minillama.layers.sampler import Sampler
+from minillama.models.config import ModelConfig
+
+
+class ModelRunner:
+    def __init__(self, config: Config, model_config: ModelConfig, model: torch.nn.Module,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = config.kvcache_block_size
+        self.sampler = Sampler()
+        self.kv_cache = torch.empty(0)
+        self.graphs = None  # CUDA graphs for decode, see cuda_graph.py
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        c = self.model_config
+        return 2 * c.num_hidden_layers * self.block_size * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One tensor (2, layers, num_blocks + 1, block_size, kv_heads, head_dim); the extra block is the
+        spare that skipped slots (-1) are written to. Each layer gets views of its K and V slices."""
+        c = self.model_config
+        shape = (2, c.num_hidden_layers, num_blocks + 1, self.block_size, c.num_key_value_heads, c.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.attn.k_cache = self.kv_cache[0, i]
+            layer.self_attn.attn.v_cache = self.kv_cache[1, i]
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(self.device, non_blocking=True)
+
+    def prepare(self, batch: ScheduledBatch, step: int = -1) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Build the step's tensors and context; returns input_ids, positions and the logit rows to sample."""
+        bs = self.block_size
+        input_ids, positions, slot_mapping = [], [], []
+        cu_q, cu_k, logit_rows = [0], [0], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slot_mapping += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + end)
+            if end == len(seq):
+                logit_rows.append(cu_q[-1] - 1)
+        is_decode = batch.phase == "decode"
+        need_tables = is_decode or any(s.num_computed_tokens > 0 for s in batch.seqs)
+        ctx = Context(
+            is_prefill=not is_decode,
+            cu_seqlens_q=self._tensor(cu_q, torch.int32),
+            cu_seqlens_k=self._tensor(cu_k, torch.int32),
+            max_seqlen_q=max(batch.num_new_tokens),
+            max_seqlen_k=max(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)),
+            slot_mapping=self._tensor(slot_mapping, torch.int64),
+            context_lens=self._tensor([s.num_computed_tokens + 1 for s in batch.seqs], torch.int32) if is_decode else None,
+            block_tables=self._block_tables(batch.seqs) if need_tables else None,
+            seq_ids=[s.seq_id for s in batch.seqs],
+            query_lens=list(batch.num_new_tokens),
+            step=step,
+        )
+        set_context(ctx)
+        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), logit_rows
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+
+    # ---- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, step: int = -1) -> list[int | None]:
+        input_ids, positions, logit_rows = self.prepare(batch, step)
+        if (self.graphs is not None and batch.phase == "decode" and not hooks.enabled
+                and self.graphs.can_run(len(batch.seqs))):
+            hidden = self.graphs.run(input_ids, positions)
+        else:
+            hidden = self.model(input_ids, positions)
+        sampled: list[int | None] = [None] * len(batch.seqs)
+        if logit_rows:
+            logits = self.model.compute_logits(hidden[self._tensor(logit_rows, torch.int64)])
+            seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                    if s.num_computed_tokens + n == len(s)]
+            tokens = self.sample(logits, seqs)
+            if hooks.enabled:
+                hooks.emit("sampled", tokens, seq_ids=[s.seq_id for s in seqs])
+            it = iter(tokens.tolist())
+            sampled = [next(it) if s.num_computed_tokens + n == len(s) else None
+                       for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
+        reset_context()
+        return sampled
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.sampling_params for s in seqs]
+        generators = []
+        for s in seqs:
+            if s.sampling_params.seed is not None and s.sampling_params.temperature > 0:
+                if getattr(s, "generator", None) is None:
+                    s.generator = torch.Generator(device=self.device).manual_seed(s.sampling_params.seed)
+                generators.append(s.generator)
+            else:
+                generators.append(None)
+        return self.sampler(
+            logits,
+            self._tensor([p.temperature for p in params], torch.float32),
+            self._tensor([p.top_k for p in params], torch.int64),
+            self._tensor([p.top_p for p in params], torch.float32),
+            generators,
+            all_greedy=all(p.temperature == 0 for p in params),
+            need_top_k_top_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
+        )

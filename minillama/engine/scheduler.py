@@ -1,0 +1,129 @@
+"""Decides which tokens run in the next step.
+
+Policy (continuous batching with chunked prefill): running sequences go first, oldest first, each
+asking for all its uncomputed tokens (1 for a decode) within the step's token budget; then waiting
+sequences are admitted while the budget, ``max_num_seqs`` and free blocks allow. A prompt that
+does not fit the budget is prefilled in chunks over several steps. When a running sequence needs
+a new block and none is free, the newest running sequence is preempted: its blocks are freed and
+it goes back to the front of the queue to be recomputed later (its prefix may still be cached).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from minillama.config import Config
+from minillama.engine.block_manager import BlockManager
+from minillama.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: ``num_new_tokens[i]`` tokens of ``seqs[i]`` starting at its ``num_computed_tokens``."""
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def phase(self) -> str:
+        """'decode' (every sequence adds one token after its cached ones), 'prefill', or 'mixed'."""
+        decode = [s.num_computed_tokens == len(s) - 1 for s in self.seqs]
+        if all(decode):
+            return "decode"
+        return "prefill" if not any(decode) else "mixed"
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, config: Config, block_manager: BlockManager, eos_token_ids: list[int]) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.block_manager = block_manager
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        bm = self.block_manager
+        budget = self.max_num_batched_tokens
+        batch = ScheduledBatch([], [])
+        # 1. sequences already running: decodes and unfinished chunked prefills
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            while bm.blocks_needed(seq, seq.num_computed_tokens + n) > bm.num_free_blocks:
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break  # it preempted itself: everyone after it is gone too
+            bm.grow(seq, seq.num_computed_tokens + n)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+            i += 1
+        # 2. admit waiting sequences (not in a step that had to preempt: memory is tight)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+        if not batch.seqs and self.waiting and not self.running:
+            seq = self.waiting[0]
+            raise RuntimeError(
+                f"request {seq.seq_id} needs {seq.num_blocks} KV blocks but the cache has only "
+                f"{len(bm.blocks)}: lower max_model_len or give the KV cache more memory"
+            )
+        return batch
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Account the computed tokens, append sampled ones, and retire finished sequences."""
+        finished = []
+        for seq, n, token_id in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if token_id is None:
+                continue  # a prefill chunk that did not reach the end of the sequence
+            seq.append_token(token_id)
+            params = seq.sampling_params
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                seq.finish_reason = "stop"
+            elif seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.deallocate(seq)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished

@@ -1,0 +1,25 @@
+"""Token embedding and the LM head (which may share the embedding's weight)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(vocab_size, hidden_size)
+        self.weight.weight_loader = lambda p, t, shard_id=None: p.data.copy_(t)
+
+
+class LMHead(nn.Module):
+    """Projects hidden states to vocabulary logits, always in float32."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.weight.weight_loader = lambda p, t, shard_id=None: p.data.copy_(t)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight).float()

@@ -1,0 +1,105 @@
+"""The user-facing facade: ``LLM.generate``, ``LLM.chat`` and ``LLM.stream``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from minillama.config import Config
+from minillama.engine.context import reset_context
+from minillama.engine.llm_engine import LLMEngine
+from minillama.engine.scheduler import ScheduledBatch
+from minillama.engine.sequence import Sequence
+from minillama.sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+@dataclass
+class RequestOutput:
+    """One finished request."""
+
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]  # generated ids, including a final EOS when finish_reason == "stop"
+    finish_reason: str  # "stop" or "length"
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class LLM(LLMEngine):
+    """A Llama model ready to generate. ``model=None`` loads the built-in SmolLM2-135M-Instruct."""
+
+    def __init__(self, model: str | None = None, **kwargs) -> None:
+        super().__init__(Config(model=model, **kwargs))
+
+    def _params(self, n: int, sampling_params: SamplingParams | Seq[SamplingParams] | None) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        if len(sampling_params) != n:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {n} prompts: give one, or one per prompt")
+        return list(sampling_params)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        ids = seq.completion_token_ids
+        return RequestOutput(seq.token_ids[: seq.num_prompt_tokens], self.tokenizer.decode(ids), ids,
+                             seq.finish_reason or "length", seq.num_cached_tokens)
+
+    def generate(self, prompts: Seq[str] | Seq[list[int]] | str,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (strings or token-id lists); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, self._params(len(prompts), sampling_params),
+                                                         strict=True)]
+        while self.has_unfinished():
+            self.step()
+        return [self._output(s) for s in seqs]
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.encode_chat(c, add_generation_prompt=True) for c in convs]  # type: ignore[arg-type]
+        return self.generate(prompts, sampling_params)
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None,
+               chat: bool = False) -> Iterator[str]:
+        """Yield the answer's text piece by piece as tokens are sampled (``chat`` applies the template)."""
+        if chat and isinstance(prompt, str):
+            prompt = self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        seq = self.add_request(prompt, sampling_params or SamplingParams())
+        decoder = self.tokenizer.stream_decoder()
+        seen = 0
+        while not seq.is_finished:
+            self.step()
+            for token_id in seq.completion_token_ids[seen:]:
+                piece = decoder.push(token_id)
+                if piece:
+                    yield piece
+            seen = seq.num_completion_tokens
+        # drain other requests that may share the engine
+        while self.has_unfinished():
+            self.step()
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits at every position of ``token_ids`` (one prefill through the paged cache)."""
+        seq = Sequence(token_ids, SamplingParams(max_tokens=1), self.config.kvcache_block_size)
+        bm = self.block_manager
+        if not bm.can_allocate(seq):
+            raise ValueError("the KV cache is busy or too small for this prompt")
+        enable, bm.enable_prefix_caching = bm.enable_prefix_caching, False
+        try:
+            bm.allocate(seq)
+            batch = ScheduledBatch([seq], [len(seq)])
+            input_ids, positions, _ = self.runner.prepare(batch)
+            hidden = self.model(input_ids, positions)
+            return self.model.compute_logits(hidden)
+        finally:
+            reset_context()
+            bm.deallocate(seq)
+            bm.enable_prefix_caching = enable

@@ -1,0 +1,612 @@
+"""The torch attention backend against a plain float64 reference, plus the backend registry.
+
+The reference (``ref_attention``) is deliberately naive: one sequence at a time, explicit keys,
+explicit bottom-right causal mask and GQA head mapping, in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillama.attention import (
+    AttentionBackend,
+    BackendError,
+    available_backends,
+    get_backend,
+    register_backend,
+    torch_ref,
+)
+from minillama.attention.flash import FlashAttnBackend
+from minillama.attention.torch_ref import flash_attn_varlen_func, flash_attn_with_kvcache
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (absolute, relative) tolerances against the float64 reference, by input dtype.
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2)}
+GQA = [(4, 1), (2, 3), (2, 4)]  # (nheads_k, query heads per kv head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence: q (sq, H, D), k/v (sk, Hk, D) -> out (sq, H, D) float64, lse (H, sq) float64.
+
+    Rows that see no key output 0 and have lse -inf.
+    """
+    sq, H, D = q.shape
+    sk, Hk, _ = k.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    group = H // Hk
+    out = torch.zeros(sq, H, D, dtype=torch.float64)
+    lse = torch.full((H, sq), float("-inf"), dtype=torch.float64)
+    if sq == 0 or sk == 0:
+        return out, lse
+    qd, kd, vd = q.double(), k.double(), v.double()
+    i = torch.arange(sq)[:, None]
+    j = torch.arange(sk)[None, :]
+    visible = (j <= i + sk - sq) if causal else torch.ones(sq, sk, dtype=torch.bool)
+    for h in range(H):
+        kv = h // group  # GQA: query head h reads kv head h // group
+        scores = (qd[:, h] @ kd[:, kv].T) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        alive = visible.any(dim=1)
+        probs = torch.softmax(scores[alive], dim=-1)
+        out[alive, h] = probs @ vd[:, kv]
+        lse[h, alive] = torch.logsumexp(scores[alive], dim=-1)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Input builders
+# ---------------------------------------------------------------------------------------------
+
+
+def rand_lengths(gen: torch.Generator, n: int, lo: int, hi: int) -> list[int]:
+    return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+
+
+def cu(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+
+def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def build_paged(
+    gen: torch.Generator,
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    block_size: int,
+    pad_entry: int,
+    capacity: list[int] | None = None,
+    spare: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scatter each sequence's rows (n_b, Hk, D) into NaN-filled paged caches through a random block permutation.
+
+    Sequence b gets blocks for ``capacity[b]`` tokens (default: its length). Returns
+    (k_cache, v_cache (num_blocks, block_size, Hk, D), block_table (B, max_blocks + 1) int32).
+    Unused table entries hold ``pad_entry`` and unused slots hold NaN, so reading either would show.
+    """
+    Hk, D = ks[0].shape[1:]
+    capacity = capacity or [x.shape[0] for x in ks]
+    need = [-(-c // block_size) for c in capacity]
+    num_blocks = sum(need) + spare
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    k_cache = torch.full((num_blocks, block_size, Hk, D), float("nan"), dtype=ks[0].dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    table = torch.full((len(ks), max(need) + 1), pad_entry, dtype=torch.int32)
+    for b in range(len(ks)):
+        for i in range(need[b]):
+            table[b, i] = blk = perm.pop()
+            rows = slice(i * block_size, (i + 1) * block_size)
+            n = ks[b][rows].shape[0]
+            k_cache[blk, :n] = ks[b][rows]
+            v_cache[blk, :n] = vs[b][rows]
+    return k_cache, v_cache, table
+
+
+def check_varlen(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    q_lens: list[int],
+    causal: bool,
+    scale: float | None,
+    lse: torch.Tensor | None = None,
+) -> None:
+    """Compare flat output (and lse (H, total_q)) with the reference, sequence by sequence."""
+    atol, rtol = TOL[q.dtype]
+    assert out.shape == q.shape and out.dtype == q.dtype
+    start = 0
+    for b, n in enumerate(q_lens):
+        ref_out, ref_lse = ref_attention(q[start:start + n], ks[b], vs[b], causal, scale)
+        torch.testing.assert_close(out[start:start + n].double(), ref_out, atol=atol, rtol=rtol,
+                                   msg=lambda m, b=b: f"sequence {b}: {m}")
+        if lse is not None:
+            got = lse[:, start:start + n].double()
+            finite = torch.isfinite(ref_lse)
+            torch.testing.assert_close(got[finite], ref_lse[finite], atol=1e-4, rtol=1e-5)
+            assert torch.all(got[~finite] == float("inf"))  # flash-attn: +inf for rows with no key
+        start += n
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_varlen_func, flat keys
+# ---------------------------------------------------------------------------------------------
+
+# name -> (batch, (min, max) query length, (min, max) cached prefix length)
+VARLEN_SHAPES = {
+    "one-long": (1, (300, 300), (0, 0)),
+    "few-mixed": (3, (1, 300), (0, 40)),
+    "eight": (8, (1, 64), (0, 64)),
+    "thirty-two": (32, (1, 24), (0, 40)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"hk{g[0]}x{g[1]}")
+@pytest.mark.parametrize("shape", list(VARLEN_SHAPES), ids=str)
+def test_varlen_flat(shape: str, gqa: tuple[int, int], causal: bool, dtype: torch.dtype) -> None:
+    batch, (qlo, qhi), (plo, phi) = VARLEN_SHAPES[shape]
+    Hk, group = gqa
+    H, D = Hk * group, 64
+    gen = torch.Generator().manual_seed(sum(map(ord, shape)) * 100 + Hk * 10 + group + causal)
+    q_lens = rand_lengths(gen, batch, qlo, qhi)
+    k_lens = [n + p for n, p in zip(q_lens, rand_lengths(gen, batch, plo, phi), strict=True)]
+    q = randn(gen, sum(q_lens), H, D, dtype=dtype)
+    k = randn(gen, sum(k_lens), Hk, D, dtype=dtype)
+    v = randn(gen, sum(k_lens), Hk, D, dtype=dtype)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
+                                         causal=causal, return_attn_probs=True)
+    assert lse.shape == (H, sum(q_lens)) and lse.dtype == torch.float32
+    ks, vs = k.split(k_lens), v.split(k_lens)
+    check_varlen(out, q, list(ks), list(vs), q_lens, causal, None, lse)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "scale", "dtype"),
+    [(128, None, torch.float32), (128, 0.3, torch.bfloat16), (64, 0.05, torch.float32), (64, 1.0, torch.bfloat16)],
+)
+def test_varlen_head_dim_and_scale(head_dim: int, scale: float | None, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(7)
+    Hk, group = 2, 4
+    q_lens = [17, 1, 130, 5]
+    k_lens = [17, 40, 130, 9]
+    q = randn(gen, sum(q_lens), Hk * group, head_dim, dtype=dtype)
+    k = randn(gen, sum(k_lens), Hk, head_dim, dtype=dtype)
+    v = randn(gen, sum(k_lens), Hk, head_dim, dtype=dtype)
+    for causal in (True, False):
+        out = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
+                                     softmax_scale=scale, causal=causal)
+        check_varlen(out, q, list(k.split(k_lens)), list(v.split(k_lens)), q_lens, causal, scale)
+
+
+def test_varlen_max_seqlen_larger_than_needed() -> None:
+    # max_seqlen_* are only bounds: padding further must not change anything.
+    gen = torch.Generator().manual_seed(3)
+    q_lens, k_lens = [4, 9], [10, 9]
+    q, k, v = randn(gen, 13, 4, 64), randn(gen, 19, 2, 64), randn(gen, 19, 2, 64)
+    tight = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), 9, 10, causal=True)
+    loose = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), 50, 70, causal=True)
+    torch.testing.assert_close(tight, loose, atol=1e-6, rtol=0)
+
+
+def test_varlen_empty_sequences() -> None:
+    gen = torch.Generator().manual_seed(11)
+    q_lens = [3, 0, 5, 0]
+    k_lens = [7, 4, 5, 0]  # one empty sequence with cached keys, one with nothing at all
+    q = randn(gen, sum(q_lens), 6, 64)
+    k, v = randn(gen, sum(k_lens), 2, 64), randn(gen, sum(k_lens), 2, 64)
+    out = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal=True)
+    assert out.shape == (8, 6, 64)
+    check_varlen(out, q, list(k.split(k_lens)), list(v.split(k_lens)), q_lens, True, None)
+
+
+def test_varlen_no_tokens_at_all() -> None:
+    q = torch.zeros(0, 4, 64)
+    k = v = torch.zeros(0, 4, 64)
+    zeros = torch.zeros(3, dtype=torch.int32)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, zeros, zeros, 0, 0, causal=True, return_attn_probs=True)
+    assert out.shape == (0, 4, 64) and lse.shape == (4, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_varlen_func through a block table (paged prefill, prefix caching)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pad_entry", [-1, 10**6], ids=["pad-minus1", "pad-huge"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"hk{g[0]}x{g[1]}")
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_varlen_paged(block_size: int, gqa: tuple[int, int], dtype: torch.dtype, pad_entry: int) -> None:
+    Hk, group = gqa
+    H, D = Hk * group, 64
+    gen = torch.Generator().manual_seed(block_size * 100 + Hk * 10 + group)
+    # Fresh prompts, prompts with a cached prefix, decode-like single tokens, and an empty one.
+    q_lens = [37, 1, 120, 1, 0, 9, 1, 260]
+    prefix = [0, 57, 300, 0, 12, 256, 511, 16]
+    k_lens = [n + p for n, p in zip(q_lens, prefix, strict=True)]
+    q = randn(gen, sum(q_lens), H, D, dtype=dtype)
+    ks = [randn(gen, n, Hk, D, dtype=dtype) for n in k_lens]
+    vs = [randn(gen, n, Hk, D, dtype=dtype) for n in k_lens]
+    k_cache, v_cache, table = build_paged(gen, ks, vs, block_size, pad_entry)
+    for causal in (True, False):
+        out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
+                                             causal=causal, return_attn_probs=True, block_table=table)
+        assert not out.isnan().any()
+        check_varlen(out, q, ks, vs, q_lens, causal, None, lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"hk{g[0]}x{g[1]}")
+@pytest.mark.parametrize(("batch", "seqlen_q"), [(1, 1), (7, 1), (32, 1), (5, 4)])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_kvcache_paged_append(
+    block_size: int, batch: int, seqlen_q: int, gqa: tuple[int, int], dtype: torch.dtype
+) -> None:
+    Hk, group = gqa
+    H, D = Hk * group, 64
+    gen = torch.Generator().manual_seed(block_size + batch * 7 + seqlen_q * 131 + Hk * 3 + group)
+    cached = rand_lengths(gen, batch, 0, 300)
+    cached[0] = 0  # a sequence with nothing cached yet
+    total = [c + seqlen_q for c in cached]
+    # Full key/value histories; the first `cached` rows go in the cache, the rest are appended.
+    ks = [randn(gen, n, Hk, D, dtype=dtype) for n in total]
+    vs = [randn(gen, n, Hk, D, dtype=dtype) for n in total]
+    k_cache, v_cache, table = build_paged(gen, [x[:c] for x, c in zip(ks, cached, strict=True)],
+                                          [x[:c] for x, c in zip(vs, cached, strict=True)],
+                                          block_size, -1, capacity=total)
+    q = randn(gen, batch, seqlen_q, H, D, dtype=dtype)
+    k_new = torch.stack([x[c:] for x, c in zip(ks, cached, strict=True)])
+    v_new = torch.stack([x[c:] for x, c in zip(vs, cached, strict=True)])
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new,
+                                       cache_seqlens=torch.tensor(cached, dtype=torch.int32), block_table=table,
+                                       causal=True, return_softmax_lse=True)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (batch, H, seqlen_q)
+
+    # The cache now holds the new rows at positions cached..cached+seqlen_q-1, and nothing else changed.
+    k_expect, v_expect = k_before.clone(), v_before.clone()
+    for b in range(batch):
+        for p in range(cached[b], total[b]):
+            blk, slot = int(table[b, p // block_size]), p % block_size
+            k_expect[blk, slot] = ks[b][p]
+            v_expect[blk, slot] = vs[b][p]
+    torch.testing.assert_close(k_cache, k_expect, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, v_expect, atol=0, rtol=0, equal_nan=True)
+
+    atol, rtol = TOL[dtype]
+    for b in range(batch):
+        ref_out, ref_lse = ref_attention(q[b], ks[b], vs[b], causal=True)
+        torch.testing.assert_close(out[b].double(), ref_out, atol=atol, rtol=rtol)
+        torch.testing.assert_close(lse[b].double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+def test_kvcache_contiguous_append(seqlen_q: int, causal: bool) -> None:
+    gen = torch.Generator().manual_seed(seqlen_q)
+    batch, seqlen_cache, Hk, group, D = 6, 80, 2, 3, 64
+    k_cache = randn(gen, batch + 2, seqlen_cache, Hk, D)  # more cache rows than sequences is allowed
+    v_cache = randn(gen, batch + 2, seqlen_cache, Hk, D)
+    cached = torch.tensor([0, 5, 77 - seqlen_q, 33, 1, 60], dtype=torch.int32)
+    q = randn(gen, batch, seqlen_q, Hk * group, D)
+    k_new, v_new = randn(gen, batch, seqlen_q, Hk, D), randn(gen, batch, seqlen_q, Hk, D)
+    k_expect, v_expect = k_cache.clone(), v_cache.clone()
+    for b in range(batch):
+        c = int(cached[b])
+        k_expect[b, c:c + seqlen_q] = k_new[b]
+        v_expect[b, c:c + seqlen_q] = v_new[b]
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cached, causal=causal,
+                                       return_softmax_lse=True, num_splits=4)
+    torch.testing.assert_close(k_cache, k_expect, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, v_expect, atol=0, rtol=0)
+    for b in range(batch):
+        n = int(cached[b]) + seqlen_q
+        ref_out, ref_lse = ref_attention(q[b], k_expect[b, :n], v_expect[b, :n], causal)
+        torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[b].double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_kvcache_int_and_default_seqlens() -> None:
+    gen = torch.Generator().manual_seed(5)
+    batch, seqlen_cache, Hk, H, D = 3, 40, 2, 8, 64
+    k_cache, v_cache = randn(gen, batch, seqlen_cache, Hk, D), randn(gen, batch, seqlen_cache, Hk, D)
+    q = randn(gen, batch, 2, H, D)
+    # No cache_seqlens: every sequence sees the whole cache.
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, causal=True)
+    for b in range(batch):
+        torch.testing.assert_close(out[b].double(), ref_attention(q[b], k_cache[b], v_cache[b], True)[0],
+                                   atol=1e-5, rtol=1e-5)
+    # An int cache_seqlens applies to every sequence.
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=17, softmax_scale=0.2)
+    for b in range(batch):
+        ref = ref_attention(q[b], k_cache[b, :17], v_cache[b, :17], False, 0.2)[0]
+        torch.testing.assert_close(out[b].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kvcache_paged_without_append_reads_only_cached_slots() -> None:
+    gen = torch.Generator().manual_seed(9)
+    block_size, Hk, H, D = 16, 1, 4, 64
+    cached = [1, 16, 45, 0]
+    ks = [randn(gen, n, Hk, D) for n in cached]
+    vs = [randn(gen, n, Hk, D) for n in cached]
+    k_cache, v_cache, table = build_paged(gen, ks, vs, block_size, -1)
+    q = randn(gen, len(cached), 1, H, D)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(cached, dtype=torch.int32),
+                                       block_table=table, causal=True, return_softmax_lse=True)
+    for b in range(len(cached)):
+        ref_out, _ = ref_attention(q[b], ks[b], vs[b], True)
+        torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[3] == 0) and torch.all(lse[3] == float("inf"))  # no keys at all
+
+
+# ---------------------------------------------------------------------------------------------
+# Query chunking, and shapes known without reading tensor values
+# ---------------------------------------------------------------------------------------------
+
+
+def test_query_chunking_matches_single_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(21)
+    q_lens, prefix = [70, 1, 33, 0, 5], [0, 40, 16, 3, 100]
+    k_lens = [n + p for n, p in zip(q_lens, prefix, strict=True)]
+    Hk, H, D = 2, 6, 64
+    q = randn(gen, sum(q_lens), H, D)
+    ks = [randn(gen, n, Hk, D) for n in k_lens]
+    vs = [randn(gen, n, Hk, D) for n in k_lens]
+    k_cache, v_cache, table = build_paged(gen, ks, vs, 16, -1)
+    args = (q, k_cache, v_cache, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens))
+    whole, whole_lse, _ = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
+    # Budget for ~3 query rows per chunk: the loop over chunks must give the same answer.
+    monkeypatch.setattr(torch_ref, "MAX_SCORE_ELEMENTS", len(q_lens) * H * max(k_lens) * 3)
+    chunked, chunked_lse, _ = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(chunked_lse, whole_lse, atol=1e-6, rtol=0)
+    check_varlen(chunked, q, ks, vs, q_lens, True, None, chunked_lse)
+
+
+def test_no_data_dependent_ops() -> None:
+    """Both calls run on the meta device, which has no data.
+
+    Anything that reads tensor values on the host (``.item()``, ``.tolist()``, ``.cpu()``) or
+    makes a shape depend on them (``nonzero``, boolean-mask indexing, ``repeat_interleave``
+    without ``output_size``) raises there; on CUDA each of those would be a host sync and would
+    break CUDA-graph capture of the decode call.
+    """
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    q = torch.empty(10, 8, 64, **meta)
+    flat_kv = torch.empty(30, 2, 64, **meta)
+    paged_kv = torch.empty(20, 16, 2, 64, **meta)
+    cu_seqlens = torch.empty(4, dtype=torch.int32, device="meta")
+    table = torch.empty(3, 5, dtype=torch.int32, device="meta")
+    out = flash_attn_varlen_func(q, flat_kv, flat_kv, cu_seqlens, cu_seqlens, 6, 20, causal=True)
+    assert out.shape == (10, 8, 64)
+    out, lse, _ = flash_attn_varlen_func(q, paged_kv, paged_kv, cu_seqlens, cu_seqlens, 6, 70, causal=True,
+                                         block_table=table, return_attn_probs=True)
+    assert out.shape == (10, 8, 64) and lse.shape == (8, 10)
+    q_dec = torch.empty(3, 1, 8, 64, **meta)
+    new = torch.empty(3, 1, 2, 64, **meta)
+    seqlens = torch.empty(3, dtype=torch.int32, device="meta")
+    out, lse = flash_attn_with_kvcache(q_dec, paged_kv, paged_kv, new, new, cache_seqlens=seqlens,
+                                       block_table=table, causal=True, return_softmax_lse=True)
+    assert out.shape == (3, 1, 8, 64) and lse.shape == (3, 8, 1)
+    flat_cache = torch.empty(3, 40, 2, 64, **meta)
+    out = flash_attn_with_kvcache(q_dec, flat_cache, flat_cache, new, new, cache_seqlens=seqlens, causal=True)
+    assert out.shape == (3, 1, 8, 64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fully masked rows
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fully_masked_rows_are_zero() -> None:
+    gen = torch.Generator().manual_seed(1)
+    # Causal with more queries than keys: the first sq - sk queries see nothing.
+    q_lens, k_lens = [5, 3, 2], [2, 0, 4]
+    q = randn(gen, sum(q_lens), 4, 64)
+    k, v = randn(gen, sum(k_lens), 2, 64), randn(gen, sum(k_lens), 2, 64)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), 5, 4, causal=True,
+                                         return_attn_probs=True)
+    assert not out.isnan().any() and not lse.isnan().any()
+    dead = [0, 1, 2, 5, 6, 7]  # rows 0-2 of sequence 0 and all of sequence 1 (no keys)
+    assert torch.all(out[dead] == 0)
+    assert torch.all(lse[:, dead] == float("inf"))
+    check_varlen(out, q, list(k.split(k_lens)), list(v.split(k_lens)), q_lens, True, None)
+
+    # Same through the KV-cache entry point: 1 cached key, 4 queries.
+    kc, vc = randn(gen, 2, 8, 2, 64), randn(gen, 2, 8, 2, 64)
+    qd = randn(gen, 2, 4, 4, 64)
+    out = flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=torch.tensor([1, 0], dtype=torch.int32), causal=True)
+    assert not out.isnan().any()
+    assert torch.all(out[0, :3] == 0) and torch.all(out[1] == 0) and torch.any(out[0, 3] != 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _varlen_args() -> tuple:
+    q, k, v = torch.zeros(4, 4, 64), torch.zeros(4, 2, 64), torch.zeros(4, 2, 64)
+    c = torch.tensor([0, 4], dtype=torch.int32)
+    return q, k, v, c, c, 4, 4
+
+
+def _kvcache_args() -> tuple:
+    return torch.zeros(1, 1, 4, 64), torch.zeros(1, 8, 2, 64), torch.zeros(1, 8, 2, 64)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("dropout_p", 0.1), ("window_size", (16, 0)), ("softcap", 30.0), ("alibi_slopes", torch.ones(4))],
+)
+def test_varlen_rejects_unsupported_options(option: str, value: object) -> None:
+    with pytest.raises(BackendError, match=rf"flash_attn_varlen_func: {option}=.* not supported.*: leave {option}"):
+        flash_attn_varlen_func(*_varlen_args(), **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("rotary_cos", torch.ones(8, 32)), ("rotary_sin", torch.ones(8, 32)),
+     ("cache_batch_idx", torch.zeros(1, dtype=torch.int32)), ("cache_leftpad", torch.zeros(1, dtype=torch.int32)),
+     ("window_size", [8, 0]), ("softcap", 1.0), ("alibi_slopes", torch.ones(4))],
+)
+def test_kvcache_rejects_unsupported_options(option: str, value: object) -> None:
+    with pytest.raises(BackendError, match=rf"flash_attn_with_kvcache: {option}=.* not supported"):
+        flash_attn_with_kvcache(*_kvcache_args(), **{option: value})
+    try:
+        flash_attn_with_kvcache(*_kvcache_args(), **{option: value})
+    except BackendError as e:
+        assert "\n" not in str(e)
+
+
+def test_accepted_no_op_options() -> None:
+    # Defaults passed explicitly, deterministic, and num_splits are fine.
+    flash_attn_varlen_func(*_varlen_args(), dropout_p=0, window_size=[-1, -1], deterministic=True)
+    flash_attn_with_kvcache(*_kvcache_args(), num_splits=8, rotary_interleaved=False, softcap=0)
+
+
+def test_argument_errors() -> None:
+    q, k, v, c, _, sq, sk = _varlen_args()
+    with pytest.raises(BackendError, match="cu_seqlens_q must have dtype torch.int32"):
+        flash_attn_varlen_func(q, k, v, c.long(), c, sq, sk)
+    with pytest.raises(BackendError, match="multiple of nheads_k"):
+        flash_attn_varlen_func(torch.zeros(4, 3, 64), k, v, c, c, sq, sk)
+    with pytest.raises(BackendError, match="one dtype"):
+        flash_attn_varlen_func(q.double(), k, v, c, c, sq, sk)
+    with pytest.raises(BackendError, match="block_table must have dtype torch.int32"):
+        flash_attn_varlen_func(q, torch.zeros(2, 16, 2, 64), torch.zeros(2, 16, 2, 64), c, c, sq, sk,
+                               block_table=torch.zeros(1, 1, dtype=torch.int64))
+    qd, kc, vc = _kvcache_args()
+    with pytest.raises(BackendError, match="needs cache_seqlens"):
+        flash_attn_with_kvcache(qd, kc, vc, torch.zeros(1, 1, 2, 64), torch.zeros(1, 1, 2, 64))
+    with pytest.raises(BackendError, match="cache_seqlens must have dtype torch.int32"):
+        flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(BackendError, match="k and v must be given together"):
+        flash_attn_with_kvcache(qd, kc, vc, torch.zeros(1, 1, 2, 64), cache_seqlens=0)
+    for message in _collect_messages():
+        assert "\n" not in message
+
+
+def _collect_messages() -> list[str]:
+    messages = []
+    for call in (lambda: get_backend("nope"), lambda: get_backend("flash-attn"),
+                 lambda: flash_attn_varlen_func(*_varlen_args(), softcap=2.0)):
+        try:
+            call()
+        except BackendError as e:
+            messages.append(str(e))
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+
+def _flash_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def test_get_backend_torch() -> None:
+    backend = get_backend("torch")
+    assert backend.name == "torch" and backend.block_size_multiple == 1
+    assert backend.varlen is flash_attn_varlen_func and backend.with_kvcache is flash_attn_with_kvcache
+    assert get_backend(" Torch ") is backend
+    backend.check(64, torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(BackendError, match="floating-point dtype"):
+        backend.check(64, torch.int8, torch.device("cpu"))
+
+
+def test_get_backend_unknown() -> None:
+    with pytest.raises(BackendError, match=r"^unknown attention backend 'nope': choose one of torch, flash-attn$"):
+        get_backend("nope")
+
+
+@pytest.mark.skipif(_flash_importable(), reason="flash_attn is importable here")
+@pytest.mark.parametrize("name", ["flash-attn", "flash_attn"])
+def test_get_backend_flash_missing(name: str) -> None:
+    with pytest.raises(BackendError, match=r"needs the flash_attn package, which is not importable here \(.+\): "
+                                           r"install flash-attn on a CUDA machine or use --backend torch"):
+        get_backend(name)
+
+
+def test_available_backends() -> None:
+    available = available_backends()
+    assert list(available)[:2] == ["torch", "flash-attn"]
+    assert available["torch"] is None
+    if not (torch.cuda.is_available() and _flash_importable()):
+        reason = available["flash-attn"]
+        assert isinstance(reason, str) and reason and "\n" not in reason
+
+
+def test_register_backend() -> None:
+    custom = AttentionBackend(name="Shadow_Test", varlen=flash_attn_varlen_func,
+                              with_kvcache=flash_attn_with_kvcache, block_size_multiple=4)
+    register_backend(custom)
+    assert get_backend("shadow-test") is custom
+    assert "shadow-test" in available_backends()
+
+
+def test_flash_backend_check_rejects() -> None:
+    # Built directly, so this runs without flash_attn installed.
+    flash = FlashAttnBackend(name="flash-attn", varlen=flash_attn_varlen_func,
+                             with_kvcache=flash_attn_with_kvcache, block_size_multiple=256)
+    cuda = torch.device("cuda")
+    with pytest.raises(BackendError, match="only on CUDA devices, got device 'cpu'"):
+        flash.check(64, torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(BackendError, match="only float16/bfloat16, got torch.float32"):
+        flash.check(64, torch.float32, cuda)
+    with pytest.raises(BackendError, match="at most 256, this model has 320"):
+        flash.check(320, torch.bfloat16, cuda)
+    with pytest.raises(BackendError, match="multiple of 8"):
+        flash.check(60, torch.float16, cuda)
+
+
+def test_import_does_not_import_flash_attn() -> None:
+    # A meta-path hook records any attempt to import flash_attn while minillama.attention and
+    # the torch backend load. The minillama package is stubbed so only the attention package runs.
+    script = textwrap.dedent(f"""
+        import sys, types
+        attempts = []
+        class Spy:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "flash_attn":
+                    attempts.append(name)
+                return None
+        sys.meta_path.insert(0, Spy())
+        pkg = types.ModuleType("minillama")
+        pkg.__path__ = [{str(REPO / "minillama")!r}]
+        sys.modules["minillama"] = pkg
+        import minillama.attention as A
+        A.get_backend("torch")
+        import minillama.attention.flash
+        assert not attempts, attempts
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=120)
