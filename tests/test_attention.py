@@ -48,24 +48,22 @@ def ref_attention(
     sq, H, D = q.shape
     sk, Hk, _ = k.shape
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    group = H // Hk
-    out = torch.zeros(sq, H, D, dtype=torch.float64)
-    lse = torch.full((H, sq), float("-inf"), dtype=torch.float64)
     if sq == 0 or sk == 0:
-        return out, lse
-    qd, kd, vd = q.double(), k.double(), v.double()
-    i = torch.arange(sq)[:, None]
-    j = torch.arange(sk)[None, :]
-    visible = (j <= i + sk - sq) if causal else torch.ones(sq, sk, dtype=torch.bool)
-    for h in range(H):
-        kv = h // group  # GQA: query head h reads kv head h // group
-        scores = (qd[:, h] @ kd[:, kv].T) * scale
-        scores = scores.masked_fill(~visible, float("-inf"))
-        alive = visible.any(dim=1)
-        probs = torch.softmax(scores[alive], dim=-1)
-        out[alive, h] = probs @ vd[:, kv]
-        lse[h, alive] = torch.logsumexp(scores[alive], dim=-1)
-    return out, lse
+        return torch.zeros(sq, H, D, dtype=torch.float64), torch.full((H, sq), float("-inf"), dtype=torch.float64)
+    # GQA: query head h reads kv head h // group, so repeat each kv head `group` times.
+    group = H // Hk
+    kd = k.double().repeat_interleave(group, dim=1)  # (sk, H, D)
+    vd = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), kd) * scale  # (H, sq, sk)
+    if causal:
+        # Bottom-right alignment: the queries are the last sq of the sk positions.
+        i = torch.arange(sq)[:, None]
+        j = torch.arange(sk)[None, :]
+        scores = scores.masked_fill(j > i + sk - sq, float("-inf"))
+    # A row with every key masked has softmax NaN (0/0); attention defines it as 0.
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("hqk,khd->qhd", probs, vd)
+    return out, torch.logsumexp(scores, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

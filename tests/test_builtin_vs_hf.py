@@ -20,9 +20,12 @@ def _hf_greedy(hf, prompt_ids: list[int], n: int) -> list[int]:
     model, _ = hf
     ids = torch.tensor([prompt_ids])
     # attention_mask explicitly: id 2 (<|im_end|>) is also the GGUF's pad id and would be masked
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
+    # eos_token_id=None: keep going past <|im_end|> like ignore_eos (min_new_tokens would instead forbid EOS)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    tokens = out[0, len(prompt_ids):].tolist()
+    assert len(tokens) == n
+    return tokens
 
 
 @pytest.fixture(scope="module")

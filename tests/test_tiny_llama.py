@@ -60,8 +60,8 @@ def test_greedy_decode_matches_transformers(tiny, hf_tiny):
     out = tiny.generate([ids], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
     with torch.no_grad():
         t = torch.tensor([ids])
-        ref = hf_tiny.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=40, min_new_tokens=40,
-                               do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
+        ref = hf_tiny.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=40, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
     assert out.token_ids == ref
 
 
