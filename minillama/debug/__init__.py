@@ -1,0 +1,1 @@
+"""The debugger's engine side: recording hook sites, shadow attention, pausing sessions."""
