@@ -18,7 +18,7 @@ class Config:
     max_num_batched_tokens: int = 4096
     kvcache_block_size: int = 0  # 0 = 16 for torch, 256 for flash-attn
     num_kvcache_blocks: int = 0  # 0 = sized from memory
-    cpu_kvcache_bytes: int = 2 << 30  # KV budget on cpu when num_kvcache_blocks == 0
+    cpu_kvcache_bytes: int = 512 << 20  # KV budget on cpu when num_kvcache_blocks == 0
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
