@@ -143,6 +143,8 @@ class Recorder:
         if self.attention_full:
             base = f"layers.{layer}.attn.out"
             self._tensors[base] = out.detach().to("cpu", copy=True)
+            if base in self._event["sites"]:
+                self._event["sites"][base]["full"] = True
             for name, t in extra.items():
                 self._tensors[f"{base}@{name}"] = t.detach().to("cpu", copy=True)
 
@@ -161,7 +163,7 @@ class Recorder:
         if self.keep_events:
             self.events.append(ev)
         if self.sink is not None and not self.sink.write_step(ev, self._tensors):
-            self.stopped_reason = "size cap reached"
+            self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
             if self._attached:
                 hooks.detach(self)
                 self._attached = False
