@@ -66,8 +66,9 @@ def test_greedy_decode_matches_transformers(tiny, hf_tiny):
 
 
 def test_tied_embeddings(tmp_path):
-    from tests.conftest import make_tiny_llama
     from transformers import LlamaForCausalLM
+
+    from tests.conftest import make_tiny_llama
 
     path = make_tiny_llama(str(tmp_path / "tied"), tie=True, seed=3)
     ours = LLM(path, device="cpu", num_kvcache_blocks=32, max_model_len=512)

@@ -128,7 +128,7 @@ class Recorder:
                            enumerate(x for x in ev["batch"]["seqs"] if x["samples"])]
         else:
             rec["rows"] = self._rows
-        rec["full"] = full
+        rec["full"] = full or site in self._tensors
         if full:
             self._tensors[site] = tensor.detach().to("cpu", copy=True)
         ev["sites"][site] = rec
@@ -142,9 +142,7 @@ class Recorder:
         self._event["shadow"][str(layer)] = metrics
         if self.attention_full:
             base = f"layers.{layer}.attn.out"
-            self._tensors[base] = out.detach().to("cpu", copy=True)
-            if base in self._event["sites"]:
-                self._event["sites"][base]["full"] = True
+            self._tensors[base] = out.detach().to("cpu", copy=True)  # its site fires next, marked full
             for name, t in extra.items():
                 self._tensors[f"{base}@{name}"] = t.detach().to("cpu", copy=True)
 

@@ -16,22 +16,28 @@ def tensor_stats(t: torch.Tensor) -> dict[str, Any]:
     """Shape, dtype, mean, std, absmax, NaN and Inf counts, and a content hash of ``t``."""
     x = t.detach()
     f = x.float()
-    finite = torch.isfinite(f)
-    n_nan = int(torch.isnan(f).sum())
-    n_inf = int(torch.isinf(f).sum())
-    good = f[finite] if n_nan or n_inf else f
-    numel = good.numel()
-    stats = {
+    n_nan = n_inf = 0
+    if not bool(torch.isfinite(f).all()):  # the common case costs one reduction
+        n_nan, n_inf = int(torch.isnan(f).sum()), int(torch.isinf(f).sum())
+        f = f[torch.isfinite(f)]
+    numel = f.numel()
+    if numel > 1:
+        std, mean = torch.std_mean(f)
+        lo, hi = torch.aminmax(f)
+        mean_v, std_v, absmax = float(mean), float(std), max(-float(lo), float(hi))
+    else:
+        mean_v = float(f.sum()) if numel else math.nan
+        std_v, absmax = 0.0, (abs(mean_v) if numel else 0.0)
+    return {
         "shape": list(x.shape),
         "dtype": str(x.dtype).removeprefix("torch."),
-        "mean": float(good.mean()) if numel else math.nan,
-        "std": float(good.std()) if numel > 1 else 0.0,
-        "absmax": float(good.abs().max()) if numel else 0.0,
+        "mean": mean_v,
+        "std": std_v,
+        "absmax": absmax,
         "nan": n_nan,
         "inf": n_inf,
         "hash": content_hash(x),
     }
-    return stats
 
 
 def content_hash(t: torch.Tensor) -> str:

@@ -4,13 +4,24 @@ A decode step launches hundreds of small kernels; replaying a captured graph rem
 gaps. One graph is captured per batch size in ``sizes`` over static input buffers; a step with
 ``n`` sequences replays the smallest graph with at least ``n`` rows, its padding rows writing to
 the spare KV slot (slot -1) and reading no keys (context length 0).
+
+The graphs read the block table at its full width (``max_model_len`` worth of blocks). That is
+free for flash-attn, which stops at each sequence's length, but the torch backend gathers that
+many keys per sequence: with it, graphs are captured only for batches of up to ``SMALL_BATCH``
+sequences (where launches dominate), and larger decode steps run eagerly, gathering keys only up
+to the batch's longest sequence (their GPU work hides the launches).
+``enforce_eager`` turns graphs off; so does an attached hook listener (hook sites are Python calls).
 """
 
 from __future__ import annotations
 
 import torch
 
+from minillama.attention import get_backend
 from minillama.engine.context import Context, get_context, set_context
+
+# The largest batch the torch backend replays graphs for: up to here launch overhead dominates.
+SMALL_BATCH = 32
 
 
 class DecodeGraphs:
@@ -18,6 +29,8 @@ class DecodeGraphs:
         cfg = runner.config
         self.model = runner.model
         max_bs = min(cfg.max_num_seqs, 512)
+        if get_backend(cfg.backend).name == "torch":  # see the module docstring
+            max_bs = min(max_bs, SMALL_BATCH)
         self.sizes = [s for s in (1, 2, 4, 8) if s < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
         self.sizes = sorted(set(self.sizes))
         max_blocks = -(-cfg.max_model_len // cfg.kvcache_block_size)
@@ -30,6 +43,7 @@ class DecodeGraphs:
         self.outputs = torch.zeros(max_bs, runner.model_config.hidden_size, dtype=runner.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
+        self.num_replays = 0  # decode steps served by a graph (tests and benchmarks read it)
         self._capture()
 
     def _context(self, bs: int) -> Context:
@@ -67,4 +81,5 @@ class DecodeGraphs:
         self.context_lens[:n] = ctx.context_lens
         self.block_tables[:n, :width] = ctx.block_tables
         self.graphs[bs].replay()
+        self.num_replays += 1
         return self.outputs[:n]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import torch
 
 from minillama import hooks
@@ -11,9 +14,12 @@ from minillama.engine.block_manager import BlockManager
 from minillama.engine.model_runner import ModelRunner
 from minillama.engine.scheduler import ScheduledBatch, Scheduler
 from minillama.engine.sequence import Sequence
+from minillama.models.config import ModelConfig
 from minillama.models.llama import LlamaForCausalLM
 from minillama.models.loader import load_weights, open_model
 from minillama.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -39,8 +45,35 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+class TokenIdsOnly:
+    """Stands in for the tokenizer of a model built from a bare ``ModelConfig``: prompts are token ids."""
+
+    def encode(self, text: str, *args, **kwargs) -> list[int]:
+        raise RequestError("this engine was built from a ModelConfig and has no tokenizer: pass token ids")
+
+    encode_chat = encode
+
+    def decode(self, token_ids: list[int]) -> str:
+        return ""
+
+
+def init_random_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Seeded N(0, std) matrices and unit norms, drawn where the model lives (for benchmarks, no files)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():  # a tied LM head is listed once
+        if param.dim() >= 2:
+            param.data.normal_(0.0, std, generator=gen)
+        elif name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+
+
 class LLMEngine:
-    """Owns the model, the KV cache, the block manager and the scheduler."""
+    """Owns the model, the KV cache, the block manager and the scheduler.
+
+    ``config.model`` is a checkpoint path, None for the built-in model, or a ``ModelConfig``:
+    then the network gets seeded random weights (``init_random_weights``) and prompts must be
+    token ids, which is what throughput benchmarks need.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -53,8 +86,12 @@ class LLMEngine:
             raise ValueError(
                 f"kvcache_block_size {config.kvcache_block_size} does not work with the {self.backend.name} backend: "
                 f"use a multiple of {self.backend.block_size_multiple}")
-        loaded = open_model(config.model)
-        self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        if isinstance(config.model, ModelConfig):
+            loaded = None
+            self.model_config, self.tokenizer = config.model, TokenIdsOnly()
+        else:
+            loaded = open_model(config.model)
+            self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.model_source = loaded
         self.backend.check(self.model_config.head_dim, self.dtype, self.device)
         config.max_model_len = min(config.max_model_len, self.model_config.max_position_embeddings)
@@ -63,6 +100,7 @@ class LLMEngine:
         num_blocks = config.num_kvcache_blocks or self._num_blocks_from_memory()
         self.runner.allocate_kv_cache(num_blocks)
         self.num_kvcache_blocks = num_blocks
+        self._report_kv_cache()
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.model_config.eos_token_ids)
         self.num_steps = 0
@@ -79,8 +117,11 @@ class LLMEngine:
                 model = LlamaForCausalLM(self.model_config, self.config.max_model_len, self.backend)
         finally:
             torch.set_default_dtype(old)
-        load_weights(model, loaded.weights())
-        loaded._gguf_weights = None  # drop the host copy
+        if loaded is None:
+            init_random_weights(model)
+        else:
+            load_weights(model, loaded.weights())
+            loaded._gguf_weights = None  # drop the host copy
         return model.eval()
 
     def _num_blocks_from_memory(self) -> int:
@@ -97,6 +138,22 @@ class LLMEngine:
             raise ValueError(f"only {num_blocks} KV blocks fit in memory, fewer than one max_model_len sequence needs: "
                              "lower max_model_len or raise gpu_memory_utilization / cpu_kvcache_bytes")
         return num_blocks
+
+    def _report_kv_cache(self) -> None:
+        """Say once how large the KV cache is and where its size came from (printed when sized from GPU memory)."""
+        c, bs = self.config, self.config.kvcache_block_size
+        gib = self.num_kvcache_blocks * self.runner.bytes_per_block() / 2**30
+        if c.num_kvcache_blocks:
+            source = "num_kvcache_blocks"
+        elif self.device.type == "cuda":
+            source = f"free GPU memory at gpu_memory_utilization={c.gpu_memory_utilization}"
+        else:
+            source = "cpu_kvcache_bytes"
+        self.kv_cache_summary = (f"KV cache: {self.num_kvcache_blocks} blocks of {bs} tokens "
+                                 f"({self.num_kvcache_blocks * bs} tokens, {gib:.2f} GiB {self.dtype}), from {source}")
+        logger.info(self.kv_cache_summary)
+        if self.device.type == "cuda" and not c.num_kvcache_blocks:
+            print(f"minillama: {self.kv_cache_summary}", file=sys.stderr)
 
     def _activation_reserve(self) -> int:
         c, n = self.model_config, self.config.max_num_batched_tokens

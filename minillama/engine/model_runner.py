@@ -2,8 +2,9 @@
 
 ``prepare`` builds vLLM's per-step inputs (``input_ids``, ``positions``, ``cu_seqlens_q/k``,
 ``max_seqlen_q/k``, ``slot_mapping``, ``context_lens``, ``block_tables``) and puts them in the
-step context; ``run`` does one forward pass and returns one sampled token per sequence whose
-new tokens reach its end (None for a prefill chunk that stops short).
+step context; ``run`` does one forward pass (a decode step on a GPU replays a CUDA graph, see
+``cuda_graph.py``) and returns one sampled token per sequence whose new tokens reach its end
+(None for a prefill chunk that stops short).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from minillama import hooks
+from minillama.attention import get_backend
 from minillama.config import Config
-from minillama.engine.context import Context, reset_context, set_context
+from minillama.engine.context import Context, get_context, reset_context, set_context
 from minillama.engine.scheduler import ScheduledBatch
 from minillama.engine.sequence import Sequence
 from minillama.layers.sampler import Sampler
@@ -31,6 +33,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_cache = torch.empty(0)
         self.graphs = None  # CUDA graphs for decode, see cuda_graph.py
+        # The torch backend pads every sequence's queries to the longest one: on a GPU, run the
+        # decodes and the prompt chunks of a mixed batch as two forward passes (see ``run``).
+        self.split_mixed_batches = device.type == "cuda" and get_backend(config.backend).name == "torch"
 
     # ---- KV cache -------------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -53,6 +58,8 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch, step: int = -1) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """Build the step's tensors and context; returns input_ids, positions and the logit rows to sample."""
+        if batch.phase == "decode":
+            return self._prepare_decode(batch, step)
         bs = self.block_size
         input_ids, positions, slot_mapping = [], [], []
         cu_q, cu_k, logit_rows = [0], [0], []
@@ -65,16 +72,14 @@ class ModelRunner:
             cu_k.append(cu_k[-1] + end)
             if end == len(seq):
                 logit_rows.append(cu_q[-1] - 1)
-        is_decode = batch.phase == "decode"
-        need_tables = is_decode or any(s.num_computed_tokens > 0 for s in batch.seqs)
+        need_tables = any(s.num_computed_tokens > 0 for s in batch.seqs)
         ctx = Context(
-            is_prefill=not is_decode,
+            is_prefill=True,
             cu_seqlens_q=self._tensor(cu_q, torch.int32),
             cu_seqlens_k=self._tensor(cu_k, torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),
             max_seqlen_k=max(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)),
             slot_mapping=self._tensor(slot_mapping, torch.int64),
-            context_lens=self._tensor([s.num_computed_tokens + 1 for s in batch.seqs], torch.int32) if is_decode else None,
             block_tables=self._block_tables(batch.seqs) if need_tables else None,
             seq_ids=[s.seq_id for s in batch.seqs],
             query_lens=list(batch.num_new_tokens),
@@ -83,6 +88,39 @@ class ModelRunner:
         set_context(ctx)
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), logit_rows
 
+    def _prepare_decode(self, batch: ScheduledBatch, step: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Decode: one new token per sequence, the last of its token ids, at position len - 1.
+
+        This runs every step for every running sequence, so it builds each list in one pass and
+        sends the integers in two host-to-device copies; cumulative lengths are made on the device.
+        """
+        bs, seqs = self.block_size, batch.seqs
+        n = len(seqs)
+        lens = [len(s) for s in seqs]  # keys per sequence, the new token included
+        ids_pos_slots = [s.token_ids[-1] for s in seqs] + [m - 1 for m in lens] + [
+            s.block_table[(m - 1) // bs] * bs + (m - 1) % bs for s, m in zip(seqs, lens, strict=True)]
+        width = max(len(s.block_table) for s in seqs)
+        lens_tables = lens + [b for s in seqs for b in s.block_table + [0] * (width - len(s.block_table))]
+        longs = self._tensor(ids_pos_slots, torch.int64)
+        ints = self._tensor(lens_tables, torch.int32)
+        context_lens = ints[:n]
+        zero = torch.zeros(1, dtype=torch.int32, device=self.device)
+        ctx = Context(
+            is_prefill=False,
+            cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=self.device),
+            cu_seqlens_k=torch.cat([zero, context_lens.cumsum(0, dtype=torch.int32)]),
+            max_seqlen_q=1,
+            max_seqlen_k=max(lens),
+            slot_mapping=longs[2 * n:],
+            context_lens=context_lens,
+            block_tables=ints[n:].view(n, width),
+            seq_ids=[s.seq_id for s in seqs],
+            query_lens=[1] * n,
+            step=step,
+        )
+        set_context(ctx)
+        return longs[:n], longs[n:2 * n], list(range(n))
+
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
         return self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
@@ -90,15 +128,34 @@ class ModelRunner:
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, step: int = -1) -> list[int | None]:
+        if self._split_mixed(batch):
+            # With the torch backend, a batch that mixes decodes (1 query) with prompt chunks
+            # (hundreds) would be nearly all padding: run the two parts as separate passes.
+            decode = [s.num_computed_tokens == len(s) - 1 for s in batch.seqs]
+            sampled: list[int | None] = [None] * len(batch.seqs)
+            for part in (True, False):
+                rows = [i for i, d in enumerate(decode) if d == part]
+                sub = ScheduledBatch([batch.seqs[i] for i in rows], [batch.num_new_tokens[i] for i in rows])
+                for i, token in zip(rows, self._run(sub, step), strict=True):
+                    sampled[i] = token
+            return sampled
+        return self._run(batch, step)
+
+    def _split_mixed(self, batch: ScheduledBatch) -> bool:
+        return self.split_mixed_batches and not hooks.enabled and batch.phase == "mixed"
+
+    def _run(self, batch: ScheduledBatch, step: int) -> list[int | None]:
         input_ids, positions, logit_rows = self.prepare(batch, step)
-        if (self.graphs is not None and batch.phase == "decode" and not hooks.enabled
+        if (self.graphs is not None and not get_context().is_prefill and not hooks.enabled
                 and self.graphs.can_run(len(batch.seqs))):
             hidden = self.graphs.run(input_ids, positions)
         else:
             hidden = self.model(input_ids, positions)
         sampled: list[int | None] = [None] * len(batch.seqs)
         if logit_rows:
-            logits = self.model.compute_logits(hidden[self._tensor(logit_rows, torch.int64)])
+            if len(logit_rows) < hidden.shape[0]:
+                hidden = hidden[self._tensor(logit_rows, torch.int64)]
+            logits = self.model.compute_logits(hidden)
             seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                     if s.num_computed_tokens + n == len(s)]
             tokens = self.sample(logits, seqs)
@@ -112,6 +169,8 @@ class ModelRunner:
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.sampling_params for s in seqs]
+        if all(p.temperature == 0 for p in params):
+            return self.sampler(logits, None, None, None, [], all_greedy=True)  # argmax on the device
         generators = []
         for s in seqs:
             if s.sampling_params.seed is not None and s.sampling_params.temperature > 0:
@@ -126,6 +185,6 @@ class ModelRunner:
             self._tensor([p.top_k for p in params], torch.int64),
             self._tensor([p.top_p for p in params], torch.float32),
             generators,
-            all_greedy=all(p.temperature == 0 for p in params),
+            all_greedy=False,
             need_top_k_top_p=any(p.top_k > 0 or p.top_p < 1 for p in params),
         )

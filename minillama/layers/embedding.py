@@ -22,4 +22,8 @@ class LMHead(nn.Module):
         self.weight.weight_loader = lambda p, t, shard_id=None: p.data.copy_(t)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.is_cuda and hidden.dim() == 2 and hidden.dtype in (torch.float16, torch.bfloat16):
+            # float32 results straight from the matrix units: one pass, and logits not rounded to
+            # bf16 first (whose ties at 1/8 steps would make greedy picks flip on noise)
+            return torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
         return F.linear(hidden, self.weight).float()

@@ -30,9 +30,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (tokens, heads, head_dim) by per-token angles; cos/sin are (tokens, head_dim // 2)."""
-    x1, x2 = x.float().chunk(2, -1)
+    x1, x2 = x.chunk(2, -1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+    # In float32, written straight into the two halves of the output: 5 kernels instead of 9.
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    o1, o2 = out.chunk(2, -1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)  # x2 cos + x1 sin
+    return out.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
