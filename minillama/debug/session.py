@@ -196,6 +196,12 @@ class DebugSession:
         if self._stop:
             raise SessionStopped
         self.recorder(site, tensor, info)
+        if site.endswith(".attn.call"):  # keep the shadow/reference outputs beside the active one
+            base = f"layers.{site_layer(site)}.attn.out"
+            for key in (f"{base}@shadow", f"{base}@ref"):
+                t = self.recorder._tensors.get(key)
+                if t is not None:
+                    self._tensors.setdefault(self._step, {})[key] = t
         if site == "step.begin":
             self._step = info["step"]
             self._tensors[self._step] = {}

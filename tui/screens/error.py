@@ -1,0 +1,29 @@
+"""An error shown as a message, never a traceback: a bad trace path, an engine that died."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+
+class ErrorScreen(ModalScreen[None]):
+    """A titled message; ``fatal`` errors only offer quitting (there is nothing behind them to go back to)."""
+
+    BINDINGS = [Binding("q", "app.quit", "quit"), Binding("escape", "close", "close")]
+
+    def __init__(self, title: str, message: str, fatal: bool = False) -> None:
+        super().__init__()
+        self.title_text, self.message, self.fatal = title, message, fatal
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="error-box"):
+            yield Static(self.title_text, id="error-title")
+            yield Static(self.message, id="error-message", markup=False)
+            yield Static("q: quit" + ("" if self.fatal else " · escape: back"), id="error-hint")
+
+    def action_close(self) -> None:
+        if not self.fatal:
+            self.dismiss(None)

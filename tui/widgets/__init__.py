@@ -1,0 +1,1 @@
+"""One widget per view; each renders a ``ViewState`` and reads nothing else."""
