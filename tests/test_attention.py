@@ -608,3 +608,47 @@ def test_import_does_not_import_flash_attn() -> None:
         assert not attempts, attempts
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cpu_fused_and_plain_paths_agree_with_reference(monkeypatch, fused):
+    """The CPU fast path (fused SDPA) and the op-by-op path compute the same attention."""
+    from minillama.attention import torch_ref
+
+    monkeypatch.setattr(torch_ref, "CPU_FUSED_DECODE", fused)
+    g = torch.Generator().manual_seed(7)
+    H, Hk, D, bs = 12, 4, 64, 16
+    q_lens, k_lens = [1, 5, 40, 1], [1, 37, 40, 90]  # decode-like, cached prefix, fresh prompt
+    nblocks = sum(-(-n // bs) for n in k_lens)
+    perm = torch.randperm(nblocks, generator=g)
+    kc = torch.randn(nblocks, bs, Hk, D, generator=g, dtype=torch.float64)
+    vc = torch.randn(nblocks, bs, Hk, D, generator=g, dtype=torch.float64)
+    width = max(-(-n // bs) for n in k_lens)
+    table, start = torch.zeros(len(k_lens), width, dtype=torch.int32), 0
+    for b, n in enumerate(k_lens):
+        m = -(-n // bs)
+        table[b, :m] = perm[start:start + m].int()
+        start += m
+    q = torch.randn(sum(q_lens), H, D, generator=g, dtype=torch.float64)
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = torch_ref.flash_attn_varlen_func(q.float(), kc.float(), vc.float(), cu_q, cu_k, max(q_lens), max(k_lens),
+                                           causal=True, block_table=table)
+    for b, (sq, sk) in enumerate(zip(q_lens, k_lens, strict=True)):
+        keys = kc[table[b].long()].reshape(-1, Hk, D)[:sk]
+        vals = vc[table[b].long()].reshape(-1, Hk, D)[:sk]
+        qb = q[cu_q[b]:cu_q[b + 1]]
+        kh, vh = keys.repeat_interleave(H // Hk, 1), vals.repeat_interleave(H // Hk, 1)
+        s = torch.einsum("qhd,khd->hqk", qb, kh) / D**0.5
+        mask = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + sk - sq
+        ref = torch.einsum("hqk,khd->qhd", s.masked_fill(~mask, float("-inf")).softmax(-1), vh)
+        assert (out[cu_q[b]:cu_q[b + 1]].double() - ref).abs().max() < 1e-5
+    dec = torch_ref.flash_attn_with_kvcache(q[:4].float().view(4, 1, H, D), kc.float(), vc.float(),
+                                            cache_seqlens=torch.tensor(k_lens, dtype=torch.int32),
+                                            block_table=table, causal=True)
+    for b, sk in enumerate(k_lens):
+        keys = kc[table[b].long()].reshape(-1, Hk, D)[:sk].repeat_interleave(H // Hk, 1)
+        vals = vc[table[b].long()].reshape(-1, Hk, D)[:sk].repeat_interleave(H // Hk, 1)
+        s = torch.einsum("hd,khd->hk", q[b], keys) / D**0.5
+        ref = torch.einsum("hk,khd->hd", s.softmax(-1), vals)
+        assert (dec[b, 0].double() - ref).abs().max() < 1e-5

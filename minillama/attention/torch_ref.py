@@ -343,7 +343,10 @@ def flash_attn_varlen_func(
     k_pad, v_pad = _gather_heads(rows_k, idx), _gather_heads(rows_v, idx)
 
     # 3. Dense masked attention over the padded batch.
-    out_pad, lse_pad = _attend(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
+    if CPU_FUSED_DECODE and not return_attn_probs and q.device.type == "cpu" and batch and max_seqlen_q:
+        out_pad, lse_pad = _attend_sdpa(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal), None
+    else:
+        out_pad, lse_pad = _attend(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
 
     # 4. Padded -> flat: token t belongs to the last sequence b with cu_q[b] <= t (empty
     # sequences share their start with the next one, so "last" skips them) at offset t - cu_q[b].
@@ -356,7 +359,7 @@ def flash_attn_varlen_func(
         lse = torch.full((nheads, total_q), float("inf"), dtype=torch.float32, device=q.device)
     else:
         out = out_pad[seq, offset]  # (total_q, H, D)
-        lse = lse_pad[seq, :, offset].T.contiguous()  # (total_q, H) -> (H, total_q)
+        lse = lse_pad[seq, :, offset].T.contiguous() if lse_pad is not None else None  # (H, total_q)
     if return_attn_probs:
         return out, lse, q.new_empty(0)
     return out
@@ -478,8 +481,35 @@ def flash_attn_with_kvcache(
     return out
 
 
-#: Use PyTorch's fused SDPA for one-query decode calls on CPU (tests compare both paths).
+#: On CPU, use PyTorch's fused SDPA instead of the op-by-op ``_attend`` when no log-sum-exp is
+#: asked for (same math; tests compare both paths against the float64 reference).
 CPU_FUSED_DECODE = True
+
+
+def _attend_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, q_lens: torch.Tensor,
+                 k_lens: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    """``_attend`` through ``F.scaled_dot_product_attention``: q (B, Sq, H, D), k/v (Hk, B, Sk, D).
+
+    The G query heads of a kv head become G blocks of query rows of that head (GQA without
+    copying K/V); the mask says which key each row may see (real key, bottom-right causal).
+    Rows that see no key come out of SDPA as NaN and are set to 0, as flash-attn returns.
+    """
+    B, Sq, H, D = q.shape
+    Hk, Sk = k_pad.shape[0], k_pad.shape[2]
+    G = H // Hk
+    qh = q.reshape(B, Sq, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Sq, D)
+    key = torch.arange(Sk, device=q.device)
+    mask = (key[None, :] < k_lens[:, None])[:, None, :]  # (B, 1, Sk)
+    if causal:
+        qpos = torch.arange(Sq, device=q.device)
+        shift = (k_lens - q_lens).long()
+        mask = mask & (key[None, None, :] <= qpos[None, :, None] + shift[:, None, None])  # (B, Sq, Sk)
+    mask = mask.expand(B, Sq, Sk)[:, None, None].expand(B, 1, G, Sq, Sk).reshape(B, 1, G * Sq, Sk)
+    k = k_pad.permute(1, 0, 2, 3).to(q.dtype)
+    v = v_pad.permute(1, 0, 2, 3).to(q.dtype)
+    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
+    out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
+    return out.view(B, Hk, G, Sq, D).permute(0, 3, 1, 2, 4).reshape(B, Sq, H, D)
 
 
 def _decode_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, seen: torch.Tensor,
