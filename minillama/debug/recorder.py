@@ -75,7 +75,8 @@ class Recorder:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
-        self.detach("error: " + str(exc[1]).splitlines()[0] if exc[1] else "finished")
+        err = exc[1]
+        self.detach(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}" if err else "finished")
 
     # ---- the listener -------------------------------------------------------------------------
     def is_full(self, site: str) -> bool:
