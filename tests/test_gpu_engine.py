@@ -20,22 +20,11 @@ import pytest
 import torch
 
 from minillama import LLM, SamplingParams
+from minillama.attention import available_backends
 from minillama.models.config import ModelConfig
 
-
-def _flash_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    if torch.cuda.get_device_capability()[0] < 8:
-        return "flash-attn 2 needs a GPU of compute capability 8.0+"
-    try:
-        import flash_attn  # noqa: F401
-    except Exception as e:
-        return f"needs the flash_attn package ({type(e).__name__})"
-    return None
-
-
-FLASH_REASON = _flash_reason()
+# why flash-attn cannot run here (no GPU, compute capability < 8.0, package missing), or None
+FLASH_REASON = available_backends()["flash-attn"]
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
