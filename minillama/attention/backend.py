@@ -12,7 +12,9 @@ Built-in backends are loaded on first use, so importing this module never import
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,8 @@ class AttentionBackend:
     varlen: Callable  # same signature as flash_attn.flash_attn_varlen_func
     with_kvcache: Callable  # same signature as flash_attn.flash_attn_with_kvcache
     block_size_multiple: int  # paged-KV block size must be a multiple of this
+    # Entered by the model runner around each forward pass (all layers see the same step metadata).
+    forward_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
     def check(self, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Raise ``BackendError`` if this backend cannot run heads of ``head_dim`` in ``dtype`` on ``device``.

@@ -28,6 +28,7 @@ class DecodeGraphs:
     def __init__(self, runner) -> None:
         cfg = runner.config
         self.model = runner.model
+        self.forward_scope = runner.backend.forward_scope
         max_bs = min(cfg.max_num_seqs, 512)
         if get_backend(cfg.backend).name == "torch":  # see the module docstring
             max_bs = min(max_bs, SMALL_BATCH)
@@ -54,9 +55,10 @@ class DecodeGraphs:
     def _capture(self) -> None:
         for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
             set_context(self._context(bs))
-            self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm up
+            with self.forward_scope():
+                self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm up
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, self.pool):
+            with torch.cuda.graph(graph, self.pool), self.forward_scope():
                 self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
             if self.pool is None:
                 self.pool = graph.pool()

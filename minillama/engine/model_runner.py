@@ -35,7 +35,8 @@ class ModelRunner:
         self.graphs = None  # CUDA graphs for decode, see cuda_graph.py
         # The torch backend pads every sequence's queries to the longest one: on a GPU, run the
         # decodes and the prompt chunks of a mixed batch as two forward passes (see ``run``).
-        self.split_mixed_batches = device.type == "cuda" and get_backend(config.backend).name == "torch"
+        self.backend = get_backend(config.backend)
+        self.split_mixed_batches = device.type == "cuda" and self.backend.name == "torch"
 
     # ---- KV cache -------------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -150,7 +151,8 @@ class ModelRunner:
                 and self.graphs.can_run(len(batch.seqs))):
             hidden = self.graphs.run(input_ids, positions)
         else:
-            hidden = self.model(input_ids, positions)
+            with self.backend.forward_scope():
+                hidden = self.model(input_ids, positions)
         sampled: list[int | None] = [None] * len(batch.seqs)
         if logit_rows:
             if len(logit_rows) < hidden.shape[0]:

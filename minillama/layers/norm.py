@@ -17,5 +17,8 @@ class RMSNorm(nn.Module):
         # x * rsqrt(mean(x^2) + eps) in float32, back to x's dtype, then the weight (as Hugging Face
         # does); F.rms_norm computes the first part in fewer kernels than spelling it out.
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same products in the same order, in one call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x.to(dtype)

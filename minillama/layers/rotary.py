@@ -47,6 +47,10 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` (tokens, heads, head_dim) to its tokens' ``positions``.
+
+        Queries and keys may come in one tensor (their heads side by side): one rotation for both.
+        """
         cos, sin = self.cos_sin_cache[positions].chunk(2, -1)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(x, cos, sin)

@@ -30,12 +30,11 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(layer, self.num_heads, self.num_kv_heads, self.head_dim, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
+        H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in qkv's rows: rotate their heads in one call, then split.
+        q, k = self.rotary_emb(positions, qkv[:, :(H + Hk) * D].view(-1, H + Hk, D)).split([H, Hk], 1)
+        v = qkv[:, (H + Hk) * D:].view(-1, Hk, D)
         if hooks.enabled:
             for name, t in (("q", q), ("k", k), ("v", v)):
                 hooks.emit(f"layers.{self.layer}.attn.{name}", t)
