@@ -652,3 +652,28 @@ def test_cpu_fused_and_plain_paths_agree_with_reference(monkeypatch, fused):
         s = torch.einsum("hd,khd->hk", q[b], keys) / D**0.5
         ref = torch.einsum("hk,khd->hd", s.softmax(-1), vals)
         assert (dec[b, 0].double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cpu_whole_prompts_agree_with_reference(monkeypatch, fused):
+    """Prompts with no cached prefix take the CPU causal fast path (no mask tensor); same attention."""
+    from minillama.attention import torch_ref
+
+    monkeypatch.setattr(torch_ref, "CPU_FUSED_DECODE", fused)
+    used = []
+    real = torch_ref._prompt_sdpa
+    monkeypatch.setattr(torch_ref, "_prompt_sdpa", lambda *a: used.append(1) or real(*a))
+    g = torch.Generator().manual_seed(11)
+    H, Hk, D = 9, 3, 64
+    lens = [1, 5, 300, 17]
+    q = torch.randn(sum(lens), H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(sum(lens), Hk, D, generator=g, dtype=torch.float64)
+    v = torch.randn(sum(lens), Hk, D, generator=g, dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = torch_ref.flash_attn_varlen_func(q.float(), k.float(), v.float(), cu, cu.clone(), max(lens), max(lens),
+                                           causal=True)
+    assert used == ([1] if fused else [])
+    for b, n in enumerate(lens):
+        s0 = cu[b].item()
+        ref, _ = ref_attention(q[s0:s0 + n], k[s0:s0 + n], v[s0:s0 + n], True)
+        assert (out[s0:s0 + n].double() - ref).abs().max() < 1e-5

@@ -430,7 +430,11 @@ def flash_attn_varlen_func(
     # 3. Dense masked attention over the padded batch.
     if CPU_FUSED_DECODE and not return_attn_probs and q.device.type == "cpu" and batch and max_seqlen_q:
         k_pad, v_pad = _gather_slots(rows_k, idx), _gather_slots(rows_v, idx)  # (B, Sk, Hk, D)
-        out_pad, lse_pad = _attend_sdpa(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal), None
+        if causal and torch.equal(cu_seqlens_q, cu_seqlens_k):  # on CPU, reading the lengths is free
+            out_pad = _prompt_sdpa(q_pad, k_pad, v_pad, scale)
+        else:
+            out_pad = _attend_sdpa(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
+        lse_pad = None
     else:
         k_pad, v_pad = _gather_heads(rows_k, idx), _gather_heads(rows_v, idx)  # (Hk, B, Sk, D)
         out_pad, lse_pad = _attend(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
@@ -590,6 +594,27 @@ def _attend_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, q_le
     out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
     out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
     return out.view(B, Hk, G, Sq, D).permute(0, 3, 1, 2, 4).reshape(B, Sq, H, D)
+
+
+def _prompt_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of whole prompts (every sequence's queries are all its keys) on CPU.
+
+    Queries and keys then share positions, so the plain causal mask of SDPA is exactly the right
+    one for every real row, and no mask tensor is needed: the fused kernel skips the blocks above
+    the diagonal. Real rows never see padding keys (they sit after the sequence's last query);
+    padded query rows are computed and dropped. K/V heads are repeated for the query heads,
+    because a causal kernel cannot use the stacked-rows GQA layout of ``_attend_sdpa``.
+    """
+    B, Sq, H, D = q.shape
+    Sk, Hk = k_pad.shape[1], k_pad.shape[2]
+    G = H // Hk
+
+    def per_head(x: torch.Tensor) -> torch.Tensor:  # (B, Sk, Hk, D) -> (B, H, Sk, D)
+        return x.transpose(1, 2)[:, :, None].expand(B, Hk, G, Sk, D).reshape(B, H, Sk, D).to(q.dtype)
+
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), per_head(k_pad), per_head(v_pad), is_causal=True,
+                                         scale=scale)
+    return out.transpose(1, 2)  # (B, Sq, H, D)
 
 
 def _decode_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, valid: torch.Tensor,
