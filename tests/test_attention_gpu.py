@@ -26,9 +26,21 @@ BACKENDS = [
     "torch",
     pytest.param("flash-attn", marks=pytest.mark.skipif(FLASH_REASON is not None, reason=str(FLASH_REASON))),
 ]
+# The torch backend's decode on CUDA runs a Triton kernel when Triton imports; "torch:pytorch"
+# is the same backend with MINILLAMA_TORCH_DECODE=pytorch (plain PyTorch everywhere).
+DECODE_BACKENDS = [BACKENDS[0], "torch:pytorch", BACKENDS[1]]
 DTYPE = torch.bfloat16
 BLOCK = 256  # flash-attn's paged KV needs blocks of a multiple of 256
 EPS = 2e-3
+
+
+def pick(name: str, monkeypatch: pytest.MonkeyPatch):
+    """The backend called ``name``; ``torch:pytorch`` is the torch backend kept to plain PyTorch."""
+    if name == "torch:pytorch":
+        monkeypatch.setenv("MINILLAMA_TORCH_DECODE", "pytorch")
+        return get_backend("torch")
+    monkeypatch.delenv("MINILLAMA_TORCH_DECODE", raising=False)
+    return get_backend(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,9 +166,9 @@ def test_varlen_paged(backend: str, shape: str, gqa: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize(("batch", "seqlen_q"), [(1, 1), (32, 1), (8, 4)])
 @pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"hk{g[0]}x{g[1]}")
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_kvcache_paged_decode(backend: str, gqa: tuple[int, int], batch: int, seqlen_q: int) -> None:
-    fn = get_backend(backend).with_kvcache
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+def test_kvcache_paged_decode(backend: str, gqa: tuple[int, int], batch: int, seqlen_q: int, monkeypatch) -> None:
+    fn = pick(backend, monkeypatch).with_kvcache
     Hk, group = gqa
     gen = torch.Generator().manual_seed(batch * 10 + seqlen_q + Hk)
     cached = torch.randint(0, 1500, (batch,), generator=gen).tolist()
@@ -178,10 +190,10 @@ def test_kvcache_paged_decode(backend: str, gqa: tuple[int, int], batch: int, se
     assert_within_bf16_budget(list(out), list(q), ks, vs, causal=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_uninitialised_cache_slots_do_not_leak(backend: str) -> None:
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+def test_uninitialised_cache_slots_do_not_leak(backend: str, monkeypatch) -> None:
     """NaN in unused slots of a sequence's last block (e.g. a cache from torch.empty) must not reach the output."""
-    fn = get_backend(backend).with_kvcache
+    fn = pick(backend, monkeypatch).with_kvcache
     gen = torch.Generator().manual_seed(0)
     cached = [5, 300, 0]
     ks = [rand(gen, n + 1, 2, 128) for n in cached]
@@ -200,9 +212,10 @@ def test_uninitialised_cache_slots_do_not_leak(backend: str) -> None:
     assert_within_bf16_budget(list(out), list(q), ks, vs, causal=True)
 
 
-def test_torch_backend_does_not_sync() -> None:
+@pytest.mark.parametrize("backend", DECODE_BACKENDS[:2])
+def test_torch_backend_does_not_sync(backend: str, monkeypatch) -> None:
     """torch.cuda's sync debug mode turns any host synchronisation inside the calls into an error."""
-    backend = get_backend("torch")
+    backend = pick(backend, monkeypatch)
     gen = torch.Generator().manual_seed(1)
     q_lens, k_lens = [5, 1, 30], [5, 40, 300]
     ks = [rand(gen, n, 2, 64) for n in k_lens]
@@ -223,9 +236,10 @@ def test_torch_backend_does_not_sync() -> None:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_torch_backend_decode_in_cuda_graph() -> None:
+@pytest.mark.parametrize("backend", DECODE_BACKENDS[:2])
+def test_torch_backend_decode_in_cuda_graph(backend: str, monkeypatch) -> None:
     """Capture one paged decode step (with in-place append) in a CUDA graph, replay it on new inputs."""
-    backend = get_backend("torch")
+    backend = pick(backend, monkeypatch)
     gen = torch.Generator().manual_seed(2)
     batch, Hk, H, D, block, max_blocks = 8, 2, 8, 64, 16, 6
     num_blocks = batch * max_blocks
@@ -265,3 +279,24 @@ def test_torch_backend_decode_in_cuda_graph() -> None:
         torch.testing.assert_close(out, expected, atol=0, rtol=0, msg=lambda m, t=trial: f"replay {t}: {m}")
         torch.testing.assert_close(k_cache, k_eager, atol=0, rtol=0)
         torch.testing.assert_close(v_cache, v_eager, atol=0, rtol=0)
+
+
+def test_torch_backend_decode_uses_triton_kernel_on_cuda(monkeypatch) -> None:
+    """Where Triton imports, a paged decode call of the torch backend goes to the kernel (and only then)."""
+    pytest.importorskip("triton", reason="Triton is not installed: the torch backend decodes in plain PyTorch")
+    from minillama.attention import torch_ref, triton_decode
+
+    calls = []
+    real = triton_decode.paged_decode
+    monkeypatch.setattr(triton_decode, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(3)
+    ks, vs = [rand(gen, 40, 2, 64)], [rand(gen, 40, 2, 64)]
+    k_cache, v_cache, table = paged(ks, vs, [40], gen)
+    q = rand(gen, 1, 1, 8, 64)
+    seqlens = torch.tensor([40], dtype=torch.int32, device="cuda")
+    fast = torch_ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
+    assert calls == [1]
+    monkeypatch.setenv("MINILLAMA_TORCH_DECODE", "pytorch")
+    plain = torch_ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
+    assert calls == [1]
+    assert_within_bf16_budget([fast[0], plain[0]], [q[0], q[0]], ks * 2, vs * 2, causal=True)

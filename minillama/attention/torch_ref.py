@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from minillama.attention import triton_decode
 from minillama.attention.backend import AttentionBackend, BackendError
 
 # Upper bound on the elements of one (batch, heads, query-chunk, keys) score tensor. Above it the
@@ -549,11 +550,20 @@ def flash_attn_with_kvcache(
         k_cache.index_put_(where, k)
         v_cache.index_put_(where, v)
 
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
+    if seqlen_q == 1 and paged and triton_decode.usable(q, k_cache, v_cache):
+        # On CUDA: read the keys through the block table in one kernel, no padded copy (see triton_decode).
+        if isinstance(cache_seqlens, torch.Tensor) and not seqlen_new:
+            seen = cache_seqlens
+        else:
+            seen = _cached_lens(cache_seqlens, batch, max_keys, q.device) + seqlen_new
+        out, lse = triton_decode.paged_decode(q, k_cache, v_cache, block_table, seen, scale)
+        return (out, lse) if return_softmax_lse else out
+
     # 2. The keys each sequence sees, padded to max_keys per sequence.
     rows_k, rows_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
     keys = _shared(_kvcache_key_index, cache_seqlens, seqlen_new, batch, block_table, k_cache.shape[1],
                    max_keys, rows_k.shape[0], q.device)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
 
     # 3. Attention; every sequence has exactly seqlen_q queries.
     if CPU_FUSED_DECODE and seqlen_q == 1 and not return_softmax_lse and q.device.type == "cpu":

@@ -6,10 +6,11 @@ gaps. One graph is captured per batch size in ``sizes`` over static input buffer
 the spare KV slot (slot -1) and reading no keys (context length 0).
 
 The graphs read the block table at its full width (``max_model_len`` worth of blocks). That is
-free for flash-attn, which stops at each sequence's length, but the torch backend gathers that
-many keys per sequence: with it, graphs are captured only for batches of up to ``SMALL_BATCH``
-sequences (where launches dominate), and larger decode steps run eagerly, gathering keys only up
-to the batch's longest sequence (their GPU work hides the launches).
+free for flash-attn and for the torch backend's Triton decode kernel, which stop at each
+sequence's length, but the torch backend in plain PyTorch (no Triton, or
+``MINILLAMA_TORCH_DECODE=pytorch``) gathers that many keys per sequence: then graphs are captured
+only for batches of up to ``SMALL_BATCH`` sequences (where launches dominate), and larger decode
+steps run eagerly, gathering keys only up to the batch's longest sequence.
 ``enforce_eager`` turns graphs off; so does an attached hook listener (hook sites are Python calls).
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from minillama.attention import get_backend
+from minillama.attention import get_backend, triton_decode
 from minillama.engine.context import Context, get_context, set_context
 
 # The largest batch the torch backend replays graphs for: up to here launch overhead dominates.
@@ -30,8 +31,9 @@ class DecodeGraphs:
         self.model = runner.model
         self.forward_scope = runner.backend.forward_scope
         max_bs = min(cfg.max_num_seqs, 512)
-        if get_backend(cfg.backend).name == "torch":  # see the module docstring
-            max_bs = min(max_bs, SMALL_BATCH)
+        head_dim = runner.model_config.head_dim
+        if get_backend(cfg.backend).name == "torch" and not triton_decode.covers(head_dim, runner.device):
+            max_bs = min(max_bs, SMALL_BATCH)  # see the module docstring
         self.sizes = [s for s in (1, 2, 4, 8) if s < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
         self.sizes = sorted(set(self.sizes))
         max_blocks = -(-cfg.max_model_len // cfg.kvcache_block_size)
