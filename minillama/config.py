@@ -21,4 +21,5 @@ class Config:
     cpu_kvcache_bytes: int = 512 << 20  # KV budget on cpu when num_kvcache_blocks == 0
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    async_scheduling: bool | None = None  # overlap host work with the GPU's step; None = on for CUDA
     enable_prefix_caching: bool = True

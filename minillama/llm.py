@@ -77,11 +77,12 @@ class LLM(LLMEngine):
         seen = 0
         while not seq.is_finished:
             self.step()
-            for token_id in seq.completion_token_ids[seen:]:
+            new = seq.completion_token_ids[seen:]  # tokens of steps still in flight are not in it yet
+            for token_id in new:
                 piece = decoder.push(token_id)
                 if piece:
                     yield piece
-            seen = seq.num_completion_tokens
+            seen += len(new)
         # drain other requests that may share the engine
         while self.has_unfinished():
             self.step()

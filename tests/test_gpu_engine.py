@@ -152,6 +152,19 @@ def test_cuda_graph_decode_matches_eager(backend, num_prompts, chat_prompts):
     assert graphed.runner.graphs.num_replays - before >= 47, "decode steps did not go through the graphs"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overlapped_steps_match_synchronous(backend, chat_prompts):
+    """async_scheduling (on by default on CUDA) gives the tokens and finish reasons of synchronous steps,
+    with EOS ending some requests (found one step late) and max_tokens others."""
+    overlapped, sync = engine(backend, False), engine(backend, False, async_scheduling=False)
+    assert overlapped._overlap() and not sync._overlap()
+    params = [SamplingParams(temperature=0, max_tokens=n) for n in (96, 7, 96, 33, 96)]
+    a = [(o.token_ids, o.finish_reason) for o in overlapped.generate(chat_prompts, params)]
+    b = [(o.token_ids, o.finish_reason) for o in sync.generate(chat_prompts, params)]
+    assert a == b
+    assert {r for _, r in b} == {"stop", "length"}, "the prompts were meant to end both ways"
+
+
 def _random_model() -> ModelConfig:
     return ModelConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                        intermediate_size=512, vocab_size=1000, rms_norm_eps=1e-5, rope_theta=10000.0,

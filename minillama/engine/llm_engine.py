@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -11,7 +12,7 @@ from minillama import hooks
 from minillama.attention import get_backend
 from minillama.config import Config
 from minillama.engine.block_manager import BlockManager
-from minillama.engine.model_runner import ModelRunner
+from minillama.engine.model_runner import ModelRunner, PendingTokens
 from minillama.engine.scheduler import ScheduledBatch, Scheduler
 from minillama.engine.sequence import Sequence
 from minillama.models.config import ModelConfig
@@ -104,6 +105,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager, self.model_config.eos_token_ids)
         self.num_steps = 0
+        self._pending: _InFlight | None = None  # overlapped steps: the batch launched last
         if self.device.type == "cuda" and not config.enforce_eager:
             from minillama.engine.cuda_graph import DecodeGraphs
 
@@ -177,17 +179,68 @@ class LLMEngine:
         return seq
 
     def has_unfinished(self) -> bool:
-        return not self.scheduler.is_finished()
+        return not self.scheduler.is_finished() or self._pending is not None
 
     def step(self) -> tuple[ScheduledBatch, list[Sequence]]:
-        """Run one scheduler step; returns the batch that ran and the sequences it finished."""
+        """Run one scheduler step; returns the batch that ran and the sequences it finished.
+
+        With overlapped steps (``async_scheduling``, on by default on CUDA when no hook listener is
+        attached) the batch is launched without waiting for its tokens: they are collected in the
+        next call, while the GPU computes that call's batch, so the host's scheduling and
+        bookkeeping hide behind GPU work. Finished sequences are then reported one call late, and
+        a sequence that stops on EOS computes one extra token that is dropped.
+        """
+        overlap = self._overlap()
+        if self._pending is not None and not overlap:
+            return ScheduledBatch([], []), self._collect()  # a listener attached: finish the step in flight
         batch = self.scheduler.schedule()
-        if hooks.enabled:
+        if hooks.enabled and not overlap:
             hooks.emit("step.begin", None, step=self.num_steps, batch=batch, engine=self)
-        sampled = self.runner.run(batch, self.num_steps)
-        finished = self.scheduler.postprocess(batch, sampled)
-        if hooks.enabled:
-            hooks.emit("step.end", None, step=self.num_steps, batch=batch, sampled=sampled, finished=finished,
-                       engine=self)
+        if overlap:
+            launched = self._launch(batch) if batch.seqs else None
+            finished = self._collect() if self._pending is not None else []
+            self._pending = launched
+        else:
+            sampled = self.runner.run(batch, self.num_steps)
+            finished = self.scheduler.postprocess(batch, sampled)
+            if hooks.enabled:
+                hooks.emit("step.end", None, step=self.num_steps, batch=batch, sampled=sampled, finished=finished,
+                           engine=self)
         self.num_steps += 1
         return batch, finished
+
+    def _overlap(self) -> bool:
+        on = self.config.async_scheduling
+        return (self.device.type == "cuda" if on is None else on) and not hooks.enabled
+
+    def _launch(self, batch: ScheduledBatch) -> _InFlight:
+        prev = self._pending.tokens if self._pending is not None else None
+        tokens = self.runner.launch(batch, self.num_steps, prev)
+        rows = self.scheduler.launched(batch)
+        row_of = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
+        if tokens.is_cuda:  # copy to pinned memory behind the GPU work, with an event to wait on
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = tokens, None
+        return _InFlight(PendingTokens(tokens, row_of), rows, host, done)
+
+    def _collect(self) -> list[Sequence]:
+        """Wait for the step in flight's tokens (only for that step, not the one launched after it)."""
+        pending, self._pending = self._pending, None
+        if pending.done is not None:
+            pending.done.synchronize()
+        values = [t for t in pending.host.tolist() if t >= 0]
+        return self.scheduler.confirm(pending.rows, values)
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose tokens have not been read yet."""
+
+    tokens: PendingTokens
+    rows: list[tuple[Sequence, int]]  # sampling sequences and the index of their placeholder
+    host: torch.Tensor  # the tokens, copied to host memory once ``done`` fires
+    done: torch.cuda.Event | None

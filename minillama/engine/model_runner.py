@@ -9,6 +9,8 @@ step context; ``run`` does one forward pass (a decode step on a GPU replays a CU
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from minillama import hooks
@@ -19,6 +21,14 @@ from minillama.engine.scheduler import ScheduledBatch
 from minillama.engine.sequence import Sequence
 from minillama.layers.sampler import Sampler
 from minillama.models.config import ModelConfig
+
+
+@dataclass
+class PendingTokens:
+    """The sampled tokens of a step still in flight (overlapped steps, see ``LLMEngine.step``)."""
+
+    tokens: torch.Tensor  # (rows,) int64 on the device, -1 where a row samples nothing
+    row_of: dict[int, int]  # seq_id -> its row
 
 
 class ModelRunner:
@@ -129,45 +139,69 @@ class ModelRunner:
     # ---- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, step: int = -1) -> list[int | None]:
-        if self._split_mixed(batch):
-            # With the torch backend, a batch that mixes decodes (1 query) with prompt chunks
-            # (hundreds) would be nearly all padding: run the two parts as separate passes.
-            decode = [s.num_computed_tokens == len(s) - 1 for s in batch.seqs]
-            sampled: list[int | None] = [None] * len(batch.seqs)
-            for part in (True, False):
-                rows = [i for i, d in enumerate(decode) if d == part]
-                sub = ScheduledBatch([batch.seqs[i] for i in rows], [batch.num_new_tokens[i] for i in rows])
-                for i, token in zip(rows, self._run(sub, step), strict=True):
-                    sampled[i] = token
-            return sampled
-        return self._run(batch, step)
+        """One forward pass and sampling; the sampled token of each row (None for a prefill chunk
+        that stops short of its sequence's end)."""
+        return [t if t >= 0 else None for t in self.launch(batch, step).tolist()]
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, step: int = -1, prev: PendingTokens | None = None) -> torch.Tensor:
+        """Like ``run`` without waiting: ``(len(batch.seqs),)`` int64 tokens on the device, -1 where a
+        row samples nothing. ``PENDING`` input ids are taken from ``prev`` (the step before, still in flight)."""
+        if not self._split_mixed(batch):
+            return self._run(batch, step, prev)
+        # With the torch backend, a batch that mixes decodes (1 query) with prompt chunks
+        # (hundreds) would be nearly all padding: run the two parts as separate passes.
+        tokens = torch.full((len(batch.seqs),), -1, dtype=torch.int64, device=self.device)
+        decode = [s.num_computed_tokens == len(s) - 1 for s in batch.seqs]
+        for part in (True, False):
+            rows = [i for i, d in enumerate(decode) if d == part]
+            sub = ScheduledBatch([batch.seqs[i] for i in rows], [batch.num_new_tokens[i] for i in rows])
+            tokens[self._tensor(rows, torch.int64)] = self._run(sub, step, prev)
+        return tokens
 
     def _split_mixed(self, batch: ScheduledBatch) -> bool:
         return self.split_mixed_batches and not hooks.enabled and batch.phase == "mixed"
 
-    def _run(self, batch: ScheduledBatch, step: int) -> list[int | None]:
+    def _run(self, batch: ScheduledBatch, step: int, prev: PendingTokens | None) -> torch.Tensor:
         input_ids, positions, logit_rows = self.prepare(batch, step)
+        if prev is not None:
+            self._fill_pending(input_ids, batch, prev)
         if (self.graphs is not None and not get_context().is_prefill and not hooks.enabled
                 and self.graphs.can_run(len(batch.seqs))):
             hidden = self.graphs.run(input_ids, positions)
         else:
             with self.backend.forward_scope():
                 hidden = self.model(input_ids, positions)
-        sampled: list[int | None] = [None] * len(batch.seqs)
+        tokens = torch.full((len(batch.seqs),), -1, dtype=torch.int64, device=self.device)
         if logit_rows:
             if len(logit_rows) < hidden.shape[0]:
                 hidden = hidden[self._tensor(logit_rows, torch.int64)]
             logits = self.model.compute_logits(hidden)
-            seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+            ends = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
                     if s.num_computed_tokens + n == len(s)]
-            tokens = self.sample(logits, seqs)
+            sampled = self.sample(logits, [batch.seqs[i] for i in ends])
             if hooks.enabled:
-                hooks.emit("sampled", tokens, seq_ids=[s.seq_id for s in seqs])
-            it = iter(tokens.tolist())
-            sampled = [next(it) if s.num_computed_tokens + n == len(s) else None
-                       for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
+                hooks.emit("sampled", sampled, seq_ids=[batch.seqs[i].seq_id for i in ends])
+            if len(ends) == len(batch.seqs):
+                tokens = sampled
+            else:
+                tokens[self._tensor(ends, torch.int64)] = sampled
         reset_context()
-        return sampled
+        return tokens
+
+    def _fill_pending(self, input_ids: torch.Tensor, batch: ScheduledBatch, prev: PendingTokens) -> None:
+        """Put the tokens of the step in flight where this step's input has ``PENDING`` placeholders.
+
+        A placeholder is always a sequence's last token, so it is the last input row of its chunk.
+        """
+        at, src, row = [], [], 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            row += n
+            if seq.num_pending and seq.num_computed_tokens + n == len(seq):
+                at.append(row - 1)
+                src.append(prev.row_of[seq.seq_id])
+        if at:
+            input_ids[self._tensor(at, torch.int64)] = prev.tokens[self._tensor(src, torch.int64)]
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         params = [s.sampling_params for s in seqs]

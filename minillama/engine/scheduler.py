@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from minillama.config import Config
 from minillama.engine.block_manager import BlockManager
-from minillama.engine.sequence import Sequence, SequenceStatus
+from minillama.engine.sequence import PENDING, Sequence, SequenceStatus
 
 
 @dataclass
@@ -72,6 +72,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and self._reaches_length(seq, len(seq)):
+                i += 1  # its last token is in flight and ends it: nothing more to compute
+                continue
             n = min(len(seq) - seq.num_computed_tokens, budget)
             while bm.blocks_needed(seq, seq.num_computed_tokens + n) > bm.num_free_blocks:
                 victim = self.running[-1]
@@ -116,14 +119,61 @@ class Scheduler:
             if token_id is None:
                 continue  # a prefill chunk that did not reach the end of the sequence
             seq.append_token(token_id)
-            params = seq.sampling_params
-            if not params.ignore_eos and token_id in self.eos_token_ids:
-                seq.finish_reason = "stop"
-            elif seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
-                seq.finish_reason = "length"
-            if seq.finish_reason:
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.deallocate(seq)
-                self.running.remove(seq)
+            if self._finish_if_done(seq, len(seq) - 1):
                 finished.append(seq)
         return finished
+
+    # ---- overlapped steps: launch now, learn the sampled tokens one step later ------------------
+    def launched(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """A batch went to the GPU: account its tokens and give each sampling sequence a placeholder.
+
+        Returns (sequence, index of its placeholder) for the rows that sample, in batch order.
+        """
+        rows = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == len(seq):
+                rows.append((seq, len(seq)))
+                seq.append_token(PENDING)
+                seq.num_pending += 1
+        return rows
+
+    def confirm(self, rows: list[tuple[Sequence, int]], tokens: list[int]) -> list[Sequence]:
+        """The tokens of a launched batch arrived: fill the placeholders, retire finished sequences.
+
+        A sequence may already sit in the next batch (in flight); if this token ends it, the
+        placeholder of that step is dropped and its row's result is ignored when it arrives.
+        """
+        finished = []
+        for (seq, index), token_id in zip(rows, tokens, strict=True):
+            if seq.is_finished:
+                continue
+            seq.token_ids[index] = token_id
+            seq.num_pending -= 1
+            self.block_manager.commit(seq)  # blocks whose tokens are now all known become shareable
+            if self._finish_if_done(seq, index):
+                finished.append(seq)
+        return finished
+
+    def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
+        return (num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens
+                or num_tokens >= self.max_model_len)
+
+    def _finish_if_done(self, seq: Sequence, index: int) -> bool:
+        """Retire ``seq`` if its token at ``index`` (just sampled) ends it: EOS, max_tokens or max_model_len."""
+        token_id = seq.token_ids[index]
+        if not seq.sampling_params.ignore_eos and token_id in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif self._reaches_length(seq, index + 1):
+            seq.finish_reason = "length"
+        else:
+            return False
+        del seq.token_ids[index + 1:]  # a placeholder of a step in flight, if any
+        seq.num_pending = 0
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.deallocate(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:  # preempted while its last step was in flight
+            self.waiting.remove(seq)
+        return True

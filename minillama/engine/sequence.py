@@ -14,8 +14,16 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
+#: Stands for a sampled token whose value is still on the GPU (overlapped steps, see ``LLMEngine``).
+PENDING = -1
+
+
 class Sequence:
-    """Prompt plus generated tokens. ``num_computed_tokens`` tokens already have their KV cached."""
+    """Prompt plus generated tokens. ``num_computed_tokens`` tokens already have their KV cached.
+
+    With overlapped steps the last one or two token ids may be ``PENDING`` placeholders
+    (``num_pending`` of them) until the step that sampled them is collected.
+    """
 
     _ids = count()
 
@@ -32,6 +40,7 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.block_hashes: list[int] = []  # hash chain of its full, computed blocks
+        self.num_pending = 0  # trailing PENDING placeholders
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -42,7 +51,8 @@ class Sequence:
 
     @property
     def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Generated ids known so far (placeholders of steps still in flight left out)."""
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
     @property
     def last_token(self) -> int:
