@@ -6,10 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillama.layers import triton_ops
+
 
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` where the input is ``cat([gate, up], -1)``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops.covers(x):
+            return triton_ops.silu_and_mul(x)
         gate, up = x.chunk(2, -1)
         return F.silu(gate) * up

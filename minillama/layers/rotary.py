@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from minillama.layers import triton_ops
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies, rescaled for long context when ``scaling`` is of type ``llama3``."""
@@ -52,5 +54,7 @@ class RotaryEmbedding(nn.Module):
 
         Queries and keys may come in one tensor (their heads side by side): one rotation for both.
         """
+        if triton_ops.rotary_covers(x):
+            return triton_ops.rotary(x, self.cos_sin_cache, positions)
         cos, sin = self.cos_sin_cache[positions].chunk(2, -1)
         return apply_rotary(x, cos, sin)

@@ -67,8 +67,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if hooks.enabled:
             hooks.emit(f"layers.{self.layer}.input", x)
-        h = x + self.self_attn(positions, self.input_layernorm(x))
-        mlp_out = self.mlp(self.post_attention_layernorm(h))
+        h, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(positions, self.input_layernorm(x)))
+        mlp_out = self.mlp(normed)
         if hooks.enabled:
             hooks.emit(f"layers.{self.layer}.mlp.out", mlp_out)
         out = h + mlp_out

@@ -1,0 +1,70 @@
+"""The fused GPU kernels of ``minillama.layers.triton_ops`` against the PyTorch layers they replace.
+
+Each kernel does the PyTorch layer's arithmetic in the same order, so in bf16 the two agree to
+within one rounding step; the engine's logits with and without them agree far inside the
+bf16 error budget. Skips without CUDA or Triton.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
+triton = pytest.importorskip("triton", reason="Triton is not installed: the layers run plain PyTorch")
+
+from minillama.layers import triton_ops  # noqa: E402
+from minillama.layers.activation import SiluAndMul  # noqa: E402
+from minillama.layers.norm import RMSNorm  # noqa: E402
+from minillama.layers.rotary import RotaryEmbedding  # noqa: E402
+
+ULP = dict(rtol=2**-7, atol=1e-5)  # one bf16 rounding step
+
+
+def both(monkeypatch, fn):
+    """``fn()`` through the fused kernels and through plain PyTorch (MINILLAMA_TRITON_OPS=0)."""
+    monkeypatch.delenv("MINILLAMA_TRITON_OPS", raising=False)
+    fused = fn()
+    monkeypatch.setenv("MINILLAMA_TRITON_OPS", "0")
+    plain = fn()
+    monkeypatch.delenv("MINILLAMA_TRITON_OPS")
+    return fused, plain
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256])
+@pytest.mark.parametrize("hidden", [576, 2048, 3072])
+def test_rms_norm_and_residual_add(monkeypatch, rows, hidden):
+    gen = torch.Generator(device="cuda").manual_seed(rows + hidden)
+    norm = RMSNorm(hidden, 1e-5).cuda().to(torch.bfloat16)
+    norm.weight.data = torch.rand(hidden, generator=gen, device="cuda").to(torch.bfloat16) + 0.5
+    x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    r = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    assert triton_ops.covers(x)
+    fused, plain = both(monkeypatch, lambda: (norm(x), *norm.add_and_norm(x, r)))
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, **ULP)
+    assert torch.equal(fused[1], plain[1]), "the residual sum is one bf16 add in both"
+
+
+@pytest.mark.parametrize("rows", [1, 33])
+def test_silu_and_mul(monkeypatch, rows):
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 2 * 8192, generator=gen, device="cuda").to(torch.bfloat16) * 4
+    fused, plain = both(monkeypatch, lambda: SiluAndMul()(x))
+    torch.testing.assert_close(fused, plain, **ULP)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_rotary_on_a_strided_view(monkeypatch, head_dim):
+    """q and k heads side by side in the rows of a qkv projection, as the attention layer passes them."""
+    gen = torch.Generator(device="cuda").manual_seed(head_dim)
+    H, Hk, T = 24, 8, 37
+    qkv = torch.randn(T, (H + 2 * Hk) * head_dim, generator=gen, device="cuda").to(torch.bfloat16)
+    qk = qkv[:, :(H + Hk) * head_dim].view(T, H + Hk, head_dim)
+    rope = RotaryEmbedding(head_dim, 4096, 500000.0, None).cuda()
+    positions = torch.randint(0, 4096, (T,), generator=gen, device="cuda")
+    fused, plain = both(monkeypatch, lambda: rope(positions, qk))
+    torch.testing.assert_close(fused, plain, **ULP)
