@@ -166,18 +166,20 @@ def test_overlapped_steps_match_synchronous(backend, chat_prompts):
 
 
 def test_fused_gpu_ops_keep_the_logits(monkeypatch, chat_prompts):
-    """The built-in model's logits with the Triton elementwise kernels and with plain PyTorch layers
-    differ far less than either differs from float32 (about 0.3 here)."""
+    """The Triton elementwise kernels move the bf16 logits no further from float32 than the plain
+    PyTorch layers do (their roundings differ in the last bit here and there, so the two bf16
+    runs differ about as much as either differs from float32)."""
     pytest.importorskip("triton", reason="Triton is not installed: the layers run plain PyTorch")
-    llm = engine("torch", True)
-    ids = chat_prompts[0]
-    monkeypatch.delenv("MINILLAMA_TRITON_OPS", raising=False)
-    fused = llm.prompt_logits(ids)
-    monkeypatch.setenv("MINILLAMA_TRITON_OPS", "0")
-    plain = llm.prompt_logits(ids)
-    diff = (fused - plain).abs().max().item()
-    print(f"\nfused vs plain elementwise ops, max logit difference over {len(ids)} positions: {diff:.4f}")
-    assert diff < 0.15
+    llm, ref_llm = engine("torch", True), engine("torch", True, dtype="float32")
+    for ids in chat_prompts[:3]:
+        ref = ref_llm.prompt_logits(ids)
+        monkeypatch.delenv("MINILLAMA_TRITON_OPS", raising=False)
+        fused = (llm.prompt_logits(ids) - ref).abs().max().item()
+        monkeypatch.setenv("MINILLAMA_TRITON_OPS", "0")
+        plain = (llm.prompt_logits(ids) - ref).abs().max().item()
+        monkeypatch.delenv("MINILLAMA_TRITON_OPS")
+        print(f"\nmax logit error vs float32 over {len(ids)} positions: fused ops {fused:.3f}, plain {plain:.3f}")
+        assert fused <= 2 * plain + 0.05
 
 
 def _random_model() -> ModelConfig:
