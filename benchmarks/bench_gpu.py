@@ -100,7 +100,7 @@ def run_minillama(engine: LLMEngine, prompts: list[list[int]], out_lens: list[in
     num_steps = decode_steps = 0
     while engine.has_unfinished():
         ts = time.perf_counter()
-        batch, _ = engine.step()  # ends with the sampled tokens on the host: a synchronising step
+        batch, _ = engine.step()  # overlapped steps: returns once the previous step's tokens are read
         dt = time.perf_counter() - ts
         num_steps += 1
         if batch.num_tokens == len(batch.seqs):  # decode: one token per sequence

@@ -107,7 +107,7 @@ class ModelRunner:
         """
         bs, seqs = self.block_size, batch.seqs
         n = len(seqs)
-        lens = [len(s) for s in seqs]  # keys per sequence, the new token included
+        lens = [len(s.token_ids) for s in seqs]  # keys per sequence, the new token included
         ids_pos_slots = [s.token_ids[-1] for s in seqs] + [m - 1 for m in lens] + [
             s.block_table[(m - 1) // bs] * bs + (m - 1) % bs for s, m in zip(seqs, lens, strict=True)]
         width = max(len(s.block_table) for s in seqs)
@@ -177,8 +177,11 @@ class ModelRunner:
             if len(logit_rows) < hidden.shape[0]:
                 hidden = hidden[self._tensor(logit_rows, torch.int64)]
             logits = self.model.compute_logits(hidden)
-            ends = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
-                    if s.num_computed_tokens + n == len(s)]
+            if batch.phase == "decode":  # every row ends its sequence
+                ends = list(range(len(batch.seqs)))
+            else:
+                ends = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
+                        if s.num_computed_tokens + n == len(s)]
             sampled = self.sample(logits, [batch.seqs[i] for i in ends])
             if hooks.enabled:
                 hooks.emit("sampled", sampled, seq_ids=[batch.seqs[i].seq_id for i in ends])
@@ -194,12 +197,12 @@ class ModelRunner:
 
         A placeholder is always a sequence's last token, so it is the last input row of its chunk.
         """
-        at, src, row = [], [], 0
+        at, src, row, row_of = [], [], 0, prev.row_of
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             row += n
-            if seq.num_pending and seq.num_computed_tokens + n == len(seq):
+            if seq.num_pending and seq.num_computed_tokens + n == len(seq.token_ids):
                 at.append(row - 1)
-                src.append(prev.row_of[seq.seq_id])
+                src.append(row_of[seq.seq_id])
         if at:
             input_ids[self._tensor(at, torch.int64)] = prev.tokens[self._tensor(src, torch.int64)]
 

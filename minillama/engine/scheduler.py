@@ -25,14 +25,19 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     preempted: list[Sequence] = field(default_factory=list)
+    _phase: str | None = field(default=None, repr=False)
 
     @property
     def phase(self) -> str:
-        """'decode' (every sequence adds one token after its cached ones), 'prefill', or 'mixed'."""
-        decode = [s.num_computed_tokens == len(s) - 1 for s in self.seqs]
-        if all(decode):
-            return "decode"
-        return "prefill" if not any(decode) else "mixed"
+        """'decode' (every sequence adds one token after its cached ones), 'prefill', or 'mixed'.
+
+        Worked out on first use (the model runner's, before the step runs) and kept: running the
+        step moves the sequences on.
+        """
+        if self._phase is None:
+            decode = [s.num_computed_tokens == len(s.token_ids) - 1 for s in self.seqs]
+            self._phase = "decode" if all(decode) else "prefill" if not any(decode) else "mixed"
+        return self._phase
 
     @property
     def num_tokens(self) -> int:
@@ -69,22 +74,26 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         batch = ScheduledBatch([], [])
         # 1. sequences already running: decodes and unfinished chunked prefills
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.num_pending and self._reaches_length(seq, len(seq)):
+        i, running, block_size = 0, self.running, bm.block_size
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_tokens = len(seq.token_ids)
+            if seq.num_pending and (num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens
+                                    or num_tokens >= self.max_model_len):
                 i += 1  # its last token is in flight and ends it: nothing more to compute
                 continue
-            n = min(len(seq) - seq.num_computed_tokens, budget)
-            while bm.blocks_needed(seq, seq.num_computed_tokens + n) > bm.num_free_blocks:
-                victim = self.running[-1]
-                self._preempt(victim)
-                batch.preempted.append(victim)
-                if victim is seq:
-                    break
-            if seq.status != SequenceStatus.RUNNING:
-                break  # it preempted itself: everyone after it is gone too
-            bm.grow(seq, seq.num_computed_tokens + n)
+            n = min(num_tokens - seq.num_computed_tokens, budget)
+            end = seq.num_computed_tokens + n
+            if -(-end // block_size) > len(seq.block_table):  # needs a new block (most steps do not)
+                while bm.blocks_needed(seq, end) > bm.num_free_blocks:
+                    victim = running[-1]
+                    self._preempt(victim)
+                    batch.preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status != SequenceStatus.RUNNING:
+                    break  # it preempted itself: everyone after it is gone too
+                bm.grow(seq, end)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n
@@ -132,9 +141,10 @@ class Scheduler:
         rows = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == len(seq):
-                rows.append((seq, len(seq)))
-                seq.append_token(PENDING)
+            tokens = seq.token_ids
+            if seq.num_computed_tokens == len(tokens):
+                rows.append((seq, len(tokens)))
+                tokens.append(PENDING)
                 seq.num_pending += 1
         return rows
 
@@ -145,12 +155,14 @@ class Scheduler:
         placeholder of that step is dropped and its row's result is ignored when it arrives.
         """
         finished = []
+        bm, done = self.block_manager, SequenceStatus.FINISHED
         for (seq, index), token_id in zip(rows, tokens, strict=True):
-            if seq.is_finished:
+            if seq.status is done:
                 continue
             seq.token_ids[index] = token_id
             seq.num_pending -= 1
-            self.block_manager.commit(seq)  # blocks whose tokens are now all known become shareable
+            if bm.enable_prefix_caching:
+                bm.commit(seq)  # blocks whose tokens are now all known become shareable
             if self._finish_if_done(seq, index):
                 finished.append(seq)
         return finished
