@@ -103,3 +103,19 @@ def test_listener_attached_mid_run_finishes_the_step_in_flight(builtin_llm, asyn
     while async_llm.has_unfinished():
         async_llm.step()
     assert [s.completion_token_ids for s in seqs] == [r[0] for r in ref]
+
+
+def test_chunked_prompt_blocks_are_shared_as_in_synchronous_steps(tiny_llama_dir):
+    """Blocks of a prompt split over several steps become shareable when launched, not only once a
+    token is read back: a second copy admitted while the first is still in prefill reuses them."""
+    prompt = [(7 * i) % 500 + 4 for i in range(66)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    reused = {}
+    for overlap in (False, True):
+        llm = LLM(tiny_llama_dir, device="cpu", kvcache_block_size=8, max_num_batched_tokens=24,
+                  num_kvcache_blocks=64, max_model_len=256, async_scheduling=overlap)
+        first, second = llm.generate([prompt, prompt], params)
+        assert second.token_ids == first.token_ids
+        reused[overlap] = second.num_cached_tokens
+        llm.block_manager.check_invariants([])
+    assert reused[True] == reused[False] > 0

@@ -281,6 +281,24 @@ def test_torch_backend_decode_in_cuda_graph(backend: str, monkeypatch) -> None:
         torch.testing.assert_close(v_cache, v_eager, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", DECODE_BACKENDS[:2])
+def test_strided_block_table_and_lengths(backend: str, monkeypatch) -> None:
+    """A block table or length vector that is a strided view reads the same keys as a contiguous one."""
+    fn = pick(backend, monkeypatch).with_kvcache
+    gen = torch.Generator().manual_seed(4)
+    cached = [300, 17, 600]
+    ks = [rand(gen, n, 2, 64) for n in cached]
+    vs = [rand(gen, n, 2, 64) for n in cached]
+    k_cache, v_cache, table = paged(ks, vs, cached, gen)
+    q = rand(gen, 3, 1, 8, 64)
+    wide = torch.zeros(3, 2 * table.shape[1], dtype=torch.int32, device="cuda")
+    wide[:, ::2] = table
+    lens = torch.tensor([[n, 0] for n in cached], dtype=torch.int32, device="cuda")
+    strided = fn(q, k_cache, v_cache, cache_seqlens=lens[:, 0], block_table=wide[:, ::2])
+    plain = fn(q, k_cache, v_cache, cache_seqlens=lens[:, 0].contiguous(), block_table=table)
+    torch.testing.assert_close(strided, plain, atol=0, rtol=0)
+
+
 def test_torch_backend_decode_uses_triton_kernel_on_cuda(monkeypatch) -> None:
     """Where Triton imports, a paged decode call of the torch backend goes to the kernel (and only then)."""
     pytest.importorskip("triton", reason="Triton is not installed: the torch backend decodes in plain PyTorch")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -110,7 +111,7 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dim
 # One key index per forward pass: every layer of a step passes the same metadata tensors.
 # ---------------------------------------------------------------------------------------------
 
-_shared_indices: dict | None = None  # set inside ``reuse_key_indices``
+_local = threading.local()  # .indices: the memo of the innermost ``reuse_key_indices`` block of this thread
 
 
 @contextlib.contextmanager
@@ -120,25 +121,26 @@ def reuse_key_indices() -> Iterator[None]:
     The model runner wraps each forward pass in it: all layers of a step read the same metadata
     tensors, unchanged, so only the first layer builds the index (a dozen small kernels). Outside
     the block every call builds its own, so a caller that edits a block table in place between
-    two calls is always safe.
+    two calls is always safe. The memo belongs to the thread that opened the block.
     """
-    global _shared_indices
-    outer, _shared_indices = _shared_indices, {}
+    outer = getattr(_local, "indices", None)
+    _local.indices = {}
     try:
         yield
     finally:
-        _shared_indices = outer
+        _local.indices = outer
 
 
 def _shared(build: Callable, *args: object):
     """``build(*args)``, or its result from an earlier call with the same arguments in this block."""
-    if _shared_indices is None:
+    memo = getattr(_local, "indices", None)
+    if memo is None:
         return build(*args)
     key = (build, *(id(a) if isinstance(a, torch.Tensor) else a for a in args))
-    hit = _shared_indices.get(key)
+    hit = memo.get(key)
     if hit is None:
         # The arguments are kept with the result so their ids cannot be reused by new tensors.
-        hit = _shared_indices[key] = (args, build(*args))
+        hit = memo[key] = (args, build(*args))
     return hit[1]
 
 

@@ -73,7 +73,8 @@ if triton is not None:
         for start in range(0, seqlen, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             key_ok = n < seqlen
-            block = tl.load(BlockTable + b * stride_bt + n // PAGE, mask=key_ok, other=0)
+            # int64: a large cache's offsets (block * stride) overflow 32 bits
+            block = tl.load(BlockTable + b * stride_bt + n // PAGE, mask=key_ok, other=0).to(tl.int64)
             slot = n % PAGE
             k = tl.load(K + block[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh + dims[None, :],
                         mask=key_ok[:, None], other=0.0)
@@ -109,6 +110,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     Hk = k_cache.shape[2]
     G = H // Hk
     q = q if q.stride(-1) == 1 else q.contiguous()
+    # The kernel steps through a table row and the lengths with unit stride.
+    block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    seqlens = seqlens.contiguous()
     out = torch.empty_like(q)
     lse = torch.empty(B, H, 1, dtype=torch.float32, device=q.device)
     # Tiles of 64 keys keep a (64, D) K and V tile in registers for D up to 128.

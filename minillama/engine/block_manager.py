@@ -114,11 +114,16 @@ class BlockManager:
             seq.block_table.append(self._take(self.free_block_ids[0]).block_id)
 
     def commit(self, seq: Sequence) -> None:
-        """Register the hashes of blocks that became full of computed KV, making them shareable."""
+        """Register the hashes of blocks that became full of computed KV, making them shareable.
+
+        Only blocks whose token ids are all known: with overlapped steps the last ids may still be
+        placeholders for tokens being sampled.
+        """
         if not self.enable_prefix_caching:
             return
         hashes = seq.block_hashes
-        for i in range(len(hashes), seq.num_computed_tokens // self.block_size):
+        known = min(seq.num_computed_tokens, len(seq.token_ids) - seq.num_pending)
+        for i in range(len(hashes), known // self.block_size):
             tokens = seq.block(i)
             h = chain_hash(hashes[-1] if hashes else -1, tokens)
             hashes.append(h)

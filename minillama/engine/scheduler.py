@@ -138,9 +138,11 @@ class Scheduler:
 
         Returns (sequence, index of its placeholder) for the rows that sample, in batch order.
         """
-        rows = []
+        rows, bm = [], self.block_manager
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
+            if bm.enable_prefix_caching:
+                bm.commit(seq)  # prompt chunks become shareable now, as in synchronous steps
             tokens = seq.token_ids
             if seq.num_computed_tokens == len(tokens):
                 rows.append((seq, len(tokens)))
