@@ -377,7 +377,9 @@ def test_query_chunking_matches_single_pass(monkeypatch: pytest.MonkeyPatch) -> 
     args = (q, k_cache, v_cache, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens))
     whole, whole_lse, _ = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
     # Budget for ~3 query rows per chunk: the loop over chunks must give the same answer.
-    monkeypatch.setattr(torch_ref, "MAX_SCORE_ELEMENTS", len(q_lens) * H * max(k_lens) * 3)
+    from minillama.attention import dense
+
+    monkeypatch.setattr(dense, "MAX_SCORE_ELEMENTS", len(q_lens) * H * max(k_lens) * 3)
     chunked, chunked_lse, _ = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(chunked_lse, whole_lse, atol=1e-6, rtol=0)
@@ -613,7 +615,6 @@ def test_import_does_not_import_flash_attn() -> None:
 @pytest.mark.parametrize("fused", [True, False])
 def test_cpu_fused_and_plain_paths_agree_with_reference(monkeypatch, fused):
     """The CPU fast path (fused SDPA) and the op-by-op path compute the same attention."""
-    from minillama.attention import torch_ref
 
     monkeypatch.setattr(torch_ref, "CPU_FUSED_DECODE", fused)
     g = torch.Generator().manual_seed(7)
@@ -657,12 +658,11 @@ def test_cpu_fused_and_plain_paths_agree_with_reference(monkeypatch, fused):
 @pytest.mark.parametrize("fused", [True, False])
 def test_cpu_whole_prompts_agree_with_reference(monkeypatch, fused):
     """Prompts with no cached prefix take the CPU causal fast path (no mask tensor); same attention."""
-    from minillama.attention import torch_ref
 
     monkeypatch.setattr(torch_ref, "CPU_FUSED_DECODE", fused)
     used = []
-    real = torch_ref._prompt_sdpa
-    monkeypatch.setattr(torch_ref, "_prompt_sdpa", lambda *a: used.append(1) or real(*a))
+    real = torch_ref.prompt_sdpa
+    monkeypatch.setattr(torch_ref, "prompt_sdpa", lambda *a: used.append(1) or real(*a))
     g = torch.Generator().manual_seed(11)
     H, Hk, D = 9, 3, 64
     lens = [1, 5, 300, 17]

@@ -30,23 +30,23 @@ being silently ignored.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from minillama.attention import triton_decode
 from minillama.attention.backend import AttentionBackend, BackendError
-
-# Upper bound on the elements of one (batch, heads, query-chunk, keys) score tensor. Above it the
-# queries are processed in chunks (a loop over chunk index, not over sequences), so a long
-# prefill does not materialise a huge score matrix: 2**26 float32 scores are 256 MiB.
-MAX_SCORE_ELEMENTS = 1 << 26
-
+from minillama.attention.dense import attend, attend_sdpa, decode_sdpa, prompt_sdpa
+from minillama.attention.paged_gather import (
+    cached_lens,
+    gather_heads,
+    gather_rows,
+    gather_slots,
+    kvcache_key_index,
+    reuse_key_indices,
+    shared,
+    varlen_key_index,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Argument checking: only Python-side metadata (shapes, dtypes, devices), never tensor values.
@@ -105,261 +105,6 @@ def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dim
     if nheads_k == 0 or nheads % nheads_k != 0:
         raise _fail(fn, f"nheads ({nheads}) must be a multiple of nheads_k ({nheads_k}) for grouped-query "
                     "attention", "check the model's num_attention_heads / num_key_value_heads")
-
-
-# ---------------------------------------------------------------------------------------------
-# One key index per forward pass: every layer of a step passes the same metadata tensors.
-# ---------------------------------------------------------------------------------------------
-
-_local = threading.local()  # .indices: the memo of the innermost ``reuse_key_indices`` block of this thread
-
-
-@contextlib.contextmanager
-def reuse_key_indices() -> Iterator[None]:
-    """Inside this block, calls given the same ``block_table`` / length tensors share one key index.
-
-    The model runner wraps each forward pass in it: all layers of a step read the same metadata
-    tensors, unchanged, so only the first layer builds the index (a dozen small kernels). Outside
-    the block every call builds its own, so a caller that edits a block table in place between
-    two calls is always safe. The memo belongs to the thread that opened the block.
-    """
-    outer = getattr(_local, "indices", None)
-    _local.indices = {}
-    try:
-        yield
-    finally:
-        _local.indices = outer
-
-
-def _shared(build: Callable, *args: object):
-    """``build(*args)``, or its result from an earlier call with the same arguments in this block."""
-    memo = getattr(_local, "indices", None)
-    if memo is None:
-        return build(*args)
-    key = (build, *(id(a) if isinstance(a, torch.Tensor) else a for a in args))
-    hit = memo.get(key)
-    if hit is None:
-        # The arguments are kept with the result so their ids cannot be reused by new tensors.
-        hit = memo[key] = (args, build(*args))
-    return hit[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Gathers: flat or paged keys -> padded, kv-head-major (Hk, batch, seqlen, headdim) tensors.
-# ---------------------------------------------------------------------------------------------
-
-
-def _gather_rows(x: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
-    """Padded ``(batch, length, ...)`` view of flat ``x``: row ``i`` of sequence ``b`` is ``x[starts[b] + i]``.
-
-    Rows past a sequence's end read some other (clamped) row of ``x``; callers mask them.
-    """
-    batch = starts.shape[0]
-    if x.shape[0] == 0 or length == 0:
-        return x.new_zeros(batch, length, *x.shape[1:])
-    idx = starts[:, None] + torch.arange(length, device=x.device)  # (batch, length)
-    return x[idx.clamp(0, x.shape[0] - 1)]
-
-
-def _key_positions(lens: torch.Tensor, length: int) -> torch.Tensor:
-    """``(batch, length)`` key positions ``0 .. length-1``, where positions at or past a sequence's
-    length are replaced by 0.
-
-    Padding slots thus re-read the sequence's own first key instead of whatever sits past its end
-    (stale keys of another sequence, or NaN in a cache from ``torch.empty``). That keeps every
-    gathered value finite without a separate zeroing pass, so a masked probability of exactly 0
-    contributes exactly 0 to ``probs @ v``. On a GPU the repeated reads also hit in cache.
-    """
-    pos = torch.arange(length, device=lens.device)[None, :]
-    return torch.where(pos < lens[:, None], pos, 0)
-
-
-def _gather_heads(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``rows[idx]`` for ``rows`` ``(n, Hk, D)`` and in-range ``idx`` ``(batch, length)``, laid out ``(Hk, batch, length, D)``.
-
-    That is the layout ``torch.bmm`` wants for grouped-query attention (one matrix per kv head and
-    sequence, batch dims foldable without a copy), produced by the gather itself.
-    """
-    if rows.shape[0] == 0:
-        return rows.new_zeros(rows.shape[1], *idx.shape, rows.shape[2])
-    # The index kernel pays per element, so move 8-byte words instead of 2-byte bf16 values
-    # where the layout allows: the same bytes, a quarter of the work (a 4x faster decode gather).
-    words = _as_words(rows)
-    out = words.transpose(0, 1)[:, idx]
-    return out if words is rows else out.view(rows.dtype)
-
-
-def _as_words(x: torch.Tensor) -> torch.Tensor:
-    """``x`` reinterpreted with its last dim as int64 words, or ``x`` itself when the layout does not allow it."""
-    if x.element_size() >= 8 or (x.shape[-1] * x.element_size()) % 8:
-        return x
-    try:
-        return x.view(torch.int64)
-    except RuntimeError:  # strides or offset not in whole words
-        return x
-
-
-def _gather_slots(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``rows[idx]`` for ``rows`` ``(n, Hk, D)`` and in-range ``idx`` ``(batch, length)``: ``(batch, length, Hk, D)``.
-
-    Whole rows (all heads of one slot) are copied, which on CPU is several times faster than the
-    element-wise gather of ``_gather_heads``; SDPA takes the head-major view without a copy.
-    """
-    if rows.shape[0] == 0:
-        return rows.new_zeros(*idx.shape, *rows.shape[1:])
-    return rows.index_select(0, idx.reshape(-1)).view(*idx.shape, *rows.shape[1:])
-
-
-def _flat_key_index(starts: torch.Tensor, lens: torch.Tensor, length: int) -> torch.Tensor:
-    """Row of each (sequence, key position) in flat ``(total_k, Hk, D)`` keys."""
-    return starts[:, None] + _key_positions(lens, length)
-
-
-def _paged_key_index(block_table: torch.Tensor, block_size: int, lens: torch.Tensor, length: int) -> torch.Tensor:
-    """Slot (``block * block_size + offset``) of each (sequence, key position) in a paged cache.
-
-    Table entries past a sequence's last used block may be garbage (-1, stale ids); they are never
-    read, because positions past the sequence's keys were mapped to its first key.
-    """
-    pos = _key_positions(lens, length)
-    col = (pos // block_size).clamp(max=max(block_table.shape[1] - 1, 0))
-    blocks = block_table.long().gather(1, col) if block_table.shape[1] else torch.zeros_like(pos)
-    return blocks.clamp(min=0) * block_size + pos % block_size
-
-
-def _varlen_key_index(cu_seqlens_k: torch.Tensor, block_table: torch.Tensor | None, block_size: int,
-                      max_seqlen_k: int, num_rows: int) -> torch.Tensor:
-    """``(batch, max_seqlen_k)`` row of each key of ``flash_attn_varlen_func``, in ``[0, num_rows)``."""
-    cu_k = cu_seqlens_k.long()
-    k_lens = cu_k[1:] - cu_k[:-1]
-    if block_table is not None:
-        idx = _paged_key_index(block_table, block_size, k_lens, max_seqlen_k)
-    else:
-        idx = _flat_key_index(cu_k[:-1], k_lens, max_seqlen_k)
-    return idx.clamp(0, max(num_rows - 1, 0))
-
-
-def _cached_lens(cache_seqlens: int | torch.Tensor | None, batch: int, max_keys: int,
-                 device: torch.device) -> torch.Tensor:
-    """``cache_seqlens`` of ``flash_attn_with_kvcache`` as a long ``(batch,)`` tensor (None: the whole cache)."""
-    if isinstance(cache_seqlens, torch.Tensor):
-        return cache_seqlens.long()
-    return torch.full((batch,), max_keys if cache_seqlens is None else cache_seqlens, dtype=torch.long, device=device)
-
-
-class _CacheKeys(NamedTuple):
-    """Which cached keys each sequence of a ``flash_attn_with_kvcache`` call sees, and where they are."""
-
-    seen: torch.Tensor  # (batch,) keys per sequence
-    idx: torch.Tensor  # (batch, max_keys) row of each key in the flattened cache, in range
-    valid: torch.Tensor  # (batch, max_keys) bool, key slot is real
-
-
-def _kvcache_key_index(cache_seqlens: int | torch.Tensor | None, seqlen_new: int, batch: int,
-                       block_table: torch.Tensor | None, block_size: int, max_keys: int, num_rows: int,
-                       device: torch.device) -> _CacheKeys:
-    seen = _cached_lens(cache_seqlens, batch, max_keys, device) + seqlen_new
-    if block_table is not None:
-        idx = _paged_key_index(block_table, block_size, seen, max_keys)
-    else:  # one cache row of max_keys slots per sequence
-        idx = torch.arange(batch, device=device)[:, None] * max_keys + _key_positions(seen, max_keys)
-    valid = torch.arange(max_keys, device=device)[None, :] < seen[:, None]
-    return _CacheKeys(seen, idx.clamp(0, max(num_rows - 1, 0)), valid)
-
-
-# ---------------------------------------------------------------------------------------------
-# The core: masked dense attention over a padded batch.
-# ---------------------------------------------------------------------------------------------
-
-
-def _half_on_cuda(t: torch.Tensor) -> bool:
-    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``a @ b`` (batched) with products summed in ``acc``.
-
-    On CUDA, half-precision operands go straight to the matrix units with a float32 result: the
-    products of bf16/fp16 numbers are exact in float32, so this gives the numbers of upcasting
-    first without writing float32 copies of the keys. Elsewhere the operands are upcast.
-    """
-    if _half_on_cuda(a) and a.dtype == b.dtype and acc == torch.float32:
-        return torch.bmm(a, b, out_dtype=acc)
-    return torch.bmm(a.to(acc), b.to(acc))
-
-
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_lens: torch.Tensor,
-    k_lens: torch.Tensor,
-    scale: float,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of padded queries over padded keys.
-
-    q ``(B, Sq, H, D)``; k, v kv-head-major ``(Hk, B, Sk, D)`` (see ``_gather_heads``), with finite
-    values in padding slots; ``q_lens``/``k_lens`` ``(B,)`` give how many rows of each sequence
-    are real. Returns out ``(B, Sq, H, D)`` in q's dtype and lse ``(B, H, Sq)`` in float32. Padded
-    query rows hold meaningless values.
-    """
-    B, Sq, H, D = q.shape
-    Hk, Sk = k.shape[0], k.shape[2]
-    G = H // Hk  # query heads per kv head
-    acc = torch.promote_types(q.dtype, torch.float32)  # fp16/bf16/fp32 -> fp32, fp64 stays fp64
-    device = q.device
-    q_lens = q_lens.long()
-    k_lens = k_lens.long()
-
-    out = q.new_empty(B, Sq, H, D)
-    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=device)
-    if Sq == 0 or Sk == 0:
-        # No keys at all: every row is fully masked (and reductions over an empty dim would fail).
-        return out.zero_(), lse.fill_(float("inf"))
-
-    # (Hk, B, Sk, D) -> (Hk*B, Sk, D): one matrix per (kv head, sequence), no copy.
-    kf, vf = k.reshape(Hk * B, Sk, D), v.reshape(Hk * B, Sk, D)
-    # Which key slots are real, and the bottom-right causal shift: query i may see key j iff
-    # j <= i + (k_len - q_len). Shapes broadcast over scores (Hk, B, G, c, Sk).
-    key_pos = torch.arange(Sk, device=device)
-    valid = (key_pos[None, :] < k_lens[:, None])[None, :, None, None, :]
-    shift = (k_lens - q_lens)[None, :, None, None, None]
-
-    # Queries are processed in chunks only when the whole score tensor would be too large.
-    chunk = max(1, min(Sq, MAX_SCORE_ELEMENTS // max(1, B * H * Sk)))
-    for start in range(0, Sq, chunk):
-        c = min(chunk, Sq - start)
-        # (B, c, H, D) -> (Hk, B, G, c, D) -> (Hk*B, G*c, D): head h = kv_head * G + g.
-        qc = q[:, start:start + c].reshape(B, c, Hk, G, D).permute(2, 0, 3, 1, 4).reshape(Hk * B, G * c, D)
-        scores = _bmm(qc, kf.transpose(1, 2), acc).view(Hk, B, G, c, Sk)
-        scores.mul_(scale)
-
-        mask = valid
-        if causal:
-            q_pos = torch.arange(start, start + c, device=device)[:, None]  # (c, 1)
-            mask = mask & (key_pos[None, :] <= q_pos + shift)
-        scores.masked_fill_(~mask, float("-inf"))
-
-        # Numerically stable softmax that tolerates rows with no visible key: subtract the row
-        # max (0 for an all -inf row, so exp gives 0 instead of NaN), exponentiate, normalise
-        # only rows whose sum is positive.
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
-        probs = scores.sub_(row_max).exp_()  # reuses the score buffer
-        row_sum = probs.sum(dim=-1, keepdim=True)
-        has_key = row_sum > 0
-
-        # On CUDA the probabilities meet half-precision values as flash-attn does: rounded to the
-        # value dtype, products summed in float32.
-        p = probs.to(v.dtype) if _half_on_cuda(v) else probs
-        o = _bmm(p.view(Hk * B, G * c, Sk), vf, acc).view(Hk, B, G, c, D)
-        o = torch.where(has_key, o / row_sum, 0.0)  # rows without keys: exactly 0
-        out[:, start:start + c] = o.permute(1, 3, 0, 2, 4).reshape(B, c, H, D).to(q.dtype)
-
-        row_lse = torch.where(has_key, row_max + torch.log(row_sum), float("inf"))  # (Hk, B, G, c, 1)
-        lse[:, :, start:start + c] = row_lse.permute(1, 0, 2, 3, 4).reshape(B, H, c).float()
-    return out, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,23 +169,23 @@ def flash_attn_varlen_func(
     k_lens = cu_k[1:] - cu_k[:-1]
 
     # 1. Flat queries -> padded (B, max_seqlen_q, H, D).
-    q_pad = _gather_rows(q, cu_q[:-1], max_seqlen_q)
+    q_pad = gather_rows(q, cu_q[:-1], max_seqlen_q)
     # 2. Keys/values -> padded, from the flat tensors or through the block table.
     rows_k, rows_v = (k.flatten(0, 1), v.flatten(0, 1)) if paged else (k, v)  # (rows, Hk, D)
-    idx = _shared(_varlen_key_index, cu_seqlens_k, block_table, k.shape[1] if paged else 0, max_seqlen_k,
+    idx = shared(varlen_key_index, cu_seqlens_k, block_table, k.shape[1] if paged else 0, max_seqlen_k,
                   rows_k.shape[0])
 
     # 3. Dense masked attention over the padded batch.
     if CPU_FUSED_DECODE and not return_attn_probs and q.device.type == "cpu" and batch and max_seqlen_q:
-        k_pad, v_pad = _gather_slots(rows_k, idx), _gather_slots(rows_v, idx)  # (B, Sk, Hk, D)
+        k_pad, v_pad = gather_slots(rows_k, idx), gather_slots(rows_v, idx)  # (B, Sk, Hk, D)
         if causal and torch.equal(cu_seqlens_q, cu_seqlens_k):  # on CPU, reading the lengths is free
-            out_pad = _prompt_sdpa(q_pad, k_pad, v_pad, scale)
+            out_pad = prompt_sdpa(q_pad, k_pad, v_pad, scale)
         else:
-            out_pad = _attend_sdpa(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
+            out_pad = attend_sdpa(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
         lse_pad = None
     else:
-        k_pad, v_pad = _gather_heads(rows_k, idx), _gather_heads(rows_v, idx)  # (Hk, B, Sk, D)
-        out_pad, lse_pad = _attend(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
+        k_pad, v_pad = gather_heads(rows_k, idx), gather_heads(rows_v, idx)  # (Hk, B, Sk, D)
+        out_pad, lse_pad = attend(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
 
     # 4. Padded -> flat: token t belongs to the last sequence b with cu_q[b] <= t (empty
     # sequences share their start with the next one, so "last" skips them) at offset t - cu_q[b].
@@ -540,7 +285,7 @@ def flash_attn_with_kvcache(
             raise _fail(fn, f"new k/v dtype {k.dtype} differs from the cache's {k_cache.dtype}",
                         "cast them to the cache dtype")
         seqlen_new = k.shape[1]
-        cached = _cached_lens(cache_seqlens, batch, max_keys, q.device)
+        cached = cached_lens(cache_seqlens, batch, max_keys, q.device)
         pos = cached[:, None] + torch.arange(seqlen_new, device=q.device)  # (B, seqlen_new)
         if paged:
             block_size = k_cache.shape[1]
@@ -558,96 +303,29 @@ def flash_attn_with_kvcache(
         if isinstance(cache_seqlens, torch.Tensor) and not seqlen_new:
             seen = cache_seqlens
         else:
-            seen = _cached_lens(cache_seqlens, batch, max_keys, q.device) + seqlen_new
+            seen = cached_lens(cache_seqlens, batch, max_keys, q.device) + seqlen_new
         out, lse = triton_decode.paged_decode(q, k_cache, v_cache, block_table, seen, scale)
         return (out, lse) if return_softmax_lse else out
 
     # 2. The keys each sequence sees, padded to max_keys per sequence.
     rows_k, rows_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
-    keys = _shared(_kvcache_key_index, cache_seqlens, seqlen_new, batch, block_table, k_cache.shape[1],
+    keys = shared(kvcache_key_index, cache_seqlens, seqlen_new, batch, block_table, k_cache.shape[1],
                    max_keys, rows_k.shape[0], q.device)
 
     # 3. Attention; every sequence has exactly seqlen_q queries.
     if CPU_FUSED_DECODE and seqlen_q == 1 and not return_softmax_lse and q.device.type == "cpu":
-        return _decode_sdpa(q, _gather_slots(rows_k, keys.idx), _gather_slots(rows_v, keys.idx), keys.valid, scale)
-    k_pad, v_pad = _gather_heads(rows_k, keys.idx), _gather_heads(rows_v, keys.idx)
+        return decode_sdpa(q, gather_slots(rows_k, keys.idx), gather_slots(rows_v, keys.idx), keys.valid, scale)
+    k_pad, v_pad = gather_heads(rows_k, keys.idx), gather_heads(rows_v, keys.idx)
     q_lens = torch.full((batch,), seqlen_q, dtype=torch.long, device=q.device)
-    out, lse = _attend(q, k_pad, v_pad, q_lens, keys.seen, scale, causal)
+    out, lse = attend(q, k_pad, v_pad, q_lens, keys.seen, scale, causal)
     if return_softmax_lse:
         return out, lse
     return out
 
 
-#: On CPU, use PyTorch's fused SDPA instead of the op-by-op ``_attend`` when no log-sum-exp is
+#: On CPU, use PyTorch's fused SDPA instead of the op-by-op ``attend`` when no log-sum-exp is
 #: asked for (same math; tests compare both paths against the float64 reference).
 CPU_FUSED_DECODE = True
-
-
-def _attend_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, q_lens: torch.Tensor,
-                 k_lens: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """``_attend`` through ``F.scaled_dot_product_attention``: q (B, Sq, H, D), k/v (B, Sk, Hk, D).
-
-    The G query heads of a kv head become G blocks of query rows of that head (GQA without
-    copying K/V); the mask says which key each row may see (real key, bottom-right causal).
-    Rows that see no key come out of SDPA as NaN and are set to 0, as flash-attn returns.
-    """
-    B, Sq, H, D = q.shape
-    Sk, Hk = k_pad.shape[1], k_pad.shape[2]
-    G = H // Hk
-    qh = q.reshape(B, Sq, Hk, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hk, G * Sq, D)
-    key = torch.arange(Sk, device=q.device)
-    mask = (key[None, :] < k_lens[:, None])[:, None, :]  # (B, 1, Sk)
-    if causal:
-        qpos = torch.arange(Sq, device=q.device)
-        shift = (k_lens - q_lens).long()
-        mask = mask & (key[None, None, :] <= qpos[None, :, None] + shift[:, None, None])  # (B, Sq, Sk)
-    mask = mask.expand(B, Sq, Sk)[:, None, None].expand(B, 1, G, Sq, Sk).reshape(B, 1, G * Sq, Sk)
-    k, v = k_pad.transpose(1, 2).to(q.dtype), v_pad.transpose(1, 2).to(q.dtype)  # (B, Hk, Sk, D) views
-    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=scale)
-    out = torch.where(mask.any(-1, keepdim=True), out, 0.0)
-    return out.view(B, Hk, G, Sq, D).permute(0, 3, 1, 2, 4).reshape(B, Sq, H, D)
-
-
-def _prompt_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal attention of whole prompts (every sequence's queries are all its keys) on CPU.
-
-    Queries and keys then share positions, so the plain causal mask of SDPA is exactly the right
-    one for every real row, and no mask tensor is needed: the fused kernel skips the blocks above
-    the diagonal. Real rows never see padding keys (they sit after the sequence's last query);
-    padded query rows are computed and dropped. K/V heads are repeated for the query heads,
-    because a causal kernel cannot use the stacked-rows GQA layout of ``_attend_sdpa``.
-    """
-    B, Sq, H, D = q.shape
-    Sk, Hk = k_pad.shape[1], k_pad.shape[2]
-    G = H // Hk
-
-    def per_head(x: torch.Tensor) -> torch.Tensor:  # (B, Sk, Hk, D) -> (B, H, Sk, D)
-        return x.transpose(1, 2)[:, :, None].expand(B, Hk, G, Sk, D).reshape(B, H, Sk, D).to(q.dtype)
-
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), per_head(k_pad), per_head(v_pad), is_causal=True,
-                                         scale=scale)
-    return out.transpose(1, 2)  # (B, Sq, H, D)
-
-
-def _decode_sdpa(q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, valid: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """One query per sequence on CPU: PyTorch's fused SDPA instead of the op-by-op ``_attend``.
-
-    q (B, 1, H, D), k/v (B, S, Hk, D), ``valid`` (B, S) marks real key slots. A single query sees
-    every key its sequence has (bottom-right causal with sq = 1), so the only mask is ``valid``.
-    The G query heads sharing a kv head are laid out as G query rows of that head, which is GQA
-    without copying K/V and works on torch 2.4. Same math as ``_attend``.
-    """
-    B, _, H, D = q.shape
-    Hk = k_pad.shape[2]
-    if k_pad.shape[1] == 0:  # no keys at all
-        return q.new_zeros(q.shape)
-    qh = q.view(B, Hk, H // Hk, D)  # head h = kv_head * G + g
-    k, v = k_pad.transpose(1, 2).to(q.dtype), v_pad.transpose(1, 2).to(q.dtype)  # (B, Hk, S, D) views
-    out = F.scaled_dot_product_attention(qh, k, v, attn_mask=valid[:, None, None, :], scale=scale)
-    # A sequence with no key at all gets 0, like flash-attn (SDPA would give NaN).
-    out = torch.where(valid[:, :1, None, None], out, 0.0)
-    return out.reshape(B, 1, H, D)
 
 
 BACKEND = AttentionBackend(

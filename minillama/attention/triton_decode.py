@@ -4,7 +4,7 @@ Plain PyTorch has to gather every sequence's keys out of the paged cache into a 
 before its matrix products (one extra write and read of the whole KV, padded to the longest
 sequence): at large batch that gather is most of the torch backend's GPU time. This kernel reads
 each key and value once, straight through the block table, like flash-attn's decode kernel, and
-computes the same thing as ``torch_ref._attend`` for one query per sequence: float32 scores and
+computes the same thing as ``dense.attend`` for one query per sequence: float32 scores and
 softmax, probabilities rounded to the value dtype before ``p @ v`` (as flash-attn does), 0 for a
 sequence with no key, log-sum-exp ``+inf`` then.
 
