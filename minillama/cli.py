@@ -87,8 +87,24 @@ def cmd_info(a: argparse.Namespace) -> int:
     t.add_row("device", f"{device} ({gpu}); dtype {resolve_dtype(a.dtype, device)}; torch {torch.__version__}")
     for name, why in available_backends().items():
         t.add_row(f"backend {name}", "[green]available[/]" if why is None else f"[red]unavailable[/]: {why}")
+    t.add_row("GPU kernels", _gpu_kernels(c.head_dim, device))
     console.print(t)
     return 0
+
+
+def _gpu_kernels(head_dim: int, device) -> str:
+    """Which Triton kernels replace plain PyTorch on this device, or why none do."""
+    from minillama.attention import triton_decode
+    from minillama.layers import triton_ops
+
+    if device.type != "cuda":
+        return "none: plain PyTorch on CPU"
+    if triton_ops.triton is None:
+        return "none: Triton is not installed (plain PyTorch everywhere)"
+    decode = ("Triton" if triton_decode.covers(head_dim, device)
+              else "plain PyTorch (MINILLAMA_TORCH_DECODE=pytorch, or a head size Triton's dot cannot take)")
+    ops = "Triton" if os.environ.get("MINILLAMA_TRITON_OPS", "1") != "0" else "plain PyTorch (MINILLAMA_TRITON_OPS=0)"
+    return f"torch backend decode: {decode}; RMSNorm, SiLU-and-mul, rotary: {ops}"
 
 
 def build_parser() -> argparse.ArgumentParser:
