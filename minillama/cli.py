@@ -103,7 +103,7 @@ def _gpu_kernels(head_dim: int, device) -> str:
         return "none: Triton is not installed (plain PyTorch everywhere)"
     decode = ("Triton" if triton_decode.covers(head_dim, device)
               else "plain PyTorch (MINILLAMA_TORCH_DECODE=pytorch, or a head size Triton's dot cannot take)")
-    ops = "Triton" if os.environ.get("MINILLAMA_TRITON_OPS", "1") != "0" else "plain PyTorch (MINILLAMA_TRITON_OPS=0)"
+    ops = "Triton" if triton_ops.switched_on() else "plain PyTorch (MINILLAMA_TRITON_OPS=0)"
     return f"torch backend decode: {decode}; RMSNorm, SiLU-and-mul, rotary: {ops}"
 
 

@@ -78,8 +78,7 @@ class Scheduler:
         while i < len(running) and budget > 0:
             seq = running[i]
             num_tokens = len(seq.token_ids)
-            if seq.num_pending and (num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens
-                                    or num_tokens >= self.max_model_len):
+            if seq.num_pending and self._reaches_length(seq, num_tokens):
                 i += 1  # its last token is in flight and ends it: nothing more to compute
                 continue
             n = min(num_tokens - seq.num_computed_tokens, budget)
@@ -141,8 +140,7 @@ class Scheduler:
         rows, bm = [], self.block_manager
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += n
-            if bm.enable_prefix_caching:
-                bm.commit(seq)  # prompt chunks become shareable now, as in synchronous steps
+            bm.commit(seq)  # prompt chunks become shareable now, as in synchronous steps
             tokens = seq.token_ids
             if seq.num_computed_tokens == len(tokens):
                 rows.append((seq, len(tokens)))
@@ -163,8 +161,7 @@ class Scheduler:
                 continue
             seq.token_ids[index] = token_id
             seq.num_pending -= 1
-            if bm.enable_prefix_caching:
-                bm.commit(seq)  # blocks whose tokens are now all known become shareable
+            bm.commit(seq)  # blocks whose tokens are now all known become shareable
             if self._finish_if_done(seq, index):
                 finished.append(seq)
         return finished

@@ -23,10 +23,15 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 
+def switched_on() -> bool:
+    """True unless ``MINILLAMA_TRITON_OPS=0`` asks for plain PyTorch layers."""
+    return os.environ.get("MINILLAMA_TRITON_OPS", "1") != "0"
+
+
 def covers(x: torch.Tensor) -> bool:
     """True when ``x``'s elementwise work goes to these kernels (see the module docstring)."""
     return (triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and os.environ.get("MINILLAMA_TRITON_OPS", "1") != "0")
+            and switched_on())
 
 
 if triton is not None:
