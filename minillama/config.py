@@ -16,7 +16,7 @@ class Config:
     max_model_len: int = 4096
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096
-    kvcache_block_size: int = 0  # 0 = 16 for torch, 256 for flash-attn
+    kvcache_block_size: int = 0  # 0 = 256 on cuda or with flash-attn, else 16
     num_kvcache_blocks: int = 0  # 0 = sized from memory
     cpu_kvcache_bytes: int = 512 << 20  # KV budget on cpu when num_kvcache_blocks == 0
     gpu_memory_utilization: float = 0.9

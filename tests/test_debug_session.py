@@ -148,11 +148,11 @@ def test_missing_hook_site_is_reported(llm, monkeypatch):
     layer = llm.model.model.layers[4]
     original = layer.forward
 
-    def silent_forward(positions, x):  # same math, but never emits its sites
+    def silent_forward(positions, x, residual):  # same math, but never emits its sites
         was = hooks.enabled
         hooks.enabled = False
         try:
-            return original(positions, x)
+            return original(positions, x, residual)
         finally:
             hooks.enabled = was
 

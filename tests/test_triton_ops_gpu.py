@@ -68,3 +68,31 @@ def test_rotary_on_a_strided_view(monkeypatch, head_dim):
     positions = torch.randint(0, 4096, (T,), generator=gen, device="cuda")
     fused, plain = both(monkeypatch, lambda: rope(positions, qk))
     torch.testing.assert_close(fused, plain, **ULP)
+
+
+@pytest.mark.parametrize("head_dim,kv_heads,page", [(64, 8, 16), (128, 8, 256), (64, 3, 256)])
+def test_store_kv_matches_index_copy(monkeypatch, head_dim, kv_heads, page):
+    """K/V rows land at their slots, v read from its strided place in qkv, slot -1 rows write nothing."""
+    from minillama.layers.attention import store_kvcache
+
+    gen = torch.Generator(device="cuda").manual_seed(head_dim + kv_heads + page)
+    T, blocks = 41, 9
+    qkv = torch.randn(T, 3 * kv_heads * head_dim, generator=gen, device="cuda").to(torch.bfloat16)
+    k = qkv[:, : kv_heads * head_dim].view(T, kv_heads, head_dim).contiguous()
+    v = qkv[:, 2 * kv_heads * head_dim :].view(T, kv_heads, head_dim)
+    slots = torch.randperm(blocks * page, generator=gen, device="cuda")[:T]
+    slots[::5] = -1
+    assert triton_ops.store_kv_covers(k, torch.empty(1, 1, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda"))
+
+    def run():
+        kc = torch.zeros(blocks + 1, page, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+        vc = torch.zeros_like(kc)
+        store_kvcache(k, v, kc, vc, slots)
+        return kc[:blocks], vc[:blocks]  # the plain path sends -1 rows to the spare last block
+
+    fused, plain = both(monkeypatch, run)
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)
+    flat = fused[0].reshape(-1, kv_heads, head_dim)
+    ok = slots >= 0
+    assert torch.equal(flat[slots[ok]], k[ok]) and int((fused[0] != 0).any(-1).any(-1).sum()) == int(ok.sum())

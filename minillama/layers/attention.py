@@ -13,6 +13,7 @@ from torch import nn
 
 from minillama import hooks
 from minillama.engine.context import Context, get_context
+from minillama.layers import triton_ops
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -21,7 +22,11 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 
     Slot -1 means "skip" (padding in a captured decode graph). To stay free of host syncs those
     rows are sent to the cache's spare last block, which the block manager never hands out.
+    On the GPU one Triton kernel writes K and V and skips those rows (``triton_ops.store_kv``).
     """
+    if triton_ops.store_kv_covers(k, k_cache):
+        triton_ops.store_kv(k, v, k_cache, v_cache, slot_mapping)
+        return
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     spare = num_slots - 1
     slots = torch.where(slot_mapping >= 0, slot_mapping, spare)

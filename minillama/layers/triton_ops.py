@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for the GPU: RMSNorm (with the residual add), SiLU-and-mul, rotary.
+"""Fused elementwise kernels for the GPU: RMSNorm (with the residual add), SiLU-and-mul, rotary,
+and the K/V store into the paged cache.
 
 A decode step at large batch spends about as long in hundreds of tiny elementwise kernels as in
 its matrix products' weight reads: PyTorch runs ``x + residual``, RMSNorm's square, mean, rsqrt
@@ -81,6 +82,22 @@ if triton is not None:
         tl.store(out, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=ok)
         tl.store(out + HALF, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _store_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_kh, stride_vt, stride_vh,
+                         stride_kb, stride_kp, stride_kch, stride_vb, stride_vp, stride_vch,
+                         PAGE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        t = tl.program_id(0)
+        slot = tl.load(Slots + t)
+        if slot >= 0:  # -1: padding row of a captured graph, nothing to write
+            block, off = slot // PAGE, slot % PAGE
+            heads = tl.arange(0, BLOCK_H)[:, None]
+            dims = tl.arange(0, D)[None, :]
+            ok = heads < H
+            k = tl.load(K + t * stride_kt + heads * stride_kh + dims, mask=ok)
+            v = tl.load(V + t * stride_vt + heads * stride_vh + dims, mask=ok)
+            tl.store(KCache + block * stride_kb + off * stride_kp + heads * stride_kch + dims, k, mask=ok)
+            tl.store(VCache + block * stride_vb + off * stride_vp + heads * stride_vch + dims, v, mask=ok)
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a 2-D (rows, features) view with unit stride in features (a copy only if needed)."""
@@ -131,3 +148,23 @@ def rotary(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> t
         _rotary_kernel[(T,)](x, out, cos_sin, positions, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
                              cos_sin.stride(0), HALF=D // 2, BLOCK_H=triton.next_power_of_2(H), H=H)
     return out
+
+
+def store_kv_covers(k: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """True when ``store_kv`` can take these: see ``covers``; same dtype, head_dim a power of 2."""
+    d = k.shape[-1]
+    return covers(k) and k.dtype == k_cache.dtype and d & (d - 1) == 0 and k.stride(-1) == k_cache.stride(-1) == 1
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """``k``/``v`` (tokens, kv_heads, head_dim) into the caches (blocks, page, kv_heads, head_dim) at
+    each token's slot (block * page + offset); slot -1 writes nothing. One kernel for both."""
+    T, H, D = k.shape
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    if T:
+        _store_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping.contiguous(), k.stride(0), k.stride(1),
+                               v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                               PAGE=k_cache.shape[1], H=H, D=D, BLOCK_H=triton.next_power_of_2(H))

@@ -64,17 +64,26 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (MLP output, residual stream after attention); the layer's output is their sum.
+
+        The sum is left to the next norm, which adds and normalises in one kernel on the GPU (as
+        vLLM does), so ``x`` is the previous layer's MLP output and ``residual`` its stream (None
+        for the first layer, whose ``x`` is the embeddings).
+        """
+        if residual is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = self.input_layernorm.add_and_norm(x, residual)
         if hooks.enabled:
             hooks.emit(f"layers.{self.layer}.input", x)
-        h, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(positions, self.input_layernorm(x)))
+        h, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(positions, normed))
         mlp_out = self.mlp(normed)
         if hooks.enabled:
             hooks.emit(f"layers.{self.layer}.mlp.out", mlp_out)
-        out = h + mlp_out
-        if hooks.enabled:
-            hooks.emit(f"layers.{self.layer}.output", out)
-        return out
+            hooks.emit(f"layers.{self.layer}.output", h + mlp_out)
+        return mlp_out, h
 
 
 class LlamaModel(nn.Module):
@@ -90,9 +99,10 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if hooks.enabled:
             hooks.emit("embed", x)
+        residual = None
         for layer in self.layers:
-            x = layer(positions, x)
-        x = self.norm(x)
+            x, residual = layer(positions, x, residual)
+        _, x = self.norm.add_and_norm(x, residual)
         if hooks.enabled:
             hooks.emit("final_norm", x)
         return x
