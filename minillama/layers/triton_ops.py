@@ -1,5 +1,5 @@
 """Fused elementwise kernels for the GPU: RMSNorm (with the residual add), SiLU-and-mul, rotary,
-and the K/V store into the paged cache.
+the K/V store into the paged cache, and greedy sampling's argmax.
 
 A decode step at large batch spends about as long in hundreds of tiny elementwise kernels as in
 its matrix products' weight reads: PyTorch runs ``x + residual``, RMSNorm's square, mean, rsqrt
@@ -98,6 +98,23 @@ if triton is not None:
             tl.store(KCache + block * stride_kb + off * stride_kp + heads * stride_kch + dims, k, mask=ok)
             tl.store(VCache + block * stride_vb + off * stride_vp + heads * stride_vch + dims, v, mask=ok)
 
+    @triton.jit
+    def _argmax_kernel(X, OutV, OutI, V, stride_x, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # One program scans CHUNK entries of a row; each lane keeps its first maximum.
+        row, chunk = tl.program_id(0), tl.program_id(1)
+        best_v = tl.full((BLOCK,), float("-inf"), tl.float32)
+        best_i = tl.zeros((BLOCK,), tl.int32) + chunk * CHUNK
+        for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(X + row * stride_x + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            better = x > best_v
+            best_v = tl.where(better, x, best_v)
+            best_i = tl.where(better, cols, best_i)
+        m = tl.max(best_v, 0)
+        first = tl.min(tl.where(best_v == m, best_i, 2147483647), 0)
+        tl.store(OutV + row * tl.num_programs(1) + chunk, m)
+        tl.store(OutI + row * tl.num_programs(1) + chunk, first)
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` as a 2-D (rows, features) view with unit stride in features (a copy only if needed)."""
@@ -168,3 +185,24 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                                v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                                PAGE=k_cache.shape[1], H=H, D=D, BLOCK_H=triton.next_power_of_2(H))
+
+
+def argmax(x: torch.Tensor, chunks: int = 4, block: int = 2048) -> torch.Tensor:
+    """``x.argmax(-1)`` for finite (rows, vocab) logits, int64, the first index among equal maxima.
+
+    ``chunks`` programs per row each find their part's first maximum (one read of the logits at
+    full bandwidth, where PyTorch's reduction runs one block per row); a tiny argmax over the
+    parts then picks the first part holding the row's maximum. NaN is not treated as a maximum.
+    """
+    rows, vocab = x.shape
+    chunk = triton.cdiv(triton.cdiv(vocab, chunks), block) * block
+    parts = triton.cdiv(vocab, chunk)
+    part_max = torch.empty(rows, parts, dtype=torch.float32, device=x.device)
+    part_idx = torch.empty(rows, parts, dtype=torch.int32, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if rows:
+        _argmax_kernel[(rows, parts)](x, part_max, part_idx, vocab, x.stride(0), CHUNK=chunk, BLOCK=block,
+                                      num_warps=8)
+    best = part_max.argmax(-1, keepdim=True)
+    return part_idx.gather(1, best).squeeze(1).long()
