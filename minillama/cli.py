@@ -104,7 +104,7 @@ def _gpu_kernels(head_dim: int, device) -> str:
     decode = ("Triton" if triton_decode.covers(head_dim, device)
               else "plain PyTorch (MINILLAMA_TORCH_DECODE=pytorch, or a head size Triton's dot cannot take)")
     ops = "Triton" if triton_ops.switched_on() else "plain PyTorch (MINILLAMA_TRITON_OPS=0)"
-    return f"torch backend decode: {decode}; RMSNorm, SiLU-and-mul, rotary: {ops}"
+    return f"torch backend decode: {decode}; RMSNorm, SiLU-and-mul, rotary, K/V store, greedy argmax: {ops}"
 
 
 def build_parser() -> argparse.ArgumentParser:
