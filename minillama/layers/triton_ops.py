@@ -194,13 +194,12 @@ def argmax(x: torch.Tensor, chunks: int = 4, block: int = 2048) -> torch.Tensor:
     full bandwidth, where PyTorch's reduction runs one block per row); a tiny argmax over the
     parts then picks the first part holding the row's maximum. NaN is not treated as a maximum.
     """
+    x = _rows(x)
     rows, vocab = x.shape
     chunk = triton.cdiv(triton.cdiv(vocab, chunks), block) * block
     parts = triton.cdiv(vocab, chunk)
     part_max = torch.empty(rows, parts, dtype=torch.float32, device=x.device)
     part_idx = torch.empty(rows, parts, dtype=torch.int32, device=x.device)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     if rows:
         _argmax_kernel[(rows, parts)](x, part_max, part_idx, vocab, x.stride(0), CHUNK=chunk, BLOCK=block,
                                       num_warps=8)
