@@ -92,6 +92,62 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(a: argparse.Namespace) -> int:
+    """Generate for the prompts while recording every step to a trace folder."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from minillama.debug.manifest import build_manifest
+    from minillama.debug.recorder import Recorder
+    from minillama.trace.cli import human_bytes
+    from minillama.trace.reader import TraceError, TraceReader
+    from minillama.trace.writer import BackgroundWriter, TraceWriter
+
+    if a.max_bytes is not None and a.max_bytes <= 0:
+        raise TraceError(f"--max-bytes must be a positive number of bytes, got {a.max_bytes}: leave it out for no cap")
+    if os.path.exists(a.out) and (not os.path.isdir(a.out) or os.listdir(a.out)):
+        raise TraceError(f"{a.out} exists and is not empty: choose another --out or delete it")
+    params = sampling_params(a)
+    llm = make_llm(a)
+    shadow = a.shadow
+    if shadow == "auto":
+        shadow = "reference" if llm.backend.name == "torch" else "torch"
+    recorder = Recorder(llm, shadow=shadow, full_sites=a.full)
+    tok = llm.tokenizer
+    ids = [tok.encode(p) if a.raw else tok.encode_chat([{"role": "user", "content": p}]) for p in a.prompt]
+    seqs = [llm.add_request(x, params) for x in ids]
+    manifest = build_manifest(llm, recorder, prompts=a.prompt, params=params, seqs=seqs, chat=not a.raw,
+                              max_bytes=a.max_bytes)
+    writer = BackgroundWriter(TraceWriter(a.out, manifest, a.max_bytes))
+    recorder.set_sink(writer)
+    recorder.attach()
+    reason = "finished"
+    start = time.perf_counter()
+    try:
+        while llm.has_unfinished() and not writer.stopped:
+            llm.step()
+    except KeyboardInterrupt:
+        reason = "interrupted by the user"
+        raise
+    except Exception as e:
+        reason = "error: " + (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise
+    finally:
+        recorder.detach(reason)  # writes what is queued, then the end line with our reason
+    dt = time.perf_counter() - start
+    reader = TraceReader(a.out)
+    console = Console()
+    shadow_name = recorder.shadow.name if recorder.shadow is not None else None
+    console.print(f"recorded [bold]{escape(a.out)}[/]: {reader.num_steps} steps in {dt:.2f} s, "
+                  f"{human_bytes(reader.size_bytes)}, {escape(reader.status)}"
+                  + (f", shadow {escape(shadow_name)}" if shadow_name else ""))
+    for k, (_sid, r) in enumerate(reader.requests().items()):
+        text = r["text"].replace("\n", " ")
+        console.print(f"  [dim]request {k}:[/] {escape(text[:100] + ('...' if len(text) > 100 else ''))}")
+    console.print(f"[dim]next: minillama trace info {escape(a.out)} | minillama diff {escape(a.out)} OTHER[/]")
+    return 0
+
+
 def _gpu_kernels(head_dim: int, device) -> str:
     """Which Triton kernels replace plain PyTorch on this device, or why none do."""
     from minillama.attention import triton_decode
@@ -120,12 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="model, device and available attention backends")
     _engine_args(i)
     i.set_defaults(fn=cmd_info)
-    try:
-        from minillama.trace import cli as trace_cli
-    except ImportError:
-        trace_cli = None
-    if trace_cli is not None:
-        trace_cli.add_commands(sub, _engine_args, _sampling_args)
+    r = sub.add_parser("record", help="generate while recording every step to a trace folder")
+    r.add_argument("--out", required=True, help="new (or empty) trace folder, e.g. traces/NAME")
+    r.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    r.add_argument("--raw", action="store_true", help="send prompts as is, without the chat template")
+    r.add_argument("--shadow", nargs="?", const="auto", default=None, metavar="BACKEND",
+                   help="redo each layer's attention with BACKEND (default: torch, or the yardstick alone, "
+                        "'reference', when the active backend is torch) and record the differences")
+    r.add_argument("--full", nargs="+", action="extend", default=[], metavar="SITE_PATTERN",
+                   help="save full tensors of matching sites (fnmatch, e.g. 'layers.2.*' 'logits' "
+                        "'layers.*.attn.out@shadow'); other sites keep per-request statistics only")
+    r.add_argument("--max-bytes", type=int, default=None, metavar="N",
+                   help="stop recording cleanly before the trace grows past N bytes")
+    _engine_args(r)
+    _sampling_args(r)
+    r.set_defaults(fn=cmd_record)
+    from minillama.trace import cli as trace_cli
+
+    trace_cli.add_commands(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from minillama.config import Config
-from minillama.engine.context import reset_context
+from minillama.context import reset_context
 from minillama.engine.llm_engine import LLMEngine
 from minillama.engine.scheduler import ScheduledBatch
 from minillama.engine.sequence import Sequence

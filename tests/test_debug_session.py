@@ -8,7 +8,7 @@ import torch
 from minillama import LLM, SamplingParams, hooks
 from minillama.debug.recorder import Recorder
 from minillama.debug.session import Breakpoint, DebugSession
-from minillama.engine.context import get_context
+from minillama.context import get_context
 
 PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 

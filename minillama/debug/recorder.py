@@ -1,66 +1,116 @@
-"""A hooks listener that turns one scheduler step into one event (JSON) plus tensors.
+"""A hooks listener that records every scheduler step at engine speed.
 
-By default each tensor site is kept as statistics; sites matching ``full_sites`` patterns, the
-attention outputs of both backends (when shadowing) and the step's block tables are kept in
-full. Events go to a ``sink`` (the trace writer) and, for live sessions, stay in memory.
+At each tensor site it launches the statistics kernel (``devstats``) into the step's device tables
+(``stepbuf``), at each attention call the shadow (``shadow``), and copies sites matching
+``full_sites`` (fnmatch patterns over site names, ``layers.3.attn.out@shadow`` included). It never
+reads a value back: when the step is launched one snapshot of its tables (and its full tensors)
+goes to pinned host memory without blocking; when its tokens are known a ``StepRecord`` is kept in
+``history`` and handed to ``sink`` (``trace.writer.BackgroundWriter``), whose thread waits for the
+copies, decodes the tables and writes. Inside a captured CUDA graph the same work is captured, so
+decode steps replay graphs while recording (``hook_mode = "device"``: overlapped steps too).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
+import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from minillama import hooks
-from minillama.debug.records import row_ranges, step_summary, tensor_stats
+from minillama.context import get_context
+from minillama.debug import devstats
+from minillama.debug.records import (
+    StepRecord,
+    batch_summary,
+    batch_tensors,
+    capture_batch,
+    site_catalog,
+    table_tensors,
+)
 from minillama.debug.shadow import Shadow
+from minillama.debug.stepbuf import StatsBuffer
+from minillama.trace.format import SHADOW_FIELDS
 
-_LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
+@dataclass
+class _Open:
+    """A step between ``step.begin`` and ``step.end`` (two may be open when steps overlap)."""
 
-def site_layer(site: str) -> int | None:
-    """Layer index of a per-layer site name, else None."""
-    m = _LAYER_RE.match(site)
-    return int(m.group(1)) if m else None
+    step: int
+    raw: dict[str, Any]
+    reqs: int
+    rows: int
+    samples: int
+    prompts: dict[str, dict[str, Any]]
+    t0: float
+    ok: bool
+    fired: set[int] = field(default_factory=set)
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+    snapshot: Any = None
+    graphed: bool = False
 
 
 class Recorder:
-    """Listens at every hook site and writes one event per step to ``sink``.
+    """Records steps of ``llm`` (see the module docstring). ``shadow``: a backend name, "reference"
+    (the yardstick alone) or None. ``history``: how many finished steps to keep in memory."""
 
-    ``sink.write_step(event, tensors) -> bool`` (False stops recording) and ``sink.close(reason)``.
-    """
+    hook_mode = "device"
 
-    def __init__(self, llm, *, shadow: str | None = None, reference: bool | None = None,
-                 full_sites: Iterable[str] = (), sink=None, stats: bool = True, keep_events: bool = False,
-                 attention_full: bool = True) -> None:
+    def __init__(self, llm, *, shadow: str | None = None, full_sites: Iterable[str] = (), sink=None,
+                 history: int = 0) -> None:
         self.llm = llm
+        cfg = llm.model_config
+        self.catalog = site_catalog(cfg, llm.dtype)
+        self.slot = {s.name: i for i, s in enumerate(self.catalog)}
         self.full_sites = list(full_sites)
-        self.sink = sink
-        self.stats = stats
-        self.keep_events = keep_events
-        self.attention_full = attention_full
-        want_ref = reference if reference is not None else shadow is not None
         self.shadow = None
-        if shadow is not None or want_ref:
-            other = None if shadow in (None, "reference") else shadow
-            self.shadow = Shadow(other, llm.device, llm.dtype, llm.model_config.head_dim, reference=want_ref)
-        self.events: list[dict[str, Any]] = []
-        self.expected = hooks.expected_sites(llm.model_config.num_hidden_layers)
+        if shadow is not None:
+            self.shadow = Shadow(None if shadow == "reference" else shadow, llm.device, llm.dtype, cfg.head_dim)
+        if llm.device.type == "cuda" and devstats.triton is None:
+            raise ValueError("recording on CUDA needs Triton (pip install triton): the statistics run as a kernel")
+        layers = cfg.num_hidden_layers if self.shadow else 0
+        reqs = llm.config.max_num_seqs
+        self.buffer = StatsBuffer(len(self.catalog), reqs, max(llm.config.max_num_batched_tokens, reqs),
+                                  (layers, len(SHADOW_FIELDS) if self.shadow else 0), llm.device)
+        self.sink = sink
+        self.history: deque[StepRecord] = deque(maxlen=max(history, 1))
+        self.keep_history = history > 0
+        self.on_record: Callable[[StepRecord], None] | None = None
         self.stopped_reason: str | None = None
-        self._event: dict[str, Any] | None = None
-        self._tensors: dict[str, torch.Tensor] = {}
-        self._t0 = 0.0
-        self._attached = False
+        self._open: dict[int, _Open] = {}
+        self._cur: _Open | None = None
+        self._captured: set[int] = set()
+        self._static: dict[str, torch.Tensor] = {}
+        self._full: dict[str, bool] = {}
         self._seen: set[int] = set()
+        self._catch_up = False
+        self._decoders: dict[int, Any] = {}
+        self._unfinished: deque[StepRecord] = deque()
+        self._finish_lock = threading.Lock()
+        self._attached = False
+        self.last_attention: dict[str, torch.Tensor] = {}  # the latest call's shadow/ref/plain outputs
 
     # ---- attach -------------------------------------------------------------------------------
     def attach(self) -> Recorder:
+        """Listen from the next step on; on CUDA, capture the decode graphs with this work inside."""
+        if self._attached:
+            return self
+        graphs = getattr(self.llm.runner, "graphs", None)
+        if graphs is not None:
+            for spec in self.catalog:  # graph-side copies of full sites need buffers made before capture
+                if spec.rows == "tokens" and self.is_full(spec.name):
+                    self._static[spec.name] = torch.empty((graphs.sizes[-1], *spec.shape),
+                                                          dtype=getattr(torch, spec.dtype), device=self.llm.device)
         hooks.attach(self)
         self._attached = True
+        if graphs is not None:
+            graphs.capture()
         return self
 
     def detach(self, reason: str = "finished") -> None:
@@ -71,6 +121,11 @@ class Recorder:
             self.sink.close(self.stopped_reason or reason)
             self.sink = None
 
+    def set_sink(self, sink) -> None:
+        """Send the following steps to ``sink``; its first step also lists the requests already running."""
+        self.sink = sink
+        self._catch_up = sink is not None
+
     def __enter__(self) -> Recorder:
         return self.attach()
 
@@ -78,92 +133,163 @@ class Recorder:
         err = exc[1]
         self.detach(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}" if err else "finished")
 
-    # ---- the listener -------------------------------------------------------------------------
-    def is_full(self, site: str) -> bool:
-        return any(fnmatch.fnmatchcase(site, p) for p in self.full_sites)
+    def is_full(self, name: str) -> bool:
+        if name not in self._full:  # the sampled token ids are always kept
+            self._full[name] = name == "sampled" or any(fnmatch.fnmatchcase(name, p) for p in self.full_sites)
+        return self._full[name]
 
+    # ---- the listener -------------------------------------------------------------------------
     def __call__(self, site: str, tensor: torch.Tensor | None, info: dict[str, Any]) -> None:
-        if site == "step.begin":
+        if site == hooks.STEP_BEGIN:
             self._begin(info)
-        elif site == "step.end":
+        elif site == hooks.STEP_LAUNCHED:
+            self._launched(info)
+        elif site == hooks.STEP_END:
             self._end(info)
-        elif self._event is None:
+        elif not hooks.capturing and (self._cur is None or not self._cur.ok):
             return  # a forward pass outside a scheduler step (e.g. prompt_logits)
-        elif site.endswith(".attn.call"):
-            self._attention(site, tensor, info["call"])
+        elif site.endswith(hooks.ATTN_CALL):
+            self._attention(tensor, info["call"])
         elif tensor is not None:
-            self._site(site, tensor, info)
+            self._site(site, tensor)
 
     def _begin(self, info: dict[str, Any]) -> None:
         batch, engine = info["batch"], info["engine"]
-        summary = step_summary(info["step"], batch, engine)
-        self._event = {"type": "step", "step": info["step"], "phase": batch.phase, "batch": summary,
-                       "sites": {}, "shadow": {}, "site_times_ms": {}}
-        self._rows = row_ranges([s.seq_id for s in batch.seqs], list(batch.num_new_tokens))
-        self._tensors = {}
-        width = max((len(s["block_table"]) for s in summary["seqs"]), default=0)
-        self._tensors["batch.block_tables"] = torch.tensor(
-            [s["block_table"] + [-1] * (width - len(s["block_table"])) for s in summary["seqs"]], dtype=torch.int32)
-        self._tensors["batch.slot_mapping"] = torch.tensor(summary["slot_mapping"], dtype=torch.int64)
-        # the prompt of each request, the first time it appears
-        new = [s for s in batch.seqs if s.seq_id not in self._seen]
-        self._seen.update(s.seq_id for s in new)
-        self._event["prompts"] = {str(s.seq_id): {"token_ids": s.token_ids[: s.num_prompt_tokens],
-                                                  "text": engine.tokenizer.decode(s.token_ids[: s.num_prompt_tokens],
-                                                                                  skip_special_tokens=False)}
-                                  for s in new}
-        self._t0 = time.perf_counter()
+        reqs, rows = len(batch.seqs), batch.num_tokens
+        ok = 0 < reqs <= self.buffer.max_reqs and rows <= self.buffer.max_rows
+        if ok:
+            self.buffer.reset(reqs)
+        listed = list(batch.seqs)
+        if self._catch_up:  # a recording that starts mid-run: say what the running requests are first
+            listed += [s for s in (*engine.scheduler.running, *engine.scheduler.waiting) if s not in listed]
+        prompts = {}
+        for s in listed:
+            if s.seq_id not in self._seen or self._catch_up:
+                self._seen.add(s.seq_id)
+                prompts[str(s.seq_id)] = {"token_ids": s.token_ids[: s.num_prompt_tokens],
+                                          "generated": s.completion_token_ids}
+        self._catch_up = False
+        samples = sum(1 for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
+                      if s.num_computed_tokens + n == len(s))
+        self._cur = self._open[info["step"]] = _Open(info["step"], capture_batch(batch, engine), reqs, rows, samples,
+                                                      prompts, time.perf_counter(), ok)
 
-    def _stamp(self, site: str) -> None:
-        self._event["site_times_ms"][site] = round((time.perf_counter() - self._t0) * 1e3, 3)
-
-    def _site(self, site: str, tensor: torch.Tensor, info: dict[str, Any]) -> None:
-        ev = self._event
-        full = self.is_full(site)
-        rec: dict[str, Any] = tensor_stats(tensor) if self.stats else {"shape": list(tensor.shape)}
-        if site == "sampled":
-            rec["rows"] = [[sid, i, i + 1] for i, sid in enumerate(info.get("seq_ids", []))]
-            full = True
-        elif site == "logits":
-            rec["rows"] = [[s["seq_id"], i, i + 1] for i, s in
-                           enumerate(x for x in ev["batch"]["seqs"] if x["samples"])]
+    def _site(self, site: str, tensor: torch.Tensor) -> None:
+        slot = self.slot.get(site)
+        if slot is None:
+            return
+        ctx = get_context()
+        if self.catalog[slot].rows == "samples":
+            seq, pos = ctx.sample_index, ctx.positions[ctx.sample_rows]
         else:
-            rec["rows"] = self._rows
-        rec["full"] = full or site in self._tensors
-        if full:
-            self._tensors[site] = tensor.detach().to("cpu", copy=True)
-        ev["sites"][site] = rec
-        self._stamp(site)
+            seq, pos = ctx.seq_index, ctx.positions
+        x = tensor.detach()
+        x = x.to(torch.int32) if x.dtype == torch.int64 else x
+        if x.is_cuda:
+            b = self.buffer
+            devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
+        else:
+            t = self.buffer.numpy_tables()
+            devstats.site_stats_cpu(x, slot, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"], t["lanes"])
+        if hooks.capturing:
+            self._captured.add(slot)
+            if site in self._static:
+                self._static[site][: x.shape[0]].copy_(tensor)
+            return
+        self._cur.fired.add(slot)
+        if self.is_full(site):
+            self._cur.full[site] = tensor.detach().clone()
 
-    def _attention(self, site: str, out: torch.Tensor, call) -> None:
-        layer = call.layer
+    def _attention(self, out: torch.Tensor, call) -> None:
         if self.shadow is None:
             return
-        metrics, extra = self.shadow.run(call, out)
-        self._event["shadow"][str(layer)] = metrics
-        if self.attention_full:
-            base = f"layers.{layer}.attn.out"
-            self._tensors[base] = out.detach().to("cpu", copy=True)  # its site fires next, marked full
-            for name, t in extra.items():
-                self._tensors[f"{base}@{name}"] = t.detach().to("cpu", copy=True)
+        outs = self.shadow.run(call, out, self.buffer.shadow[:, call.layer])
+        if hooks.capturing:
+            return
+        self.last_attention = outs
+        base = hooks.layer_site(call.layer, "attn.out")
+        for name, t in outs.items():
+            if self.is_full(f"{base}@{name}"):
+                self._cur.full[f"{base}@{name}"] = t.detach().clone()
+
+    def _launched(self, info: dict[str, Any]) -> None:
+        st = self._open.get(info["step"])
+        if st is None:
+            return
+        self._cur = None
+        if not st.ok:
+            return
+        st.graphed = bool(info.get("graphed"))
+        if st.graphed:
+            st.fired |= self._captured
+            for name, buf in self._static.items():
+                st.full[name] = buf[: st.rows]
+        st.snapshot = self.buffer.snapshot(st.reqs, max(st.rows, st.samples))
+        st.full = {k: _to_host(t) for k, t in st.full.items()}
+        if st.full and st.snapshot.done is not None:
+            st.snapshot.done.record()  # the event now also covers the full tensors' copies
 
     def _end(self, info: dict[str, Any]) -> None:
-        ev = self._event
-        if ev is None:
+        st = self._open.pop(info["step"], None)
+        if st is None:
             return
-        engine, batch = info["engine"], info["batch"]
-        tok = engine.tokenizer
-        ev["sampled"] = {str(s.seq_id): t for s, t in zip(batch.seqs, info["sampled"], strict=True) if t is not None}
-        ev["finished"] = [[s.seq_id, s.finish_reason] for s in info["finished"]]
-        ev["texts"] = {str(s.seq_id): tok.decode(s.completion_token_ids) for s in batch.seqs}
-        ev["token_ids"] = {str(s.seq_id): s.completion_token_ids for s in batch.seqs}
-        ev["missing_sites"] = [s for s in self.expected if s not in ev["sites"]]
-        ev["elapsed_ms"] = round((time.perf_counter() - self._t0) * 1e3, 3)
-        if self.keep_events:
-            self.events.append(ev)
-        if self.sink is not None and not self.sink.write_step(ev, self._tensors):
+        batch = info["batch"]
+        sampled = {str(s.seq_id): t for s, t in zip(batch.seqs, info["sampled"], strict=True) if t is not None}
+        expected = [i for i, spec in enumerate(self.catalog) if spec.rows == "tokens" or st.samples]
+        event = {"type": "step", "step": st.step, "phase": st.raw["phase"], "prompts": st.prompts,
+                 "sampled": sampled, "finished": [[s.seq_id, s.finish_reason] for s in info["finished"]],
+                 "missing_sites": [self.catalog[i].name for i in expected if i not in st.fired] if st.ok else [],
+                 "graphed": st.graphed, "elapsed_ms": round((time.perf_counter() - st.t0) * 1e3, 3)}
+        if not st.ok:
+            event["note"] = "statistics skipped: the batch is larger than the recorder's tables"
+        rec = StepRecord(st.step, event, st.raw, st.snapshot if st.ok else None, st.full)
+        with self._finish_lock:
+            self._unfinished.append(rec)
+        if self.keep_history:
+            self.history.append(rec)
+        if self.sink is not None and not self.sink.submit(lambda r=rec: self.finished(r)):
             self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
-            if self._attached:
-                hooks.detach(self)
-                self._attached = False
-        self._event, self._tensors = None, {}
+            self.sink = None
+        if self.on_record is not None:
+            self.on_record(rec)
+
+    # ---- finishing (the writer's thread, or a live view) ----------------------------------------
+    def finished(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``rec``'s event and tensors as the trace stores them (finishing earlier steps first)."""
+        with self._finish_lock:
+            while self._unfinished and self._unfinished[0].step <= rec.step:
+                self._finish(self._unfinished.popleft())
+        tensors = dict(rec.full)
+        if rec.snapshot is not None:
+            tensors.update(table_tensors(rec.tables(self.catalog, self.shadow is not None)))
+        tensors.update(batch_tensors(rec.batch()))
+        return rec.event, tensors
+
+    def _finish(self, rec: StepRecord) -> None:
+        ev, tok = rec.event, self.llm.tokenizer
+        ev["batch"] = batch_summary(rec.raw_batch)
+        for sid, p in ev["prompts"].items():
+            p["text"] = tok.decode(p["token_ids"], skip_special_tokens=False)
+            if p["generated"]:
+                dec = self._decoders[int(sid)] = tok.stream_decoder()
+                p["text_so_far"] = "".join(dec.push(t) for t in p["generated"])
+        pieces = {}
+        for sid, t in ev["sampled"].items():
+            dec = self._decoders.get(int(sid))
+            if dec is None:
+                dec = self._decoders[int(sid)] = tok.stream_decoder()
+            pieces[sid] = dec.push(t)
+        ev["pieces"] = pieces
+        for sid, _reason in ev["finished"]:
+            dec = self._decoders.pop(int(sid), None)
+            if dec is not None:
+                pieces[str(sid)] = pieces.get(str(sid), "") + dec.flush()
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t`` that lands without blocking (pinned memory on the GPU)."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

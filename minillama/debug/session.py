@@ -2,13 +2,19 @@
 
 The controlling thread (the TUI, a test, a notebook) calls ``step()``, ``next_layer()``,
 ``next_site()``, ``continue_()`` or ``stop()``; the worker blocks inside the hook until told to
-go on, the way a debugger holds a thread at a breakpoint. Every step is recorded (statistics,
-shadow attention) by a ``Recorder``, and can also be written to a trace folder on demand.
+go on, the way a debugger holds a thread at a breakpoint. Every step is recorded by a ``Recorder``
+(per-request statistics on the device, the shadow attention) and can be written to a trace.
+
+The session runs the engine as fast as what it is asked allows (its ``hook_mode``): pausing inside
+a step (``next_layer``, ``next_site``, a breakpoint on a site) needs an eager step; pausing at each
+step start needs synchronous steps; ``continue_()`` with only conditional breakpoints (NaN/Inf,
+absmax, shadow over budget) runs at full speed, CUDA graphs and overlapped steps included, and
+checks the conditions on each finished step's statistics: when one fires it pauses at the end of
+that step, naming the first site where it fired.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import threading
 from collections import OrderedDict
@@ -19,37 +25,20 @@ from typing import Any
 import torch
 
 from minillama import hooks
-from minillama.debug.recorder import Recorder, site_layer
+from minillama.debug.breakpoints import Breakpoint
+from minillama.debug.recorder import Recorder
+from minillama.debug.records import batch_summary
+from minillama.engine.llm_engine import RequestError
 from minillama.sampling_params import SamplingParams
+from minillama.trace.tables import layer_metrics
+
+__all__ = ["Breakpoint", "DebugSession", "Position", "SessionStopped"]
 
 _LAYER_END = re.compile(r"layers\.\d+\.output$")
 
 
 class SessionStopped(Exception):
     """Raised inside the worker to abandon the step in progress when the session stops."""
-
-
-@dataclass
-class Breakpoint:
-    """Pause at sites matching ``pattern`` (fnmatch; "step" = each step start), if ``condition`` holds.
-
-    Conditions: None (always), "nan" (a NaN or Inf in the tensor), "absmax" (absmax > value),
-    "shadow" (at ``layers.N.attn.call``: shadow backend differs by more than value).
-    """
-
-    pattern: str = "*"
-    condition: str | None = None
-    value: float = 0.0
-    enabled: bool = True
-
-    def matches(self, site: str) -> bool:
-        name = "step" if site == "step.begin" else site
-        return self.enabled and fnmatch.fnmatchcase(name, self.pattern)
-
-    def describe(self) -> str:
-        cond = {None: "", "nan": " if NaN/Inf", "absmax": f" if absmax > {self.value:g}",
-                "shadow": f" if shadow diff > {self.value:g}"}[self.condition]
-        return f"{self.pattern}{cond}"
 
 
 @dataclass
@@ -65,9 +54,10 @@ class Position:
 class DebugSession:
     def __init__(self, llm, *, shadow: str | None = None, full_sites: tuple[str, ...] = (),
                  breakpoints: list[Breakpoint] | None = None, pause_at_start: bool = True,
-                 keep_steps: int = 32) -> None:
+                 keep_steps: int = 256) -> None:
         self.llm = llm
-        self.recorder = Recorder(llm, shadow=shadow, full_sites=full_sites, keep_events=True)
+        self.recorder = Recorder(llm, shadow=shadow, full_sites=full_sites, history=keep_steps)
+        self.recorder.on_record = self._on_record
         self.breakpoints = list(breakpoints or [])
         self.keep_steps = keep_steps
         self.position: Position | None = None
@@ -81,10 +71,20 @@ class DebugSession:
         self._paused = False
         self._stop = False
         self._idle = False
-        self._pending: list[tuple[Any, SamplingParams]] = []
+        self._pending: list[tuple[list[int], SamplingParams]] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._writer = None
+
+    # ---- how the engine may run ----------------------------------------------------------------
+    @property
+    def hook_mode(self) -> str:
+        """``eager`` to pause inside steps, ``step`` to pause at step starts, else ``device`` (full speed)."""
+        if self._mode in ("layer", "site") or any(bp.needs_site_pause for bp in self.breakpoints):
+            return "eager"
+        if self._mode == "step" or any(bp.enabled and bp.pattern == "step" for bp in self.breakpoints):
+            return "step"
+        return "device"
 
     # ---- controls (any thread) ----------------------------------------------------------------
     def start(self) -> DebugSession:
@@ -93,16 +93,20 @@ class DebugSession:
         return self
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, chat: bool = True) -> None:
-        """Queue a request; it joins the batch at the next step boundary."""
-        if chat and isinstance(prompt, str):
-            prompt = self.llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        """Queue a request; it joins the batch at the next step boundary. Raises ``RequestError`` (one
+        line, the session unharmed) for a prompt the engine cannot take, e.g. longer than max_model_len."""
+        if isinstance(prompt, str):
+            tok = self.llm.tokenizer
+            prompt = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
+        self.llm.check_prompt(list(prompt))
         with self._cond:
-            self._pending.append((prompt, params or SamplingParams(temperature=0, max_tokens=64)))
+            self._pending.append((list(prompt), params or SamplingParams(temperature=0, max_tokens=64)))
             self._cond.notify_all()
 
     def _resume(self, mode: str) -> None:
         with self._cond:
             self._mode = mode
+            hooks.refresh()
             self._paused = False
             self._cond.notify_all()
 
@@ -146,100 +150,139 @@ class DebugSession:
             return self._cond.wait_for(lambda: self._paused or self._idle or self.error is not None
                                        or (self._thread is not None and not self._thread.is_alive()), timeout)
 
+    def add_breakpoint(self, bp: Breakpoint) -> None:
+        self.breakpoints.append(bp)
+        hooks.refresh()
+
+    def clear_breakpoints(self) -> None:
+        self.breakpoints.clear()
+        hooks.refresh()
+
     def toggle_breakpoint(self, pattern: str) -> bool:
         """Add an unconditional breakpoint on ``pattern``, or remove it; returns True if now set."""
         for bp in self.breakpoints:
             if bp.pattern == pattern and bp.condition is None:
                 self.breakpoints.remove(bp)
+                hooks.refresh()
                 return False
-        self.breakpoints.append(Breakpoint(pattern))
+        self.add_breakpoint(Breakpoint(pattern))
         return True
 
     # ---- recording ----------------------------------------------------------------------------
     def start_recording(self, path: str, max_bytes: int | None = None) -> None:
         """Write every following step to a trace folder (``minillama.trace`` format)."""
-        from minillama.trace.cli import build_manifest
-        from minillama.trace.writer import TraceWriter
+        from minillama.debug.manifest import build_manifest
+        from minillama.trace.writer import BackgroundWriter, TraceWriter
 
-        self._writer = TraceWriter(path, build_manifest(self.llm, prompts=[], params=None,
-                                                        shadow=self.recorder.shadow and self.recorder.shadow.name,
-                                                        full_sites=self.recorder.full_sites), max_bytes)
-        self.recorder.sink = self._writer
+        self._writer = BackgroundWriter(TraceWriter(path, build_manifest(self.llm, self.recorder,
+                                                                         max_bytes=max_bytes), max_bytes))
+        self.recorder.set_sink(self._writer)
 
     def stop_recording(self) -> None:
-        if self._writer is not None:
-            self.recorder.sink = None
-            self._writer.close("recording switched off")
-            self._writer = None
+        """Stop writing; what was queued is written first, then the trace's end line."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self.recorder.set_sink(None)
+            writer.close("recording switched off")
 
     @property
     def recording(self) -> bool:
-        return self._writer is not None
+        return self._writer is not None and not self._writer.stopped
 
     # ---- what happened ------------------------------------------------------------------------
     @property
     def events(self) -> list[dict[str, Any]]:
-        """Finished steps' events (the same dicts a trace stores)."""
-        return self.recorder.events
+        """Finished steps' events still in the history (the same dicts a trace stores)."""
+        return [self.recorder.finished(rec)[0] for rec in list(self.recorder.history)]
 
     @property
     def current_event(self) -> dict[str, Any] | None:
-        """The event of the step in progress (partial), if paused inside one."""
-        return self.recorder._event
+        """The step in progress (its batch), if paused inside one."""
+        st = self.recorder._open.get(self._step)
+        if st is None or not self._paused:
+            return None
+        return {"type": "step", "step": st.step, "phase": st.raw["phase"], "batch": batch_summary(st.raw),
+                "prompts": st.prompts, "sampled": {}, "finished": [], "in_progress": True}
 
     def tensor(self, step: int, site: str) -> torch.Tensor | None:
-        """A site's tensor from one of the last ``keep_steps`` steps."""
-        return self._tensors.get(step, {}).get(site)
+        """A site's tensor from one of the last steps that ran eagerly (paused inside), or a full site."""
+        t = self._tensors.get(step, {}).get(site)
+        if t is None:
+            for rec in self.recorder.history:
+                if rec.step == step:
+                    return rec.full.get(site)
+        return t
 
     # ---- the worker ---------------------------------------------------------------------------
     def __call__(self, site: str, tensor: torch.Tensor | None, info: dict[str, Any]) -> None:
+        if hooks.capturing:  # graph capture: only the recorder's device work belongs there
+            self.recorder(site, tensor, info)
+            return
         if self._stop:
             raise SessionStopped
         self.recorder(site, tensor, info)
-        if site.endswith(".attn.call"):  # keep the shadow/reference outputs beside the active one
-            base = f"layers.{site_layer(site)}.attn.out"
-            for key in (f"{base}@shadow", f"{base}@ref"):
-                t = self.recorder._tensors.get(key)
-                if t is not None:
-                    self._tensors.setdefault(self._step, {})[key] = t
-        if site == "step.begin":
+        if site == hooks.STEP_BEGIN:
             self._step = info["step"]
             self._tensors[self._step] = {}
-            while len(self._tensors) > self.keep_steps:
+            while len(self._tensors) > 8:
                 self._tensors.popitem(last=False)
-        elif tensor is not None and site != "step.end" and not site.endswith(".attn.call"):
-            self._tensors.setdefault(self._step, {})[site] = tensor
+        elif hooks.eager and tensor is not None and site not in hooks.STEP_EVENTS:
+            kept = self._tensors.setdefault(self._step, {})
+            if site.endswith(hooks.ATTN_CALL):  # the shadow's outputs, beside the active one's
+                base = hooks.layer_site(hooks.site_layer(site), "attn.out")
+                for name, t in self.recorder.last_attention.items():
+                    kept[f"{base}@{name}"] = t
+            else:
+                kept[site] = tensor
         reason = self._pause_reason(site, tensor)
         if reason:
-            self._pause(Position(self._step, site, site_layer(site), reason))
+            self._pause(Position(self._step, site, hooks.site_layer(site), reason))
 
     def _pause_reason(self, site: str, tensor: torch.Tensor | None) -> str | None:
+        if site in (hooks.STEP_LAUNCHED, hooks.STEP_END):
+            return None
         for bp in self.breakpoints:
-            if bp.matches(site) and self._condition_holds(bp, site, tensor):
+            if not bp.matches(site):
+                continue
+            if bp.condition is None or (hooks.eager and self._holds_here(bp, site, tensor)):
                 return f"breakpoint: {bp.describe()}"
         mode = self._mode
-        if site == "step.begin" and mode in ("step", "layer", "site"):
+        if site == hooks.STEP_BEGIN and mode in ("step", "layer", "site"):
             return mode
         if mode == "layer" and (_LAYER_END.match(site) or site == "logits"):
             return "layer"
-        if mode == "site" and tensor is not None and site not in ("step.end",) and not site.endswith(".attn.call"):
+        if mode == "site" and tensor is not None and site != hooks.STEP_BEGIN and not site.endswith(hooks.ATTN_CALL):
             return "site"
         return None
 
-    def _condition_holds(self, bp: Breakpoint, site: str, tensor: torch.Tensor | None) -> bool:
-        if bp.condition is None:
-            return True
-        if bp.condition == "shadow":
-            ev = self.recorder._event or {}
-            m = ev.get("shadow", {}).get(str(site_layer(site)), {})
-            return m.get("max_abs", m.get("err_active", 0.0)) > bp.value
-        if tensor is None or not tensor.is_floating_point():
+    def _holds_here(self, bp: Breakpoint, site: str, tensor: torch.Tensor | None) -> bool:
+        """A condition checked on the tensor in hand (eager steps only; device steps check at the end)."""
+        if bp.condition != "shadow":
+            return bp.holds_on_tensor(tensor)
+        layer = hooks.site_layer(site)
+        st = self.recorder._cur
+        if layer is None or self.recorder.shadow is None or st is None or not site.endswith("attn.out"):
             return False
-        if bp.condition == "nan":
-            return not bool(torch.isfinite(tensor).all())
-        if bp.condition == "absmax":
-            return float(tensor.detach().abs().max()) > bp.value
-        raise ValueError(f"unknown breakpoint condition {bp.condition!r}: use nan, absmax or shadow")
+        table = self.recorder.buffer.shadow[: st.reqs].cpu().numpy()
+        per_row = tensor[0].numel() if tensor is not None and tensor.shape[0] else 1
+        rec = layer_metrics(table, batch_summary(st.raw), layer, per_row, str(self.llm.dtype).removeprefix("torch."),
+                            self.recorder.shadow.backend is not None)
+        return bp.holds_on_shadow(rec)
+
+    def _on_record(self, rec) -> None:
+        """A step finished: check conditional breakpoints on its statistics (steps that ran at speed)."""
+        if self._stop or hooks.eager or not any(bp.enabled and bp.condition for bp in self.breakpoints):
+            return
+        event = {**rec.event, "batch": rec.batch()}
+        tables = rec.tables(self.recorder.catalog, self.recorder.shadow is not None)
+        catalog = [s.to_json() for s in self.recorder.catalog]
+        dtype = str(self.llm.dtype).removeprefix("torch.")
+        backend = self.recorder.shadow is not None and self.recorder.shadow.backend is not None
+        for bp in self.breakpoints:
+            site = bp.enabled and bp.first_hit(event, tables, catalog, dtype, backend)
+            if site:
+                self._pause(Position(rec.step, site, hooks.site_layer(site), f"breakpoint: {bp.describe()}"))
+                return
 
     def _pause(self, pos: Position) -> None:
         with self._cond:
@@ -257,31 +300,41 @@ class DebugSession:
         if self.on_event is not None:
             self.on_event(kind, data)
 
+    def _admit(self) -> None:
+        for prompt, params in self._pending:
+            try:
+                seq = self.llm.add_request(prompt, params)
+            except RequestError as e:  # refused alone; the session goes on
+                self._emit("rejected", str(e))
+                continue
+            self.requests[seq.seq_id] = seq
+        self._pending.clear()
+
     def _run(self) -> None:
         hooks.attach(self)
+        graphs = getattr(self.llm.runner, "graphs", None)
+        if graphs is not None:
+            graphs.capture()
         try:
             while True:
                 with self._cond:
                     if self._stop:
                         break
-                    for prompt, params in self._pending:
-                        seq = self.llm.add_request(prompt, params)
-                        self.requests[seq.seq_id] = seq
-                    self._pending.clear()
-                    if not self.llm.has_unfinished():
-                        self._idle = True
+                    self._admit()
+                    idle_now = not self.llm.has_unfinished()
+                    self._idle = idle_now
+                    if idle_now:
                         self._cond.notify_all()
-                        idle_now = True
-                    else:
-                        idle_now = False
                 if idle_now:
                     self._emit("idle")
                     with self._cond:
                         self._cond.wait_for(lambda: self._pending or self._stop)
                         self._idle = False
                     continue
+                hooks.refresh()
                 _, finished = self.llm.step()
-                self._emit("step", self.events[-1] if self.events else None)
+                history = self.recorder.history
+                self._emit("step", history[-1] if history else None)
                 for seq in finished:
                     self._emit("finished", seq)
         except SessionStopped:

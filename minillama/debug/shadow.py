@@ -1,102 +1,78 @@
-"""Shadow attention: redo each layer's attention with another backend, and a float64 reference.
+"""Shadow attention: redo each layer's attention with another backend, and judge both against the yardstick.
 
-The active backend's output continues the forward pass; the shadow's output and the reference
-are only compared with it. Because every layer redoes the very same call (same q, same cache),
-the difference at layer ``i`` is the error that layer's kernel adds, not error inherited from
-earlier layers.
+The active backend's output continues the forward pass; the shadow's output, the reference and the
+plain budget (``yardstick.py``, the debugger's own attention) are only compared with it. Because
+every layer redoes the very same call (same q, same cache), the difference at layer ``i`` is the
+error that layer's kernel adds, not error inherited from earlier layers.
 
-The error budget is that of plain attention in the active dtype: ``|plain - ref|`` where
-``plain`` is the readable torch algorithm run on the same inputs in the active dtype (float32
-accumulation, output rounded to the active dtype), floored at one rounding unit of the output.
-``budget_ratio`` near 1 means a kernel is as accurate as plain attention at that precision;
-well above 2 means it adds error that low precision alone does not explain (flash-attention
-issue 410).
+Everything runs on the device in the engine's stream and is reduced per request with scatter
+operations into the step's ``StatsBuffer`` (``SHADOW_FIELDS``): no host synchronisation and no
+loop over sequences, so it can be captured in a decode CUDA graph with the backends that allow it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import torch
 
+from minillama import hooks
 from minillama.attention import AttentionBackend, get_backend
+from minillama.debug.yardstick import judge, reference_dtype
 from minillama.layers.attention import AttentionCall, run_attention
+from minillama.trace.format import SHADOW_FIELDS
+
+_F = {name: i for i, name in enumerate(SHADOW_FIELDS)}
 
 
-def _compact(call: AttentionCall, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """The call's inputs in ``dtype``; for paged calls only the blocks its block table names are copied."""
+def width_of(call: AttentionCall) -> int:
+    """Keys per sequence the yardstick reads: the longest sequence, or the whole block table in a graph."""
     ctx = call.context
-    q, k, v = (t.to(dtype) for t in (call.q, call.k, call.v))
-    if ctx.block_tables is None:
-        return q, k, v, call.k_cache[:0].to(dtype), call.v_cache[:0].to(dtype), ctx
-    bt = ctx.block_tables.long()
-    b, w = bt.shape
-    kc = call.k_cache[bt.flatten()].to(dtype)
-    vc = call.v_cache[bt.flatten()].to(dtype)
-    table = torch.arange(b * w, dtype=torch.int32, device=bt.device).view(b, w)
-    return q, k, v, kc, vc, dataclasses.replace(ctx, block_tables=table)
-
-
-def reference_attention(call: AttentionCall, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The call redone by the torch backend in ``dtype`` (float64: the reference)."""
-    q, k, v, kc, vc, ctx = _compact(call, dtype)
-    return run_attention(get_backend("torch"), q, k, v, kc, vc, ctx, call.scale)
-
-
-def compare(active: torch.Tensor, shadow: torch.Tensor | None, ref: torch.Tensor | None,
-            plain: torch.Tensor | None = None) -> dict[str, Any]:
-    """Per-layer metrics: max |active - shadow|, its relative size, each one's error vs the reference."""
-    a = active.double()
-    out: dict[str, Any] = {}
-    if shadow is not None:
-        s = shadow.double()
-        d = (a - s).abs()
-        out["max_abs"] = float(d.max()) if d.numel() else 0.0
-        out["rel"] = float(d.norm() / s.norm().clamp(min=1e-30)) if d.numel() else 0.0
-    if ref is not None and a.numel():
-        r = ref.double()
-        out["err_active"] = float((a - r).abs().max())
-        if shadow is not None:
-            out["err_shadow"] = float((shadow.double() - r).abs().max())
-        unit = torch.finfo(active.dtype).eps * float(r.abs().max())  # one rounding of the output
-        plain_err = float((plain.double() - r).abs().max()) if plain is not None else 0.0
-        out["budget"] = max(plain_err, unit, 1e-30)
-        out["budget_ratio"] = out["err_active"] / out["budget"]
-        if shadow is not None:
-            out["budget_ratio_shadow"] = out["err_shadow"] / out["budget"]
-    return out
+    if hooks.capturing and ctx.block_tables is not None:
+        return ctx.block_tables.shape[1] * call.k_cache.shape[1]
+    return max(int(ctx.max_seqlen_k), 1)
 
 
 class Shadow:
-    """Runs ``backend`` (and optionally the float64 reference) beside the active one at every layer."""
+    """Runs ``backend`` (None: the yardstick alone, "reference") beside the active one at every layer."""
 
     def __init__(self, backend: str | AttentionBackend | None, device: torch.device, dtype: torch.dtype,
-                 head_dim: int, reference: bool = True) -> None:
+                 head_dim: int) -> None:
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         if self.backend is not None:
             self.backend.check(head_dim, dtype, device)
-        self.reference = reference
+        self.dtype = dtype
 
     @property
     def name(self) -> str:
         return self.backend.name if self.backend is not None else "reference"
 
     @torch.inference_mode()
-    def run(self, call: AttentionCall, active_out: torch.Tensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Metrics and the shadow/reference outputs for one attention call."""
-        shadow = ref = None
+    def run(self, call: AttentionCall, active: torch.Tensor, table: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Compare one call; write the per-request metrics into ``table`` (requests, fields) and return
+        the outputs (``shadow``, ``ref``, ``plain``) for whoever keeps them in full."""
+        ref, plain = judge(call, self.dtype, width_of(call))
+        out = {"ref": ref, "plain": plain}
+        seq = call.context.seq_index.long()
+        rd = reference_dtype(self.dtype)
+        r = ref.to(rd)
+
+        def put(field: str, values: torch.Tensor, how: str) -> None:
+            col = table[:, _F[field]]
+            col.scatter_reduce_(0, seq, values.to(torch.float32), how, include_self=True)
+
+        def errors(x: torch.Tensor, prefix: str) -> None:
+            e = (x.to(rd) - r).flatten(1)
+            put(prefix + "_max", e.abs().amax(1), "amax")
+            put(prefix + "_sq", (e * e).sum(1), "sum")
+
+        errors(active, "err_active")
+        errors(plain, "budget")
+        put("ref_absmax", r.flatten(1).abs().amax(1), "amax")
         if self.backend is not None:
             shadow = run_attention(self.backend, call.q, call.k, call.v, call.k_cache, call.v_cache,
                                    call.context, call.scale)
-        plain = None
-        if self.reference:
-            ref = reference_attention(call)
-            plain = reference_attention(call, active_out.dtype)
-        metrics = {"backend": self.name, **compare(active_out, shadow, ref, plain)}
-        tensors = {}
-        if shadow is not None:
-            tensors["shadow"] = shadow
-        if ref is not None:
-            tensors["ref"] = ref.to(torch.float32)
-        return metrics, tensors
+            out["shadow"] = shadow
+            errors(shadow, "err_shadow")
+            d = (active.to(rd) - shadow.to(rd)).flatten(1)
+            put("diff_max", d.abs().amax(1), "amax")
+            put("diff_sq", (d * d).sum(1), "sum")
+        return out

@@ -11,15 +11,20 @@ sequence's length, but the torch backend in plain PyTorch (no Triton, or
 ``MINILLAMA_TORCH_DECODE=pytorch``) gathers that many keys per sequence: then graphs are captured
 only for batches of up to ``SMALL_BATCH`` sequences (where launches dominate), and larger decode
 steps run eagerly, gathering keys only up to the batch's longest sequence.
-``enforce_eager`` turns graphs off; so does an attached hook listener (hook sites are Python calls).
+
+Hook listeners that only enqueue device work at sites (``hooks.eager`` False: the debugger's
+statistics, copies of full tensors, the shadow attention) are captured inside the graphs: a second
+set of graphs is captured for each ``hooks.generation`` while such listeners are attached, so a
+recorded run still replays graphs. ``enforce_eager`` or an eager listener turns graphs off.
 """
 
 from __future__ import annotations
 
 import torch
 
+from minillama import hooks
 from minillama.attention import get_backend, triton_decode
-from minillama.engine.context import Context, get_context, set_context
+from minillama.context import Context, get_context, set_context
 
 # The largest batch the torch backend replays graphs for: up to here launch overhead dominates.
 SMALL_BATCH = 32
@@ -36,43 +41,66 @@ class DecodeGraphs:
             max_bs = min(max_bs, SMALL_BATCH)  # see the module docstring
         self.sizes = [s for s in (1, 2, 4, 8) if s < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
         self.sizes = sorted(set(self.sizes))
-        max_blocks = -(-cfg.max_model_len // cfg.kvcache_block_size)
+        self.max_blocks = -(-cfg.max_model_len // cfg.kvcache_block_size)
         dev = runner.device
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.seq_index = torch.arange(max_bs, dtype=torch.int32, device=dev)  # decode: row i is request i
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
         self.context_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev)
         self.outputs = torch.zeros(max_bs, runner.model_config.hidden_size, dtype=runner.dtype, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.sets: dict[int, dict[int, torch.cuda.CUDAGraph]] = {}  # hooks generation (-1: none) -> bs -> graph
         self.pool = None
         self.num_replays = 0  # decode steps served by a graph (tests and benchmarks read it)
-        self._capture()
+        self.capture()
 
     def _context(self, bs: int) -> Context:
         return Context(is_prefill=False, slot_mapping=self.slot_mapping[:bs], context_lens=self.context_lens[:bs],
-                       block_tables=self.block_tables[:bs], max_seqlen_q=1)
+                       block_tables=self.block_tables[:bs], max_seqlen_q=1, positions=self.positions[:bs],
+                       seq_index=self.seq_index[:bs])
+
+    @staticmethod
+    def _key() -> int:
+        return hooks.generation if hooks.enabled else -1
 
     @torch.inference_mode()
-    def _capture(self) -> None:
-        for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
-            set_context(self._context(bs))
-            with self.forward_scope():
-                self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm up
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, self.pool), self.forward_scope():
-                self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
-        set_context(Context())
+    def capture(self) -> None:
+        """Capture graphs for every size with the hook listeners attached now (a no-op if done already).
+
+        Sets of graphs for listeners no longer attached are dropped; they share one memory pool.
+        """
+        key = self._key()
+        if key in self.sets:
+            return
+        for old in [k for k in self.sets if k not in (-1, key)]:
+            del self.sets[old]
+        graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        hooks.capturing = True
+        try:
+            for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
+                set_context(self._context(bs))
+                with self.forward_scope():
+                    self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm up
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, self.pool), self.forward_scope():
+                    self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                if self.pool is None:
+                    self.pool = graph.pool()
+                graphs[bs] = graph
+                torch.cuda.synchronize()
+        finally:
+            hooks.capturing = False
+            set_context(Context())
+        self.sets[key] = graphs
 
     def can_run(self, bs: int) -> bool:
-        return bs <= self.sizes[-1]
+        """True when a decode step of ``bs`` sequences may replay a graph now."""
+        return bs <= self.sizes[-1] and not hooks.eager
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Replay the graph for this decode step (context already set by ``prepare``)."""
+        self.capture()
         ctx = get_context()
         n = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= n)
@@ -84,6 +112,6 @@ class DecodeGraphs:
         self.context_lens.zero_()
         self.context_lens[:n] = ctx.context_lens
         self.block_tables[:n, :width] = ctx.block_tables
-        self.graphs[bs].replay()
+        self.sets[self._key()][bs].replay()
         self.num_replays += 1
         return self.outputs[:n]

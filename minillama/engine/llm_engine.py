@@ -54,7 +54,16 @@ class TokenIdsOnly:
 
     encode_chat = encode
 
-    def decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return ""
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> TokenIdsOnly:
+        return self  # text pieces are empty too
+
+    def push(self, token_id: int) -> str:
+        return ""
+
+    def flush(self) -> str:
         return ""
 
 
@@ -167,6 +176,13 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(token_ids)
+        seq = Sequence(token_ids, params, self.config.kvcache_block_size)
+        self.scheduler.add(seq)
+        return seq
+
+    def check_prompt(self, token_ids: list[int]) -> None:
+        """Raise ``RequestError`` (one line naming the fix) for a prompt this engine cannot run."""
         if not token_ids:
             raise RequestError("the prompt is empty: give at least one token")
         limit = self.config.max_model_len
@@ -177,9 +193,6 @@ class LLMEngine:
         if max(token_ids) >= self.model_config.vocab_size or min(token_ids) < 0:
             raise RequestError(f"token ids must be in [0, {self.model_config.vocab_size}): the prompt has "
                                f"{max(token_ids)}")
-        seq = Sequence(token_ids, params, self.config.kvcache_block_size)
-        self.scheduler.add(seq)
-        return seq
 
     def has_unfinished(self) -> bool:
         return not self.scheduler.is_finished() or self._pending is not None
@@ -187,38 +200,46 @@ class LLMEngine:
     def step(self) -> tuple[ScheduledBatch, list[Sequence]]:
         """Run one scheduler step; returns the batch that ran and the sequences it finished.
 
-        With overlapped steps (``async_scheduling``, on by default on CUDA when no hook listener is
-        attached) the batch is launched without waiting for its tokens: they are collected in the
-        next call, while the GPU computes that call's batch, so the host's scheduling and
-        bookkeeping hide behind GPU work. Finished sequences are then reported one call late, and
-        a sequence that stops on EOS computes one extra token that is dropped.
+        With overlapped steps (``async_scheduling``, on by default on CUDA unless a hook listener
+        needs synchronous steps) the batch is launched without waiting for its tokens: they are
+        collected in the next call, while the GPU computes that call's batch, so the host's
+        scheduling and bookkeeping hide behind GPU work. Finished sequences are then reported one
+        call late, and a sequence that stops on EOS computes one extra token that is dropped.
+
+        Hook events: ``step.begin`` before the batch runs, ``step.launched`` once its work is
+        enqueued, ``step.end`` when its tokens are known (one call later when steps overlap).
         """
         overlap = self._overlap()
         if self._pending is not None and not overlap:
-            return ScheduledBatch([], []), self._collect()  # a listener attached: finish the step in flight
+            return ScheduledBatch([], []), self._collect()  # a listener needs synchronous steps: finish this one
         batch = self.scheduler.schedule()
-        if hooks.enabled and not overlap:
-            hooks.emit("step.begin", None, step=self.num_steps, batch=batch, engine=self)
+        step = self.num_steps
+        if hooks.enabled:
+            hooks.emit(hooks.STEP_BEGIN, None, step=step, batch=batch, engine=self)
         if overlap:
-            launched = self._launch(batch) if batch.seqs else None
+            launched = self._launch(batch, step) if batch.seqs else None
             finished = self._collect() if self._pending is not None else []
             self._pending = launched
         else:
-            sampled = self.runner.run(batch, self.num_steps)
+            tokens = self.runner.launch(batch, step)
+            if hooks.enabled:
+                hooks.emit(hooks.STEP_LAUNCHED, None, step=step, batch=batch, engine=self,
+                           graphed=self.runner.graphed)
+            sampled = [t if t >= 0 else None for t in tokens.tolist()]
             finished = self.scheduler.postprocess(batch, sampled)
             if hooks.enabled:
-                hooks.emit("step.end", None, step=self.num_steps, batch=batch, sampled=sampled, finished=finished,
+                hooks.emit(hooks.STEP_END, None, step=step, batch=batch, sampled=sampled, finished=finished,
                            engine=self)
         self.num_steps += 1
         return batch, finished
 
     def _overlap(self) -> bool:
         on = self.config.async_scheduling
-        return (self.device.type == "cuda" if on is None else on) and not hooks.enabled
+        return (self.device.type == "cuda" if on is None else on) and (not hooks.enabled or hooks.overlap)
 
-    def _launch(self, batch: ScheduledBatch) -> _InFlight:
+    def _launch(self, batch: ScheduledBatch, step: int) -> _InFlight:
         prev = self._pending.tokens if self._pending is not None else None
-        tokens = self.runner.launch(batch, self.num_steps, prev)
+        tokens = self.runner.launch(batch, step, prev)
         rows = self.scheduler.launched(batch)
         row_of = {seq.seq_id: i for i, seq in enumerate(batch.seqs)}
         if tokens.is_cuda:  # copy to pinned memory behind the GPU work, with an event to wait on
@@ -228,15 +249,21 @@ class LLMEngine:
             done.record()
         else:
             host, done = tokens, None
-        return _InFlight(PendingTokens(tokens, row_of), rows, host, done)
+        if hooks.enabled:
+            hooks.emit(hooks.STEP_LAUNCHED, None, step=step, batch=batch, engine=self, graphed=self.runner.graphed)
+        return _InFlight(PendingTokens(tokens, row_of), rows, host, done, batch, step)
 
     def _collect(self) -> list[Sequence]:
         """Wait for the step in flight's tokens (only for that step, not the one launched after it)."""
         pending, self._pending = self._pending, None
         if pending.done is not None:
             pending.done.synchronize()
-        values = [t for t in pending.host.tolist() if t >= 0]
-        return self.scheduler.confirm(pending.rows, values)
+        tokens = pending.host.tolist()
+        finished = self.scheduler.confirm(pending.rows, [t for t in tokens if t >= 0])
+        if hooks.enabled:
+            hooks.emit(hooks.STEP_END, None, step=pending.step, batch=pending.batch,
+                       sampled=[t if t >= 0 else None for t in tokens], finished=finished, engine=self)
+        return finished
 
 
 @dataclass
@@ -247,3 +274,5 @@ class _InFlight:
     rows: list[tuple[Sequence, int]]  # sampling sequences and the index of their placeholder
     host: torch.Tensor  # the tokens, copied to host memory once ``done`` fires
     done: torch.cuda.Event | None
+    batch: ScheduledBatch
+    step: int

@@ -16,7 +16,7 @@ import torch
 from minillama import hooks
 from minillama.attention import get_backend
 from minillama.config import Config
-from minillama.engine.context import Context, get_context, reset_context, set_context
+from minillama.context import Context, get_context, reset_context, set_context
 from minillama.engine.scheduler import ScheduledBatch
 from minillama.engine.sequence import Sequence
 from minillama.layers.sampler import Sampler
@@ -43,6 +43,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_cache = torch.empty(0)
         self.graphs = None  # CUDA graphs for decode, see cuda_graph.py
+        self.graphed = False  # whether the last forward pass replayed a graph
         # The torch backend pads every sequence's queries to the longest one: on a GPU, run the
         # decodes and the prompt chunks of a mixed batch as two forward passes (see ``run``).
         self.backend = get_backend(config.backend)
@@ -166,8 +167,16 @@ class ModelRunner:
         input_ids, positions, logit_rows = self.prepare(batch, step)
         if prev is not None:
             self._fill_pending(input_ids, batch, prev)
-        if (self.graphs is not None and not get_context().is_prefill and not hooks.enabled
-                and self.graphs.can_run(len(batch.seqs))):
+        if batch.phase == "decode":  # every row ends its sequence
+            ends = list(range(len(batch.seqs)))
+        else:
+            ends = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
+                    if s.num_computed_tokens + n == len(s)]
+        if hooks.enabled:
+            self._describe_rows(batch, positions, logit_rows, ends)
+        self.graphed = (self.graphs is not None and not get_context().is_prefill
+                        and self.graphs.can_run(len(batch.seqs)))
+        if self.graphed:
             hidden = self.graphs.run(input_ids, positions)
         else:
             with self.backend.forward_scope():
@@ -177,11 +186,6 @@ class ModelRunner:
             if len(logit_rows) < hidden.shape[0]:
                 hidden = hidden[self._tensor(logit_rows, torch.int64)]
             logits = self.model.compute_logits(hidden)
-            if batch.phase == "decode":  # every row ends its sequence
-                ends = list(range(len(batch.seqs)))
-            else:
-                ends = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
-                        if s.num_computed_tokens + n == len(s)]
             sampled = self.sample(logits, [batch.seqs[i] for i in ends])
             if hooks.enabled:
                 hooks.emit("sampled", sampled, seq_ids=[batch.seqs[i].seq_id for i in ends])
@@ -191,6 +195,15 @@ class ModelRunner:
                 tokens[self._tensor(ends, torch.int64)] = sampled
         reset_context()
         return tokens
+
+    def _describe_rows(self, batch: ScheduledBatch, positions: torch.Tensor, logit_rows: list[int],
+                       ends: list[int]) -> None:
+        """For hook listeners: each row's request and position, and the sampled rows, on the device."""
+        ctx = get_context()
+        seq_index = [i for i, n in enumerate(batch.num_new_tokens) for _ in range(n)]
+        ints = self._tensor(seq_index + ends, torch.int32)
+        ctx.positions, ctx.seq_index, ctx.sample_index = positions, ints[:len(seq_index)], ints[len(seq_index):]
+        ctx.sample_rows = self._tensor(logit_rows, torch.int64)
 
     def _fill_pending(self, input_ids: torch.Tensor, batch: ScheduledBatch, prev: PendingTokens) -> None:
         """Put the tokens of the step in flight where this step's input has ``PENDING`` placeholders.

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from minillama import hooks
-from minillama.engine.context import Context, get_context
+from minillama.context import Context, get_context
 from minillama.layers import triton_ops
 
 

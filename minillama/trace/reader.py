@@ -2,7 +2,8 @@
 
 Opening scans ``events.jsonl`` once for the byte offset of each step line (without parsing it), so
 a trace of any size opens in well under a second; a step's event is parsed when asked for (with a
-small LRU cache) and its tensors are read from ``tensors/step_NNNNNN.safetensors`` on demand.
+small LRU cache) and its tensors are read on demand: in format 2 from the step's safetensors blob
+inside ``data.bin`` (through a memory map), in format 1 from ``tensors/step_NNNNNN.safetensors``.
 
 A last line cut short (the recording was killed mid-way) is ignored: every finished step stays
 readable. Every way a folder can fail to be a readable trace ends in one ``TraceError`` line that
@@ -12,6 +13,7 @@ names the problem and the fix.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
@@ -19,24 +21,28 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
-#: The ``format`` field of every manifest.json.
-FORMAT_NAME = "minillama-trace"
-#: The newest format version this reader understands (and the one the writer writes).
-FORMAT_VERSION = 1
-
-MANIFEST = "manifest.json"
-EVENTS = "events.jsonl"
-TENSOR_DIR = "tensors"
+from minillama.trace import tables as _tables
+from minillama.trace.format import (
+    DATA,
+    EVENTS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    T_BAD,
+    T_HASH,
+    T_SHADOW,
+    T_STATS,
+    TraceError,
+)
+from minillama.trace.requests import RequestFold
+from minillama.trace.safetensors_blob import Blob
 
 # every step line the writer writes starts with exactly these bytes
 _STEP_PREFIX = b'{"type": "step"'
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.")
-
-
-class TraceError(ValueError):
-    """A trace folder that cannot be written or read; the message says what is wrong and how to fix it."""
 
 
 def _clip(text: str, n: int = 120) -> str:
@@ -59,6 +65,10 @@ class TraceReader:
         self._tail: list[dict[str, Any]] = []  # parsed non-step records ("stopped", "end", ...)
         self.truncated_bytes = 0  # bytes of a cut-short last line, ignored
         self._requests: dict[int, dict[str, Any]] | None = None
+        self._slot: dict[str, int] | None = None
+        self._data: mmap.mmap | None = None
+        self._tables_cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.version: int = self.manifest["version"]
         self._scan_events()
 
     # ---- opening --------------------------------------------------------------------------------
@@ -172,21 +182,122 @@ class TraceReader:
         for i in range(self.num_steps):
             yield self.step(i)
 
+    # ---- statistics -----------------------------------------------------------------------------
+    @property
+    def catalog(self) -> list[dict[str, Any]]:
+        """Format 2: every tensor site with its trailing ``shape``, ``dtype`` and ``rows`` kind, in firing order."""
+        cat = self.manifest.get("sites")
+        return cat if isinstance(cat, list) else []
+
+    def _slots(self) -> dict[str, int]:
+        if self._slot is None:
+            self._slot = {e["name"]: k for k, e in enumerate(self.catalog) if isinstance(e, dict) and "name" in e}
+        return self._slot
+
     def site_names(self, i: int) -> list[str]:
         """Site names recorded at step ``i``, in the order they fired."""
-        return list(self.step(i).get("sites", {}))
+        ev = self.step(i)
+        if self.version < 2:
+            return list(ev.get("sites", {}))
+        missing = set(ev.get("missing_sites") or [])
+        return [e["name"] for e in self.catalog if e["name"] not in missing
+                and not (e.get("rows") == "samples" and not ev.get("sampled"))]
 
-    def stats(self, i: int, site: str) -> dict[str, Any] | None:
-        """The statistics dict of ``site`` at step ``i`` (shape, dtype, mean, std, absmax, nan, inf, hash, rows)."""
-        return self.step(i).get("sites", {}).get(site)
+    def tables(self, i: int) -> dict[str, np.ndarray] | None:
+        """Format 2: step ``i``'s statistics tables as numpy arrays (``stats``, ``bad``, ``hash``, ``shadow``)."""
+        if self.version < 2:
+            return None
+        i %= max(self.num_steps, 1)
+        if i in self._tables_cache:
+            self._tables_cache.move_to_end(i)
+            return self._tables_cache[i]
+        blob = self._blob(i)
+        if blob is None or T_STATS not in blob:
+            return None
+        get = lambda name: blob.get(name).numpy() if name in blob else None  # noqa: E731
+        out = {"stats": get(T_STATS), "bad": get(T_BAD), "hash": get(T_HASH), "shadow": get(T_SHADOW)}
+        if out["bad"] is None:
+            out["bad"] = np.zeros((0, 4), np.int32)
+        self._tables_cache[i] = out
+        if len(self._tables_cache) > 16:
+            self._tables_cache.popitem(last=False)
+        return out
 
-    def shadow(self, i: int) -> dict[str, Any]:
-        """Shadow-backend comparison records of step ``i``, keyed by layer index as a string."""
-        return self.step(i).get("shadow") or {}
+    def _req_index(self, i: int, seq_id: int | None) -> int | None:
+        if seq_id is None:
+            return None
+        for k, s in enumerate(self.step(i).get("batch", {}).get("seqs", [])):
+            if int(s.get("seq_id", -1)) == int(seq_id):
+                return k
+        raise KeyError(f"request {seq_id} is not in step {i}'s batch")
+
+    def stats(self, i: int, site: str, seq_id: int | None = None) -> dict[str, Any] | None:
+        """Statistics of ``site`` at step ``i``: of request ``seq_id``, or of the whole batch.
+
+        Keys: shape, dtype, mean, std, min, max, absmax, nan, inf, hash (16 hex digits; equal means
+        bit-identical), rows ``[[start, end], ...]``, full. None if the site did not fire. Format 1
+        traces have whole-batch statistics only (``seq_id`` gives None there).
+        """
+        ev = self.step(i)
+        if self.version < 2:
+            rec = ev.get("sites", {}).get(site)
+            return rec if seq_id is None else None
+        slot = self._slots().get(site)
+        if slot is None or site in (ev.get("missing_sites") or ()) or (
+                self.catalog[slot].get("rows") == "samples" and not ev.get("sampled")):
+            return None
+        tabs = self.tables(i)
+        if tabs is None:
+            return None
+        out = _tables.site_stats(tabs, self.catalog[slot], slot, ev["batch"], self._req_index(i, seq_id))
+        out["full"] = site in self.tensor_keys(i)
+        return out
+
+    def shadow(self, i: int, seq_id: int | None = None) -> dict[str, Any]:
+        """Shadow-attention comparison of step ``i`` per layer (key: the layer index as a string).
+
+        Each record: ``backend``, ``max_abs``/``rms`` (active vs shadow), ``err_active``/``err_shadow``
+        (max-abs vs the reference) and their ``_rms``, ``budget``/``budget_rms`` (plain attention's),
+        ``budget_ratio*`` (each error over its budget). Format 1 traces keep what they recorded.
+        """
+        ev = self.step(i)
+        if self.version < 2:
+            return ev.get("shadow") or {}
+        tabs = self.tables(i)
+        if tabs is None or tabs.get("shadow") is None:
+            return {}
+        name = self.manifest.get("shadow")
+        slot = self._slots().get("layers.0.attn.out")
+        per_row = math.prod(self.catalog[slot]["shape"]) if slot is not None else 1
+        req = self._req_index(i, seq_id)
+        dtype = str(self.manifest.get("dtype", "float32"))
+        out = {}
+        for layer in range(tabs["shadow"].shape[1]):
+            rec = _tables.layer_metrics(tabs["shadow"], ev["batch"], layer, per_row, dtype,
+                                        name not in (None, "reference"), req)
+            if rec:
+                out[str(layer)] = {"backend": name, **rec}
+        return out
 
     # ---- tensors --------------------------------------------------------------------------------
+    def _blob(self, i: int) -> Blob | None:
+        span = self.step(i).get("data")
+        if span is None:
+            return None
+        if not (isinstance(span, list) and len(span) == 2):
+            raise TraceError(f"step {i} names its data as {_clip(repr(span), 40)}: the trace is damaged; record "
+                             "it again")
+        if self._data is None:
+            path = os.path.join(self.path, DATA)
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                raise TraceError(f"{self.path} has no {DATA} but its steps name data in it: the trace is incomplete; "
+                                 "copy it again or record it again")
+            with open(path, "rb") as f:
+                self._data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return Blob(self._data, span[0], span[1], f"step {i} of {self.path}")
+
     def tensor_file(self, i: int) -> str | None:
-        """Absolute path of step ``i``'s safetensors file, or None if that step saved no tensors."""
+        """Format 1: absolute path of step ``i``'s safetensors file, or None if that step saved no tensors."""
         rel = self.step(i).get("tensor_file")
         if not rel:
             return None
@@ -196,7 +307,10 @@ class TraceReader:
         return os.path.join(self.path, rel)
 
     def tensor_keys(self, i: int) -> list[str]:
-        """Names of the full tensors saved at step ``i`` (sites, ``site@shadow``, ``batch.*``)."""
+        """Names of the tensors saved at step ``i`` (sites, ``site@shadow``, ``batch.*``, tables)."""
+        if self.version >= 2:
+            blob = self._blob(i)
+            return blob.keys() if blob is not None else []
         path = self.tensor_file(i)
         if path is None:
             return []
@@ -205,6 +319,9 @@ class TraceReader:
 
     def tensor(self, i: int, site: str) -> torch.Tensor | None:
         """The full tensor saved for ``site`` at step ``i`` (CPU), or None if only stats were recorded."""
+        if self.version >= 2:
+            blob = self._blob(i)
+            return blob.get(site) if blob is not None else None
         path = self.tensor_file(i)
         if path is None:
             return None
@@ -283,42 +400,17 @@ class TraceReader:
         return list(seen)
 
     def requests(self) -> dict[int, dict[str, Any]]:
-        """``{seq_id: {"prompt", "prompt_token_ids", "text", "token_ids", "finish_reason"}}`` in prompt order.
+        """``{seq_id: {"prompt", "prompt_token_ids", "text", "token_ids", "finish_reason", ...}}`` in prompt order.
 
         ``prompt`` is the text as given to ``minillama record`` (else the decoded prompt the recorder
         saw); ``text`` and ``token_ids`` are the generated text and ids at the last recorded step.
         """
-        if self._requests is not None:
-            return {sid: {**r, "token_ids": list(r["token_ids"])} for sid, r in self._requests.items()}
-        out: dict[int, dict[str, Any]] = {}
-
-        def req(sid: Any) -> dict[str, Any]:
-            return out.setdefault(int(sid), {"prompt": None, "prompt_token_ids": None, "text": "", "token_ids": [],
-                                             "finish_reason": None})
-
-        for r in self.manifest.get("requests") or []:
-            if isinstance(r, dict) and "seq_id" in r:
-                req(r["seq_id"]).update(prompt=r.get("prompt"), prompt_token_ids=r.get("prompt_token_ids"))
-        for ev in self.steps():
-            for s in ev.get("batch", {}).get("seqs", []):
-                req(s["seq_id"])
-            for sid, p in (ev.get("prompts") or {}).items():
-                r = req(sid)
-                if isinstance(p, dict):
-                    r["prompt"] = r["prompt"] if r["prompt"] is not None else p.get("text")
-                    r["prompt_token_ids"] = r["prompt_token_ids"] or p.get("token_ids")
-            ids = ev.get("token_ids") or {}
-            for sid, toks in ids.items():
-                req(sid)["token_ids"] = [int(t) for t in toks]
-            for sid, tok in (ev.get("sampled") or {}).items():
-                if sid not in ids:
-                    req(sid)["token_ids"].append(int(tok))
-            for sid, text in (ev.get("texts") or {}).items():
-                req(sid)["text"] = text
-            for sid, reason in ev.get("finished") or []:
-                req(sid)["finish_reason"] = reason
-        self._requests = out
-        return self.requests()
+        if self._requests is None:
+            fold = RequestFold(self.manifest.get("requests"))
+            for i, ev in enumerate(self.steps()):
+                fold.add(ev, i)
+            self._requests = fold.snapshot()
+        return {sid: {**r, "token_ids": list(r["token_ids"])} for sid, r in self._requests.items()}
 
     def __len__(self) -> int:
         return self.num_steps

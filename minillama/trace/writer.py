@@ -2,12 +2,15 @@
 
 Layout (documented in traces/README.md)::
 
-    DIR/manifest.json                      what was run (written once, atomically)
-    DIR/events.jsonl                       one JSON line per scheduler step, then an end or stopped line
-    DIR/tensors/step_000003.safetensors    the full tensors of step 3, only when some were recorded
+    DIR/manifest.json     what was run (written once, atomically)
+    DIR/events.jsonl      one JSON line per scheduler step, then an end or stopped line
+    DIR/data.bin          every step's tensors (its statistics tables and full tensors) as one
+                          safetensors blob each, appended; a step's line names its blob's offset
 
-Per step the tensor file is written and synced first, then the event line that points at it is
-appended and synced: an event line never names a file that is not complete on disk.
+A step's blob is written (and synced) before the line that names it, so a line never points at
+data that is not complete on disk. ``BackgroundWriter`` runs a ``TraceWriter`` on its own thread:
+the engine hands it a callable per step and never waits for JSON or the disk; the thread writes
+whatever is queued, then syncs both files once (a group commit).
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import queue
 import re
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from minillama.trace.reader import EVENTS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TENSOR_DIR, TraceError
+from minillama.trace.format import DATA, EVENTS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TraceError
 
 # room kept under the size cap for the final "stopped" line
 _FINAL_LINE_RESERVE = 256
@@ -76,36 +82,38 @@ def _write_durable(path: str, data: bytes) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy that shares no memory with the engine's tensors."""
-    return t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    """One safetensors blob of CPU copies of ``tensors`` (b"" for none)."""
+    from safetensors.torch import save
+
+    if not tensors:
+        return b""
+    cpu = {str(k): t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    return save(cpu)
 
 
 class TraceWriter:
-    """The sink a ``Recorder`` writes to: ``write_step(event, tensors) -> bool`` and ``close(reason)``.
+    """Appends steps to a new trace folder: ``write_step(event, tensors) -> bool`` and ``close(reason)``.
 
     ``max_bytes`` caps the folder's size: the step that would cross it is not written; a
     ``stopped`` line is written instead and ``write_step`` returns False (recording should stop).
+    ``write_step(..., sync=False)`` leaves the group commit to ``sync()``.
     """
 
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any], max_bytes: int | None = None) -> None:
         self.path = os.fspath(path)
         if max_bytes is not None and max_bytes <= 0:
             raise TraceError(f"the size cap must be a positive number of bytes, got {max_bytes}: "
-                             "pass --max-bytes N with N > 0, or leave it out for no cap")
+                                  "pass --max-bytes N with N > 0, or leave it out for no cap")
         self.max_bytes = max_bytes
         if os.path.exists(self.path):
             if not os.path.isdir(self.path):
                 raise TraceError(f"{self.path} exists and is a file: choose another --out or delete it")
             if os.listdir(self.path):
                 raise TraceError(f"{self.path} exists and is not empty: choose another --out or delete it")
-        os.makedirs(os.path.join(self.path, TENSOR_DIR), exist_ok=True)
-        self.manifest = {
-            **manifest,
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        }
+        os.makedirs(self.path, exist_ok=True)
+        self.manifest = {**manifest, "format": FORMAT_NAME, "version": FORMAT_VERSION,
+                         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
         text = json.dumps(self.manifest, default=_json_default, ensure_ascii=False, indent=2)
         data = (_NUMBER_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n").encode()
         _write_durable(os.path.join(self.path, MANIFEST), data)
@@ -114,12 +122,16 @@ class TraceWriter:
         self.last_step: int | None = None
         self.stopped = False
         self.closed = False
-        self._events = open(os.path.join(self.path, EVENTS), "ab")  # kept open across steps
+        self.stop_reason: str | None = None
+        self._data = open(os.path.join(self.path, DATA), "ab")
+        self._events = open(os.path.join(self.path, EVENTS), "ab")
+        self._lines: list[bytes] = []  # written after the data they name is synced
         _fsync_dir(self.path)
 
     # ---- per step -------------------------------------------------------------------------------
-    def write_step(self, event: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> bool:
-        """Append one step (its tensors first, then its event line). False = stop recording.
+    def write_step(self, event: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
+                   sync: bool = True) -> bool:
+        """Append one step (its blob first, then its event line). False = stop recording.
 
         Never raises for a full cap or a failing disk: it writes a ``stopped`` line if it can and
         returns False, so recording can never break generation.
@@ -129,7 +141,11 @@ class TraceWriter:
         step = event.get("step")
         step = step if isinstance(step, int) and not isinstance(step, bool) else self.num_steps
         try:
-            event, blob = self._encode(event, tensors, step)
+            blob = encode_tensors(tensors or {})
+            event = {**event, "type": "step"}
+            event.pop("tensor_file", None)
+            if blob:
+                event["data"] = [self._data.tell(), len(blob)]
             line = (dumps_record(event) + "\n").encode()
             if self.max_bytes is not None and (
                     self.bytes_written + len(blob) + len(line) + _FINAL_LINE_RESERVE > self.max_bytes):
@@ -137,9 +153,11 @@ class TraceWriter:
                 self._stop(f"size cap of {self.max_bytes} bytes reached {after}")
                 return False
             if blob:
-                _write_durable(os.path.join(self.path, event["tensor_file"]), blob)
-                self.bytes_written += len(blob)
-            self._write_line(line)
+                self._data.write(blob)
+            self._lines.append(line)
+            self.bytes_written += len(blob) + len(line)
+            if sync:
+                self.sync()
         except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as e:
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
             self._stop(f"writing step {step} failed ({type(e).__name__}: {msg})")
@@ -148,38 +166,31 @@ class TraceWriter:
         self.last_step = step
         return True
 
-    def _encode(self, event: dict[str, Any], tensors: dict[str, torch.Tensor] | None,
-                step: int) -> tuple[dict[str, Any], bytes]:
-        """The event as it goes on disk (``type`` first, ``tensor_file``, ``full`` flags) and the tensor blob."""
-        from safetensors.torch import save
-
-        event = {**event, "type": "step"}
-        event.pop("tensor_file", None)
-        if not tensors:
-            return event, b""
-        cpu = {str(name): _cpu_copy(t) for name, t in tensors.items()}
-        rel = f"{TENSOR_DIR}/step_{step:06d}.safetensors"
-        if os.path.exists(os.path.join(self.path, rel)):  # a repeated step number: never overwrite
-            rel = f"{TENSOR_DIR}/step_{step:06d}_{self.num_steps}.safetensors"
-        event["tensor_file"] = rel
-        sites = event.get("sites")
-        if isinstance(sites, dict):
-            event["sites"] = {k: ({**v, "full": True} if k in cpu and isinstance(v, dict) else v)
-                              for k, v in sites.items()}
-        return event, save(cpu)
+    def sync(self) -> None:
+        """Group commit: sync the data, then append and sync the lines that name it."""
+        if not self._lines:
+            return
+        self._data.flush()
+        os.fsync(self._data.fileno())
+        lines, self._lines = b"".join(self._lines), []
+        self._write_line(lines)
 
     def _stop(self, reason: str) -> None:
         """Write the final ``stopped`` line (best effort) and refuse further steps."""
         self.stopped = True
+        self.stop_reason = reason
         try:
-            self._append({"type": "stopped", "reason": reason, "steps": self.num_steps})
+            self.sync()
+        except OSError:
+            self._lines = []
+        try:
+            self._write_line((dumps_record({"type": "stopped", "reason": reason, "steps": self.num_steps}) + "\n")
+                             .encode())
         except OSError:
             pass
         finally:
             self._events.close()
-
-    def _append(self, record: dict[str, Any]) -> None:
-        self._write_line((dumps_record(record) + "\n").encode())
+            self._data.close()
 
     def _write_line(self, line: bytes) -> None:
         at = self._events.tell()
@@ -193,7 +204,6 @@ class TraceWriter:
             except OSError:
                 pass
             raise
-        self.bytes_written += len(line)
 
     # ---- the end --------------------------------------------------------------------------------
     def close(self, reason: str = "finished") -> None:
@@ -204,12 +214,83 @@ class TraceWriter:
         if self.stopped:
             return
         try:
-            self._append({"type": "end", "reason": str(reason), "steps": self.num_steps})
+            self.sync()
+            self._write_line((dumps_record({"type": "end", "reason": str(reason), "steps": self.num_steps}) + "\n")
+                             .encode())
+        except OSError:
+            pass
         finally:
             self._events.close()
+            self._data.close()
 
     def __enter__(self) -> TraceWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("finished" if exc_type is None else f"interrupted by {exc_type.__name__}")
+
+
+class BackgroundWriter:
+    """A ``TraceWriter`` on its own thread. ``submit(fn)`` queues ``fn() -> (event, tensors)``; the
+    thread runs it, writes the step, and syncs once the queue is empty. ``submit`` blocks only when
+    ``depth`` steps are waiting (the disk cannot keep up), and returns False once the writer stopped."""
+
+    def __init__(self, writer: TraceWriter, depth: int = 256) -> None:
+        self.writer = writer
+        self._queue: queue.Queue[Callable[[], tuple[dict, dict]] | threading.Event | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="minillama-trace-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def path(self) -> str:
+        return self.writer.path
+
+    @property
+    def num_steps(self) -> int:
+        return self.writer.num_steps
+
+    @property
+    def stopped(self) -> bool:
+        return self.writer.stopped
+
+    def submit(self, fn: Callable[[], tuple[dict, dict]]) -> bool:
+        """Queue one step; False once the writer stopped (size cap, disk error)."""
+        if self.writer.stopped or self.writer.closed:
+            return False
+        self._queue.put(fn)
+        return True
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if not isinstance(item, threading.Event) and not self.writer.stopped:
+                self._write(item)
+            if (self._queue.empty() or isinstance(item, threading.Event)) and not self.writer.stopped:
+                try:
+                    self.writer.sync()
+                except OSError as e:
+                    self.writer._stop(f"syncing the trace failed ({e})")
+            if isinstance(item, threading.Event):
+                item.set()
+
+    def _write(self, fn: Callable[[], tuple[dict, dict]]) -> None:
+        try:
+            event, tensors = fn()
+        except Exception as e:  # a step that cannot be finished ends the trace, not the engine
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.writer._stop(f"preparing a step failed ({type(e).__name__}: {msg})")
+            return
+        self.writer.write_step(event, tensors, sync=False)
+
+    def flush(self) -> None:
+        """Wait until every step submitted so far is written and synced."""
+        if self._thread.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            done.wait()
+
+    def close(self, reason: str = "finished") -> None:
+        """Write what is queued, then the end line; waits for the thread. Safe to call twice."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self.writer.close(reason)

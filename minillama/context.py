@@ -1,7 +1,8 @@
 """The step context: the tensors every attention layer of one forward pass needs.
 
 Set once per step by the model runner, read by each ``Attention`` layer, so the model's forward
-keeps a plain ``(input_ids, positions)`` signature.
+keeps a plain ``(input_ids, positions)`` signature. It lives below ``engine/`` and ``layers/`` so
+that both take it from beneath them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,12 @@ class Context:
     slot_mapping: torch.Tensor | None = None  # (num_tokens,) int64 cache slot of each new token, -1 = skip
     context_lens: torch.Tensor | None = None  # (batch,) int32, keys per sequence (decode)
     block_tables: torch.Tensor | None = None  # (batch, max_blocks) int32, None if no key comes from the cache
-    # for the debugger: which request each row belongs to, and where this step sits
+    # for the debugger (set only while a hook listener is attached): which request and token position
+    # each row is, on the device, so hook sites need no host data; and the rows that sample
+    positions: torch.Tensor | None = None  # (num_tokens,) int64 token position of each row
+    seq_index: torch.Tensor | None = None  # (num_tokens,) int32 index in the batch of each row's request
+    sample_rows: torch.Tensor | None = None  # (num_samples,) int64 rows whose logits are sampled
+    sample_index: torch.Tensor | None = None  # (num_samples,) int32 their requests' batch indices
     seq_ids: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
     step: int = -1

@@ -1,0 +1,175 @@
+"""What the debugger costs: the same workload plain and while recording, in one process.
+
+Modes (each after a warm-up of the same mode):
+  plain graphs      no listener; CUDA graphs and overlapped steps as the engine runs by default
+  plain eager       no listener, no CUDA graphs
+  stats             a Recorder writing a trace (per-request statistics and hashes at every site)
+  stats + shadow    the same plus a shadow backend and the yardstick at every layer
+  nan session       a DebugSession running to a NaN breakpoint that never fires
+  session           (CPU) a DebugSession with no breakpoint
+Workloads: ``small`` = N requests of P random prompt tokens with T new tokens each (default 64 x 256
++ 64); ``nanovllm`` = 256 requests, prompt and output lengths uniform in [100, 1024] (nano-vllm's
+bench.py); ``hooks`` = the CPU workload of bench_hooks.py (4 chat prompts, 24 new tokens).
+
+    python benchmarks/bench_debug.py --model builtin --workload small --backend flash-attn --shadow torch
+    python benchmarks/bench_debug.py --device cpu --workload hooks --modes plain,stats,session
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minillama import LLM, SamplingParams  # noqa: E402
+from minillama.debug.breakpoints import Breakpoint  # noqa: E402
+from minillama.debug.manifest import build_manifest  # noqa: E402
+from minillama.debug.recorder import Recorder  # noqa: E402
+from minillama.debug.session import DebugSession  # noqa: E402
+from minillama.trace.writer import BackgroundWriter, TraceWriter  # noqa: E402
+
+ALL_MODES = ("plain", "eager", "stats", "shadow", "nan", "session")
+LABEL = {"plain": "plain graphs", "eager": "plain eager", "stats": "stats", "shadow": "stats + shadow",
+         "nan": "nan session", "session": "session"}
+
+
+def build(a):
+    kw = dict(backend=a.backend, device=a.device, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+              max_num_batched_tokens=a.max_num_batched_tokens)
+    if a.device == "cpu":
+        kw.update(num_kvcache_blocks=256, max_model_len=1024)
+        kw.pop("max_num_seqs")
+        kw.pop("max_num_batched_tokens")
+    if a.model == "builtin":
+        return LLM(None, **kw)
+    from bench_gpu import model_config  # noqa: E402  (the Llama-3.2-shaped random models)
+
+    from minillama.config import Config
+    from minillama.engine.llm_engine import LLMEngine
+
+    return LLMEngine(Config(model=model_config(a.model), **kw))
+
+
+def workload(a, llm) -> tuple[list[list[int]], list[SamplingParams]]:
+    rng = random.Random(0)
+    if a.workload == "hooks":
+        tok = llm.tokenizer
+        prompts = [tok.encode_chat([{"role": "user", "content": f"Tell me about topic {i}."}]) for i in range(4)]
+        return prompts, [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)] * 4
+    if a.workload == "nanovllm":
+        n, lens, outs = 256, None, None
+        lens = [rng.randint(100, 1024) for _ in range(n)]
+        outs = [rng.randint(100, 1024) for _ in range(n)]
+    else:
+        n = a.requests
+        lens, outs = [a.prompt_len] * n, [a.new_tokens] * n
+    prompts = [[rng.randint(0, 10000) for _ in range(m)] for m in lens]
+    return prompts, [SamplingParams(temperature=0, max_tokens=t, ignore_eos=True) for t in outs]
+
+
+def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int]:
+    """Seconds for the workload in ``mode``, and the trace's bytes and steps (0 without a trace)."""
+    graphs = llm.runner.graphs
+    rec = writer = session = None
+    path = os.path.join(tmp, f"{mode}-{time.monotonic_ns()}")
+    if mode == "eager":
+        llm.runner.graphs = None
+    elif mode in ("stats", "shadow"):
+        rec = Recorder(llm, shadow=(ARGS.shadow if mode == "shadow" else None))
+        writer = BackgroundWriter(TraceWriter(path, build_manifest(llm, rec)))
+        rec.set_sink(writer)
+        rec.attach()
+    elif mode in ("nan", "session"):
+        bps = [Breakpoint("*", "nan")] if mode == "nan" else []
+        session = DebugSession(llm, breakpoints=bps, pause_at_start=False, keep_steps=4)
+    if llm.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    try:
+        if session is not None:
+            for p, sp in zip(prompts, params, strict=True):
+                session.submit(p, sp, chat=False)
+            session.start()
+            while not session.idle:
+                session.wait(600)
+                if session.paused:
+                    raise RuntimeError(f"the session paused unexpectedly: {session.position}")
+                if session.error is not None:
+                    raise session.error
+        else:
+            llm.generate(prompts, params)
+        if llm.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+    finally:
+        llm.runner.graphs = graphs
+        if rec is not None:
+            rec.detach()
+        if session is not None:
+            session.stop()
+    size = steps = 0
+    if writer is not None:
+        size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+        steps = writer.num_steps
+        shutil.rmtree(path, ignore_errors=True)
+    return dt, size, steps
+
+
+def main() -> None:
+    global ARGS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="builtin", help="builtin, 1b or 3b (random Llama-3.2 shapes)")
+    ap.add_argument("--workload", default="small", choices=("small", "nanovllm", "hooks"))
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--backend", default="flash-attn")
+    ap.add_argument("--shadow", default="torch")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--modes", default="plain,eager,stats,shadow,nan")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ARGS = a = ap.parse_args()
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in ALL_MODES]
+    if bad:
+        sys.exit(f"bench_debug: unknown mode(s) {bad}: choose from {', '.join(ALL_MODES)}")
+    llm = build(a)
+    prompts, params = workload(a, llm)
+    tokens = sum(p.max_tokens for p in params)
+    tmp = tempfile.mkdtemp(prefix="bench-debug-")
+    rows = []
+    for mode in modes:
+        run_mode(mode, llm, prompts[: max(4, len(prompts) // 8)], params[: max(4, len(prompts) // 8)], tmp)  # warm-up
+        times, size, steps = [], 0, 0
+        for _ in range(a.repeat):
+            dt, size, steps = run_mode(mode, llm, prompts, params, tmp)
+            times.append(dt)
+        rows.append((mode, statistics.median(times), size, steps))
+        print(f"  {LABEL[mode]}: {rows[-1][1]:.3f} s", file=sys.stderr, flush=True)
+    base = next((t for m, t, _, _ in rows if m == "plain"), rows[0][1])
+    name = {"builtin": "SmolLM2-135M"}.get(a.model, f"Llama-3.2-{a.model}-shaped")
+    print(f"\n{name}, {a.device} ({torch.cuda.get_device_name() if a.device != 'cpu' else 'cpu'}), "
+          f"backend {a.backend}, shadow {a.shadow}, workload {a.workload}: {len(prompts)} requests, {tokens} tokens")
+    print(f"{'mode':<16}{'requests':>9}{'tokens':>9}{'seconds':>10}{'tok/s':>10}{'slowdown':>10}{'bytes/step':>12}")
+    for mode, t, size, steps in rows:
+        per = f"{size / steps:,.0f}" if steps else "-"
+        print(f"{LABEL[mode]:<16}{len(prompts):>9}{tokens:>9}{t:>10.3f}{tokens / t:>10.0f}{t / base:>9.2f}x{per:>12}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+ARGS: argparse.Namespace
+
+if __name__ == "__main__":
+    main()

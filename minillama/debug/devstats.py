@@ -1,0 +1,202 @@
+"""Statistics and content hashes of one hook site, per request, computed where the tensor lives.
+
+For a site tensor viewed as ``(rows, width)`` (one row per token of the flat batch, or per sampling
+request for ``logits`` / ``sampled``) and ``seq_index[row]`` (which request of the batch the row
+belongs to), this computes per request: the sum and the sum of squares of the finite values (in
+float64), their min and max, the NaN and Inf counts; and per row a 64-bit content hash in two
+32-bit lanes. Results go into a ``StatsBuffer``'s tables (``stepbuf.py``); nothing is read back.
+
+The hash, defined here once (``row_lanes_np`` is the definition, the Triton kernel computes the
+same bits): each element's raw bits ``w`` (float32/int32 as is, 16-bit types zero-extended, 8-bit
+types likewise, float64 as two 32-bit words) is mixed with a key made from its column and its
+row's token position in the sequence, ``t = fmix32(w ^ (colkey[col] + rowkey[pos]))``; a row's
+lanes are ``sum(t)`` and ``sum(g(t))`` modulo 2**32 with ``g`` a second, non-linear mix. Because
+``t`` is a bijection of ``w`` for a fixed place, changing any one element changes both lanes; and
+because lanes add, a request's hash over several rows (or several prefill chunks, in any order) is
+the sum of its rows' lanes, so two traces that chunked a prompt differently still compare.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from minillama.trace.format import fmix32
+
+try:  # absent on CPU-only installs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+_U = np.uint32
+K_COL, K_ROW, SEED, M3 = _U(0x9E3779B9), _U(0x7FEB352D), _U(0x165667B1), _U(0x27D4EB2F)
+#: Order-preserving int32 keys of float32 values: the tables' initial min and max.
+KEY_MIN_INIT, KEY_MAX_INIT = 2**31 - 1, -(2**31)
+
+
+@lru_cache(maxsize=64)
+def _colkey(width: int) -> np.ndarray:
+    return fmix32(np.arange(width, dtype=np.uint32) * K_COL)
+
+
+def words_np(x: torch.Tensor) -> np.ndarray:
+    """The raw bits of a CPU tensor as ``(rows, words)`` uint32 (the hash's input)."""
+    x = x.detach().reshape(x.shape[0], -1) if x.dim() else x.detach().reshape(1, 1)
+    size = x.element_size()
+    if x.dtype == torch.int64:  # token ids: hashed as int32 (the GPU kernel does the same)
+        x = x.to(torch.int32)
+        size = 4
+    if size == 4:
+        return x.contiguous().view(torch.int32).numpy().view(np.uint32)
+    if size == 2:
+        return x.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+    if size == 1:
+        return x.contiguous().view(torch.uint8).numpy().astype(np.uint32)
+    return x.contiguous().view(torch.int32).numpy().view(np.uint32)  # 8-byte floats: two words each
+
+
+def row_lanes_np(words: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The definition of the hash: ``(rows, 2)`` uint32 lanes of ``words`` at token positions ``pos``."""
+    rowkey = fmix32(pos.astype(np.uint32) * K_ROW + SEED)
+    t = fmix32(words ^ (_colkey(words.shape[1])[None, :] + rowkey[:, None]))
+    u = (t ^ (t >> _U(15))) * M3
+    return np.stack([t.sum(1, dtype=np.uint32), u.sum(1, dtype=np.uint32)], axis=1)
+
+
+def float_keys_np(f: np.ndarray) -> np.ndarray:
+    """Order-preserving int32 keys of float32 values (``key(a) < key(b)`` iff ``a < b``)."""
+    i = np.ascontiguousarray(f, dtype=np.float32).view(np.int32)
+    return np.where(i >= 0, i, i ^ np.int32(0x7FFFFFFF))
+
+
+def keys_to_float(k: np.ndarray) -> np.ndarray:
+    """Inverse of ``float_keys_np`` (the init values come back as NaN)."""
+    k = np.asarray(k, dtype=np.int32)
+    out = np.where(k >= 0, k, k ^ np.int32(0x7FFFFFFF)).view(np.float32).copy()
+    out[(k == KEY_MIN_INIT) | (k == KEY_MAX_INIT)] = np.nan
+    return out
+
+
+# ---- CPU: numpy on the tensor's own memory --------------------------------------------------------
+def site_stats_cpu(x: torch.Tensor, slot: int, seq_index: np.ndarray, pos: np.ndarray, moments: np.ndarray,
+                   keys: np.ndarray, bad: np.ndarray, lanes: np.ndarray) -> None:
+    """Fill ``slot`` of the tables for a CPU tensor. ``seq_index`` is sorted (requests are contiguous)."""
+    rows = x.shape[0] if x.dim() else 1
+    lanes[:rows, slot] = row_lanes_np(words_np(x), pos).view(np.int32)
+    f = x.detach().reshape(rows, -1)
+    f = (f if f.dtype == torch.float32 else f.float()).numpy()
+    finite = np.isfinite(f)
+    if finite.all():
+        s, ss = f.sum(1, dtype=np.float64), np.square(f, dtype=np.float64).sum(1)
+        lo, hi = f.min(1), f.max(1)
+        nan = inf = None
+    else:
+        z = np.where(finite, f, 0)
+        s, ss = z.sum(1, dtype=np.float64), np.square(z, dtype=np.float64).sum(1)
+        lo, hi = np.where(finite, f, np.inf).min(1), np.where(finite, f, -np.inf).max(1)
+        nan, inf = np.isnan(f).sum(1), np.isinf(f).sum(1)
+    if rows > 1 and not (seq_index[1:] != seq_index[:-1]).all():  # several rows per request: reduce
+        starts = np.flatnonzero(np.r_[True, seq_index[1:] != seq_index[:-1]])
+        s, ss = np.add.reduceat(s, starts), np.add.reduceat(ss, starts)
+        lo, hi = np.minimum.reduceat(lo, starts), np.maximum.reduceat(hi, starts)
+        if nan is not None:
+            nan, inf = np.add.reduceat(nan, starts), np.add.reduceat(inf, starts)
+        req = seq_index[starts]
+    else:
+        req = seq_index[:rows]
+    moments[req, slot, 0], moments[req, slot, 1] = s, ss
+    keys[req, slot, 0], keys[req, slot, 1] = float_keys_np(lo), float_keys_np(hi)
+    if nan is not None:
+        bad[req, slot, 0], bad[req, slot, 1] = nan, inf
+
+
+# ---- CUDA: one Triton kernel per site, writing the tables on the device -------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _fmix(h):
+        h ^= h >> 16
+        h *= 0x85EBCA6B
+        h ^= h >> 13
+        h *= 0xC2B2AE35
+        h ^= h >> 16
+        return h
+
+    @triton.jit
+    def _site_kernel(X, stride, width, SEQ, POS, MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride, LANES,
+                     lanes_stride, slot, WORD16: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        req = tl.load(SEQ + row).to(tl.int64)
+        pos = tl.load(POS + row).to(tl.uint32)
+        rowkey = _fmix(pos * 0x7FEB352D + 0x165667B1)
+        s = tl.zeros([BLOCK], tl.float32)
+        ss = tl.zeros([BLOCK], tl.float32)
+        lo = tl.full([BLOCK], float("inf"), tl.float32)
+        hi = tl.full([BLOCK], float("-inf"), tl.float32)
+        n_nan = tl.zeros([BLOCK], tl.int32)
+        n_inf = tl.zeros([BLOCK], tl.int32)
+        l1 = tl.zeros([BLOCK], tl.uint32)
+        l2 = tl.zeros([BLOCK], tl.uint32)
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < width
+            x = tl.load(X + row * stride + cols, mask=ok, other=0)
+            if WORD16:
+                w = x.to(tl.int16, bitcast=True).to(tl.int32).to(tl.uint32) & 0xFFFF
+            else:
+                w = x.to(tl.int32, bitcast=True).to(tl.uint32)
+            colkey = _fmix(cols.to(tl.uint32) * 0x9E3779B9)
+            t = _fmix(w ^ (colkey + rowkey))
+            u = (t ^ (t >> 15)) * 0x27D4EB2F
+            l1 += tl.where(ok, t, 0)
+            l2 += tl.where(ok, u, 0)
+            f = x.to(tl.float32)
+            isnan = f != f
+            isinf = (f == float("inf")) | (f == float("-inf"))
+            fin = ok & ~isnan & ~isinf
+            z = tl.where(fin, f, 0.0)
+            s += z
+            ss += z * z
+            lo = tl.minimum(lo, tl.where(fin, f, float("inf")))
+            hi = tl.maximum(hi, tl.where(fin, f, float("-inf")))
+            n_nan += (ok & isnan).to(tl.int32)
+            n_inf += (ok & isinf).to(tl.int32)
+        lane = LANES + row.to(tl.int64) * lanes_stride + slot * 2
+        tl.store(lane, tl.sum(l1, 0).to(tl.int32, bitcast=True))
+        tl.store(lane + 1, tl.sum(l2, 0).to(tl.int32, bitcast=True))
+        mom = MOM + req * mom_stride + slot * 2
+        tl.atomic_add(mom, tl.sum(s.to(tl.float64), 0))
+        tl.atomic_add(mom + 1, tl.sum(ss.to(tl.float64), 0))
+        lo_i = tl.min(lo, 0).to(tl.int32, bitcast=True)
+        hi_i = tl.max(hi, 0).to(tl.int32, bitcast=True)
+        key = KEYS + req * keys_stride + slot * 2
+        tl.atomic_min(key, tl.where(lo_i >= 0, lo_i, lo_i ^ 0x7FFFFFFF))
+        tl.atomic_max(key + 1, tl.where(hi_i >= 0, hi_i, hi_i ^ 0x7FFFFFFF))
+        bad_nan = tl.sum(n_nan, 0)
+        bad_inf = tl.sum(n_inf, 0)
+        if bad_nan + bad_inf > 0:
+            bad = BAD + req * bad_stride + slot * 2
+            tl.atomic_add(bad, bad_nan)
+            tl.atomic_add(bad + 1, bad_inf)
+
+
+def triton_covers(x: torch.Tensor) -> bool:
+    """True when the Triton kernel computes this CUDA tensor's statistics (16/32-bit types)."""
+    return triton is not None and x.is_cuda and x.element_size() in (2, 4) and x.dtype != torch.int16
+
+
+def site_stats_cuda(x: torch.Tensor, slot: int, seq_index: torch.Tensor, pos: torch.Tensor, moments: torch.Tensor,
+                    keys: torch.Tensor, bad: torch.Tensor, lanes: torch.Tensor) -> None:
+    """Launch the kernel for a CUDA tensor: one program per row, atomics into its request's entries."""
+    rows = x.shape[0] if x.dim() else 1
+    x2 = x.reshape(rows, -1)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    width = x2.shape[1]
+    block = min(4096, max(128, triton.next_power_of_2(width)))
+    _site_kernel[(rows,)](x2, x2.stride(0), width, seq_index, pos, moments, moments.stride(0), keys, keys.stride(0),
+                          bad, bad.stride(0), lanes, lanes.stride(0), slot, WORD16=x2.element_size() == 2,
+                          BLOCK=block, num_warps=4)

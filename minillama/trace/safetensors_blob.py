@@ -1,0 +1,83 @@
+"""Read one safetensors blob out of a larger file (format 2's ``data.bin``), checking every number.
+
+The safetensors layout is an 8-byte little-endian header length, a JSON header
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` and the raw bytes. Nothing is
+unpickled; a header that lies about sizes, offsets or dtypes is refused with one ``TraceError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from typing import Any
+
+import torch
+
+from minillama.trace.format import TraceError
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+#: A header longer than this is not one the writer makes.
+MAX_HEADER = 64 << 20
+
+
+class Blob:
+    """The tensors of one blob at ``[offset, offset + length)`` of a memory-mapped file."""
+
+    def __init__(self, mm: mmap.mmap, offset: int, length: int, where: str) -> None:
+        self.where = where
+        if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 8 \
+                or offset + length > len(mm):
+            raise TraceError(f"{where}: its data lies outside data.bin (offset {offset}, length {length}, "
+                             f"file {len(mm)} bytes): the trace is damaged; record it again")
+        (n,) = struct.unpack_from("<Q", mm, offset)
+        if n > min(MAX_HEADER, length - 8):
+            raise TraceError(f"{where}: its tensor header claims {n} bytes of {length}: the trace is damaged; "
+                             "record it again")
+        try:
+            header = json.loads(bytes(mm[offset + 8: offset + 8 + n]))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise TraceError(f"{where}: its tensor header is not JSON: the trace is damaged; record it again") from None
+        if not isinstance(header, dict):
+            raise TraceError(f"{where}: its tensor header is not an object: the trace is damaged; record it again")
+        self._mm, self._base, self._end = mm, offset + 8 + n, offset + length
+        self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            self._entries[str(name)] = self._check(str(name), e)
+
+    def _check(self, name: str, e: Any) -> tuple[torch.dtype, list[int], int, int]:
+        bad = f"{self.where}: tensor {name[:60]!r} has a damaged header"
+        if not isinstance(e, dict) or e.get("dtype") not in _DTYPES:
+            raise TraceError(f"{bad} (unknown dtype): record the trace again")
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 2**40 for d in shape)
+                and isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise TraceError(f"{bad} (shape or offsets): record the trace again")
+        dtype = _DTYPES[e["dtype"]]
+        begin, end = offs
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if begin < 0 or end - begin != size or self._base + end > self._end:
+            raise TraceError(f"{bad} (its bytes do not fit): record the trace again")
+        return dtype, shape, begin, end
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """A copy of tensor ``name`` (None if the blob does not hold it)."""
+        e = self._entries.get(name)
+        if e is None:
+            return None
+        dtype, shape, begin, end = e
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        raw = bytearray(self._mm[self._base + begin: self._base + end])
+        return torch.frombuffer(raw, dtype=dtype).reshape(shape)

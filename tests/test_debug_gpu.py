@@ -1,0 +1,207 @@
+"""The debugger at engine speed on a GPU: device statistics, recording under CUDA graphs, no host sync.
+
+Skips cleanly without CUDA (and without flash_attn where the test needs it). Run on the device:
+``pytest tests/test_debug_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minillama import LLM, SamplingParams, hooks
+from minillama.debug import devstats
+from minillama.debug.recorder import Recorder
+from minillama.trace.tables import site_stats
+from tests.test_devstats import M32, Spy, py_lanes, row_words
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _tables(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, reqs: int, device: str):
+    """Run one site's statistics on ``device``; return numpy (moments, keys, bad, lanes)."""
+    from minillama.debug.stepbuf import StatsBuffer
+
+    buf = StatsBuffer(1, reqs, x.shape[0], (0, 0), torch.device(device))
+    buf.reset(reqs)
+    if device == "cuda":
+        devstats.site_stats_cuda(x.cuda(), 0, seq.cuda(), pos.cuda(), buf.moments, buf.keys, buf.bad, buf.rows)
+    else:
+        t = buf.numpy_tables()
+        devstats.site_stats_cpu(x, 0, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"], t["lanes"])
+    snap = buf.snapshot(reqs, x.shape[0]).tables()
+    return {k: v.copy() for k, v in snap.items() if k != "shadow"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.int32])
+@pytest.mark.parametrize("width", [1, 64, 576, 5000])
+def test_kernel_equals_the_definition(dtype, width):
+    g = torch.Generator().manual_seed(width)
+    rows = 37
+    if dtype == torch.int32:
+        x = torch.randint(-1000, 50000, (rows, width), generator=g, dtype=torch.int32)
+    else:
+        x = (torch.randn(rows, width, generator=g) * 3).to(dtype)
+        x[3, 0] = float("nan")
+        x[5, width // 2] = float("inf")
+        x[5, 0] = float("-inf")
+    seq = torch.tensor([0] * 10 + [1] * 1 + [2] * 20 + [3] * 6, dtype=torch.int32)
+    pos = torch.cat([torch.arange(10), torch.tensor([99]), torch.arange(300, 320), torch.arange(6)]).long()
+    gpu = _tables(x, seq, pos, 4, "cuda")
+    cpu = _tables(x, seq, pos, 4, "cpu")
+    assert np.array_equal(gpu["lanes"], cpu["lanes"]), "the kernel's hash lanes differ from the definition"
+    assert np.array_equal(gpu["keys"], cpu["keys"]) and np.array_equal(gpu["bad"], cpu["bad"])
+    np.testing.assert_allclose(gpu["moments"], cpu["moments"], rtol=1e-5, atol=1e-4)
+    words = row_words(x)
+    for row in (0, 10, 36):  # and both against the plain-Python yardstick
+        assert tuple(int(v) & M32 for v in gpu["lanes"][row, 0]) == py_lanes(words[row].tolist(), int(pos[row]))
+
+
+def _gpu_llm(backend: str = "torch") -> LLM:
+    return LLM(None, device="cuda", backend=backend, max_model_len=1024, max_num_seqs=16,
+               max_num_batched_tokens=256, num_kvcache_blocks=64)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return _gpu_llm()
+
+
+@pytest.fixture(scope="module")
+def flash_llm():
+    if not _has_flash():
+        pytest.skip("needs flash_attn")
+    return _gpu_llm("flash-attn")
+
+
+def _prompts(llm, n):
+    tok = llm.tokenizer
+    return [tok.encode_chat([{"role": "user", "content": f"Count to {i + 3}, please."}]) for i in range(n)]
+
+
+def test_bf16_step_stats_match_the_host(llm):
+    """Every site of a mixed step on the GPU (bf16), per request, against the full tensors."""
+    spy = Spy()
+    rec = Recorder(llm, history=8)
+    hooks.attach(spy)  # eager: the step runs without graphs, so every tensor passes through the spy
+    rec.attach()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        p = _prompts(llm, 3)
+        llm.add_request(p[0], params)
+        llm.step()
+        llm.add_request(p[1], params)
+        llm.add_request(p[2], params)
+        batch, _ = llm.step()
+        assert batch.phase == "mixed"
+    finally:
+        rec.detach()
+        hooks.detach(spy)
+    last = rec.history[-1]
+    event, _ = rec.finished(last)
+    tables = last.tables(rec.catalog, False)
+    catalog = [s.to_json() for s in rec.catalog]
+    for slot, spec in enumerate(catalog):
+        x, seq, pos = spy.seen[spec["name"]]
+        words = row_words(x.cpu())
+        for req in sorted(set(seq.tolist())):
+            rows = np.flatnonzero(seq == req)
+            got = site_stats(tables, spec, slot, event["batch"], req)
+            vals = x.reshape(x.shape[0], -1)[torch.from_numpy(rows).to(x.device)].double().cpu().numpy()
+            assert got["mean"] == pytest.approx(vals.mean(), rel=1e-4, abs=1e-5), spec["name"]
+            assert (got["min"], got["max"]) == (vals.min(), vals.max()), spec["name"]
+            row = int(rows[0])
+            assert tuple(int(v) & M32 for v in tables["hash"][row, slot]) == py_lanes(words[row].tolist(), int(pos[row]))
+    while llm.has_unfinished():
+        llm.step()
+
+
+def _record(llm, prompts, graphs: bool):
+    saved = llm.runner.graphs
+    if not graphs:
+        llm.runner.graphs = None
+    rec = Recorder(llm, history=256)
+    rec.attach()
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    finally:
+        rec.detach()
+        llm.runner.graphs = saved
+    return rec, [o.token_ids for o in outs]
+
+
+def test_graph_recording_equals_eager_recording(llm):
+    prompts = _prompts(llm, 8)  # 8 sequences: the graph for 8 has no padding rows
+    replays = llm.runner.graphs.num_replays
+    g_rec, g_tok = _record(llm, prompts, True)
+    assert llm.runner.graphs.num_replays > replays, "recording must replay CUDA graphs"
+    e_rec, e_tok = _record(llm, prompts, False)
+    assert g_tok == e_tok
+    g = [g_rec.finished(r)[0] for r in g_rec.history]
+    e = [e_rec.finished(r)[0] for r in e_rec.history]
+    assert [x["phase"] for x in g] == [x["phase"] for x in e]
+    assert any(x["graphed"] for x in g) and not any(x["graphed"] for x in e)
+    catalog = [s.to_json() for s in g_rec.catalog]
+    same_math = ["embed", "layers.0.input", "layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v"]
+    for rg, re_, eg, ee in zip(g_rec.history, e_rec.history, g, e, strict=True):
+        assert not eg["missing_sites"] and not ee["missing_sites"]
+        tg, te = rg.tables(g_rec.catalog, False), re_.tables(e_rec.catalog, False)
+        for name in same_math:
+            slot = next(k for k, s in enumerate(catalog) if s["name"] == name)
+            for req in range(len(eg["batch"]["seqs"])):
+                assert site_stats(tg, catalog[slot], slot, eg["batch"], req)["hash"] == \
+                    site_stats(te, catalog[slot], slot, ee["batch"], req)["hash"], (eg["step"], name, req)
+
+
+@pytest.mark.parametrize("active,shadow", [("flash-attn", "torch"), ("torch", "reference")])
+def test_no_host_sync_at_hook_sites_while_recording(active, shadow, request):
+    llm = request.getfixturevalue("flash_llm" if active == "flash-attn" else "llm")
+    rec = Recorder(llm, shadow=shadow, full_sites=["layers.3.attn.out", "layers.3.attn.out@shadow"])
+    rec.attach()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    try:
+        for p in _prompts(llm, 4):
+            llm.add_request(p, params)
+        llm.step()  # prefill
+        llm.step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                llm.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        while llm.has_unfinished():
+            llm.step()
+    finally:
+        rec.detach()
+    events = [rec.finished(r)[0] for r in rec.history]
+    assert any(e["graphed"] for e in events), "decode steps must replay graphs with the shadow inside"
+    assert all(not e["missing_sites"] for e in events)
+
+
+def test_shadow_metrics_on_the_gpu(flash_llm):
+    """flash-attn active, torch shadow, bf16: both within about 2x of plain attention's error."""
+    from minillama.trace.tables import judge, layer_metrics
+
+    rec = Recorder(flash_llm, shadow="torch", history=64)
+    rec.attach()
+    try:
+        flash_llm.generate(_prompts(flash_llm, 5), SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    finally:
+        rec.detach()
+    per_row = 9 * 64
+    for r in rec.history:
+        ev, _ = rec.finished(r)
+        t = r.tables(rec.catalog, True)
+        for layer in range(30):
+            m = layer_metrics(t["shadow"], ev["batch"], layer, per_row, "bfloat16", True)
+            assert m["budget"] > 0 and 0 < m["err_active"] < 0.1
+            assert judge(m) is None, (ev["step"], layer, m)
+
+
+def _has_flash() -> bool:
+    from minillama.attention import available_backends
+
+    return available_backends().get("flash-attn") is None
