@@ -28,6 +28,7 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minillama import LLM, SamplingParams  # noqa: E402
@@ -53,10 +54,7 @@ def build(a):
         return LLM(None, **kw)
     from bench_gpu import model_config  # noqa: E402  (the Llama-3.2-shaped random models)
 
-    from minillama.config import Config
-    from minillama.engine.llm_engine import LLMEngine
-
-    return LLMEngine(Config(model=model_config(a.model), **kw))
+    return LLM(model_config(a.model), **kw)
 
 
 def workload(a, llm) -> tuple[list[list[int]], list[SamplingParams]]:

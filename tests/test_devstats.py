@@ -63,7 +63,7 @@ class Spy:
             seq, pos = ctx.sample_index, ctx.positions[ctx.sample_rows]
         else:
             seq, pos = ctx.seq_index, ctx.positions
-        self.seen[site] = (tensor.detach().clone(), seq.numpy().copy(), pos.numpy().copy())
+        self.seen[site] = (tensor.detach().clone(), seq.cpu().numpy().copy(), pos.cpu().numpy().copy())
 
 
 @pytest.fixture(scope="module")

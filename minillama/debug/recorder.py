@@ -25,14 +25,7 @@ import torch
 from minillama import hooks
 from minillama.context import get_context
 from minillama.debug import devstats
-from minillama.debug.records import (
-    StepRecord,
-    batch_summary,
-    batch_tensors,
-    capture_batch,
-    site_catalog,
-    table_tensors,
-)
+from minillama.debug.records import StepRecord, capture_batch, site_catalog, table_tensors
 from minillama.debug.shadow import Shadow
 from minillama.debug.stepbuf import StatsBuffer
 from minillama.trace.format import SHADOW_FIELDS
@@ -247,7 +240,7 @@ class Recorder:
             self._unfinished.append(rec)
         if self.keep_history:
             self.history.append(rec)
-        if self.sink is not None and not self.sink.submit(lambda r=rec: self.finished(r)):
+        if self.sink is not None and not self.sink.submit(lambda r=rec: self.written(r)):
             self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
             self.sink = None
         if self.on_record is not None:
@@ -255,19 +248,26 @@ class Recorder:
 
     # ---- finishing (the writer's thread, or a live view) ----------------------------------------
     def finished(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """``rec``'s event and tensors as the trace stores them (finishing earlier steps first)."""
+        """``rec``'s event (its ``batch`` too) and tensors as the trace stores them (earlier steps first)."""
         with self._finish_lock:
             while self._unfinished and self._unfinished[0].step <= rec.step:
                 self._finish(self._unfinished.popleft())
         tensors = dict(rec.full)
         if rec.snapshot is not None:
             tensors.update(table_tensors(rec.tables(self.catalog, self.shadow is not None)))
-        tensors.update(batch_tensors(rec.batch()))
+        tensors.update({k: torch.from_numpy(v) for k, v in rec.arrays().items()})
+        rec.event["batch"] = rec.batch()
         return rec.event, tensors
 
+    def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What the trace writer stores: the event without its ``batch`` (its tables are in the blob)."""
+        event, tensors = self.finished(rec)
+        return {k: v for k, v in event.items() if k != "batch"}, tensors
+
     def _finish(self, rec: StepRecord) -> None:
-        ev, tok = rec.event, self.llm.tokenizer
-        ev["batch"] = batch_summary(rec.raw_batch)
+        ev, tok, raw = rec.event, self.llm.tokenizer, rec.raw_batch
+        ev.update(kv=raw["kv"], preempted=raw["preempted"], waiting=raw["waiting"], num_seqs=len(raw["seqs"]),
+                  num_tokens=sum(s[4] for s in raw["seqs"]))
         for sid, p in ev["prompts"].items():
             p["text"] = tok.decode(p["token_ids"], skip_special_tokens=False)
             if p["generated"]:

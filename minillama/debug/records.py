@@ -16,6 +16,15 @@ import numpy as np
 import torch
 
 from minillama.debug.devstats import keys_to_float
+from minillama.trace.batch import (
+    FLAG_RECOMPUTE,
+    FLAG_SAMPLES,
+    SEQ_COLUMNS,
+    T_BLOCKS,
+    T_SEQS,
+    T_TABLES,
+    summary,
+)
 from minillama.trace.format import SAMPLE_SITES, T_BAD, T_HASH, T_SHADOW, T_STATS
 
 
@@ -55,54 +64,40 @@ def site_catalog(model_config, dtype: torch.dtype) -> list[SiteSpec]:
 def capture_batch(batch, engine) -> dict[str, Any]:
     """The batch as it is scheduled: plain numbers copied now, since sequences change as they run."""
     bm = engine.block_manager
+    blocks = bm.blocks
     return {
         "seqs": [(s.seq_id, s.num_prompt_tokens, len(s), s.num_computed_tokens, n, s.num_cached_tokens,
-                  list(s.block_table), s.num_preemptions)
+                  s.num_preemptions, list(s.block_table))
                  for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)],
-        "blocks": [(b, bm.blocks[b].ref_count, bm.blocks[b].hash != -1) for b in bm.used_block_ids],
+        "blocks": [(b, blocks[b].ref_count, blocks[b].hash != -1) for b in bm.used_block_ids],
         "phase": batch.phase,
         "preempted": [s.seq_id for s in batch.preempted],
         "waiting": [s.seq_id for s in engine.scheduler.waiting],
-        "free": bm.num_free_blocks,
-        "cached_free": sum(1 for b in bm.free_block_ids if bm.blocks[b].hash != -1) if len(bm.blocks) < 4096 else None,
-        "hits": bm.num_cache_hit_tokens,
-        "preemptions": engine.scheduler.num_preemptions,
-        "block_size": bm.block_size,
-        "num_blocks": len(bm.blocks),
+        "kv": {"block_size": bm.block_size, "num_blocks": len(blocks), "num_free_blocks": bm.num_free_blocks,
+               "num_cached_free_blocks": bm.num_cached_free_blocks, "prefix_hit_tokens_total": bm.num_cache_hit_tokens,
+               "preemptions_total": engine.scheduler.num_preemptions},
     }
 
 
-def batch_summary(raw: dict[str, Any]) -> dict[str, Any]:
-    """The trace's ``batch`` object (traces/README.md) from ``capture_batch``'s numbers."""
-    seqs = []
-    for sid, plen, length, start, n, cached, table, pre in raw["seqs"]:
-        seqs.append({"seq_id": sid, "prompt_len": plen, "len": length, "num_computed": start, "num_new": n,
-                     "chunk": [start, start + n], "num_cached": cached, "block_table": table, "preemptions": pre,
-                     "samples": start + n == length, "recompute": n > 1 and start + n > plen})
-    cu = [0]
-    for s in seqs:
-        cu.append(cu[-1] + s["num_new"])
-    return {"phase": raw["phase"], "num_tokens": cu[-1], "seqs": seqs, "cu_seqlens_q": cu,
-            "context_lens": [s["num_computed"] + s["num_new"] for s in seqs], "block_size": raw["block_size"],
-            "num_blocks": raw["num_blocks"], "num_free_blocks": raw["free"],
-            "blocks": {str(b): {"ref": ref, "cached": c} for b, ref, c in sorted(raw["blocks"])},
-            "num_cached_free_blocks": raw["cached_free"], "prefix_hit_tokens_total": raw["hits"],
-            "preempted": raw["preempted"], "preemptions_total": raw["preemptions"], "waiting": raw["waiting"]}
+def batch_arrays(raw: dict[str, Any]) -> dict[str, np.ndarray]:
+    """``capture_batch``'s numbers as the blob's batch tables (``trace/batch.py``)."""
+    seqs = raw["seqs"]
+    width = max((len(s[7]) for s in seqs), default=0)
+    table = np.full((len(seqs), width), -1, dtype=np.int32)
+    rows = np.zeros((len(seqs), len(SEQ_COLUMNS)), dtype=np.int64)
+    for i, (sid, plen, length, start, n, cached, pre, bt) in enumerate(seqs):
+        flags = (FLAG_SAMPLES if start + n == length else 0) | (FLAG_RECOMPUTE if n > 1 and start + n > plen else 0)
+        rows[i] = (sid, plen, length, start, n, cached, pre, flags)
+        table[i, : len(bt)] = bt
+    blocks = np.array(sorted(raw["blocks"]), dtype=np.int64).reshape(-1, 3)
+    return {T_SEQS: rows, T_TABLES: table, T_BLOCKS: blocks}
 
 
-def batch_tensors(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """``batch.block_tables`` (padded with -1) and ``batch.slot_mapping`` of a batch summary."""
-    seqs, bs = batch["seqs"], batch["block_size"]
-    width = max((len(s["block_table"]) for s in seqs), default=0)
-    tables = np.full((len(seqs), width), -1, dtype=np.int32)
-    slots = []
-    for i, s in enumerate(seqs):
-        bt = np.asarray(s["block_table"], dtype=np.int64)
-        tables[i, : len(bt)] = bt
-        p = np.arange(s["chunk"][0], s["chunk"][1])
-        slots.append(bt[p // bs] * bs + p % bs if len(p) else np.zeros(0, np.int64))
-    slot_mapping = np.concatenate(slots) if slots else np.zeros(0, np.int64)
-    return {"batch.block_tables": torch.from_numpy(tables), "batch.slot_mapping": torch.from_numpy(slot_mapping)}
+def batch_summary(raw: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """The trace's ``batch`` dict (traces/README.md) from ``capture_batch``'s numbers."""
+    arrays = arrays or batch_arrays(raw)
+    return summary(arrays[T_SEQS], arrays[T_TABLES], arrays[T_BLOCKS], raw["kv"], raw["phase"], raw["preempted"],
+                   raw["waiting"])
 
 
 def decode_tables(raw: dict[str, np.ndarray], catalog: list[SiteSpec], batch: dict[str, Any],
@@ -144,11 +139,20 @@ class StepRecord:
     snapshot: Any  # stepbuf.Snapshot
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     _tables: dict[str, np.ndarray] | None = None
+    _arrays: dict[str, np.ndarray] | None = None
+    _batch: dict[str, Any] | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The batch tables that go into the step's blob."""
+        if self._arrays is None:
+            self._arrays = batch_arrays(self.raw_batch)
+        return self._arrays
 
     def batch(self) -> dict[str, Any]:
-        if "batch" not in self.event:
-            self.event["batch"] = batch_summary(self.raw_batch)
-        return self.event["batch"]
+        """The batch dict every view reads (built once, on first use)."""
+        if self._batch is None:
+            self._batch = batch_summary(self.raw_batch, self.arrays())
+        return self._batch
 
     def tables(self, catalog: list[SiteSpec], shadow: bool) -> dict[str, np.ndarray] | None:
         """The decoded statistics tables (waits for the step's copies to land)."""

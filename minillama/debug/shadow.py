@@ -16,6 +16,7 @@ import torch
 
 from minillama import hooks
 from minillama.attention import AttentionBackend, get_backend
+from minillama.debug import yardstick_gpu
 from minillama.debug.yardstick import judge, reference_dtype
 from minillama.layers.attention import AttentionCall, run_attention
 from minillama.trace.format import SHADOW_FIELDS
@@ -47,17 +48,32 @@ class Shadow:
 
     @torch.inference_mode()
     def run(self, call: AttentionCall, active: torch.Tensor, table: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Compare one call; write the per-request metrics into ``table`` (requests, fields) and return
-        the outputs (``shadow``, ``ref``, ``plain``) for whoever keeps them in full."""
-        ref, plain = judge(call, self.dtype, width_of(call))
+        """Compare one call; fold the per-request metrics into ``table`` (requests, fields) and return the
+        outputs (``shadow``, ``ref``, ``plain``) for whoever keeps them in full."""
+        shadow = None
+        if self.backend is not None:
+            shadow = run_attention(self.backend, call.q, call.k, call.v, call.k_cache, call.v_cache,
+                                   call.context, call.scale)
+        if yardstick_gpu.covers(call, self.dtype):
+            ref, plain = yardstick_gpu.judge(call, self.dtype, width_of(call))
+            yardstick_gpu.metrics(active, shadow, ref, plain, call.context.seq_index, table)
+        else:
+            ref, plain = judge(call, self.dtype, width_of(call))
+            self._metrics(call, active, shadow, ref, plain, table)
         out = {"ref": ref, "plain": plain}
+        if shadow is not None:
+            out["shadow"] = shadow
+        return out
+
+    def _metrics(self, call: AttentionCall, active: torch.Tensor, shadow: torch.Tensor | None, ref: torch.Tensor,
+                 plain: torch.Tensor, table: torch.Tensor) -> None:
+        """The comparison in plain PyTorch, reduced per request with scatter operations."""
         seq = call.context.seq_index.long()
         rd = reference_dtype(self.dtype)
         r = ref.to(rd)
 
         def put(field: str, values: torch.Tensor, how: str) -> None:
-            col = table[:, _F[field]]
-            col.scatter_reduce_(0, seq, values.to(torch.float32), how, include_self=True)
+            table[:, _F[field]].scatter_reduce_(0, seq, values.to(torch.float32), how, include_self=True)
 
         def errors(x: torch.Tensor, prefix: str) -> None:
             e = (x.to(rd) - r).flatten(1)
@@ -67,12 +83,8 @@ class Shadow:
         errors(active, "err_active")
         errors(plain, "budget")
         put("ref_absmax", r.flatten(1).abs().amax(1), "amax")
-        if self.backend is not None:
-            shadow = run_attention(self.backend, call.q, call.k, call.v, call.k_cache, call.v_cache,
-                                   call.context, call.scale)
-            out["shadow"] = shadow
+        if shadow is not None:
             errors(shadow, "err_shadow")
             d = (active.to(rd) - shadow.to(rd)).flatten(1)
             put("diff_max", d.abs().amax(1), "amax")
             put("diff_sq", (d * d).sum(1), "sum")
-        return out

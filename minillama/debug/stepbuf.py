@@ -11,39 +11,50 @@ flat batch (``S`` = number of sites in the catalog, ``L`` layers, ``K`` shadow f
 
 Each step resets the first ``R`` request rows (one copy of a template row), the hook sites fill
 them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` copies ``req[:R]`` and
-``rows[:n]`` without blocking into pinned host memory, with an event to wait on. Nothing else
-crosses to the host.
+``rows[:n]`` without blocking into a slot of a ring of pinned host buffers, with an event to wait
+on. Nothing else crosses to the host. A slot is given back once its tables are copied out (by the
+trace writer's thread, or on demand).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections import deque
 
 import numpy as np
 import torch
 
 from minillama.debug.devstats import KEY_MAX_INIT, KEY_MIN_INIT
 
+#: Pinned host slots: steps whose tables may be in flight or waiting for the trace writer at once.
+RING = 8
 
-@dataclass
+
 class Snapshot:
-    """A step's tables on the host (valid once ``ready()``)."""
+    """A step's tables on their way to the host: pinned ring memory until ``tables()`` copies them out."""
 
-    req: torch.Tensor  # (R, words) int64
-    rows: torch.Tensor  # (n, S, 2) int32
-    done: torch.cuda.Event | None
-    num_sites: int
-    shadow_shape: tuple[int, int]
-
-    def ready(self) -> None:
-        """Wait for the copies (a no-op on the CPU)."""
-        if self.done is not None:
-            self.done.synchronize()
+    def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
+                 done: torch.cuda.Event | None) -> None:
+        self._buffer, self._slot = buffer, slot
+        self.req, self.rows, self.done = req, rows, done
+        self.num_sites, self.shadow_shape = (buffer.num_sites, buffer.shadow_shape) if buffer else (0, (0, 0))
+        self._tables: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()
 
     def tables(self) -> dict[str, np.ndarray]:
-        """The raw tables as numpy views: moments, keys, bad, shadow, lanes."""
-        self.ready()
-        return views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape)
+        """The raw tables (moments, keys, bad, shadow, lanes) as numpy arrays of their own; the first call
+        waits for the copies and gives the ring slot back."""
+        with self._lock:
+            if self._tables is None:
+                if self.done is not None:
+                    self.done.synchronize()
+                own = {k: v.copy() for k, v in views(self.req.numpy(), self.rows.numpy(), self.num_sites,
+                                                     self.shadow_shape).items()}
+                self._tables = own
+                self.req = self.rows = None  # type: ignore[assignment]
+                if self._buffer is not None and self._slot is not None:
+                    self._buffer._release(self._slot, self)
+            return self._tables
 
 
 def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -80,6 +91,11 @@ class StatsBuffer:
         self.bad = r[:, 3 * s: 4 * s].view(torch.int32).view(-1, s, 2)
         self.shadow = r[:, 4 * s:].view(torch.float32)[:, : layers * fields].reshape(r.shape[0], layers, fields)
         self._np = views(self.req.numpy(), self.rows.numpy(), s, shadow_shape) if device.type == "cpu" else None
+        self._ring: list[tuple[torch.Tensor, torch.Tensor]] = []  # pinned host copies, reused
+        self._free: deque[int] = deque()
+        self._holders: dict[int, Snapshot] = {}
+        self._order: deque[int] = deque()
+        self._ring_lock = threading.Lock()
 
     @property
     def max_reqs(self) -> int:
@@ -99,14 +115,39 @@ class StatsBuffer:
         self.req[:num_reqs].copy_(self._init.expand(num_reqs, -1))
 
     def snapshot(self, num_reqs: int, num_rows: int) -> Snapshot:
-        """Copy the step's used tables to the host without blocking."""
+        """Copy the step's used tables to the host without blocking (into a slot of a pinned ring)."""
         if self.device.type != "cuda":
-            return Snapshot(self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), None, self.num_sites,
-                            self.shadow_shape)
-        req = torch.empty((num_reqs, self.words), dtype=torch.int64, pin_memory=True)
-        rows = torch.empty((num_rows, self.num_sites, 2), dtype=torch.int32, pin_memory=True)
+            return Snapshot(self, None, self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), None)
+        slot = self._acquire()
+        req, rows = self._ring[slot]
+        req, rows = req[:num_reqs], rows[:num_rows]
         req.copy_(self.req[:num_reqs], non_blocking=True)
         rows.copy_(self.rows[:num_rows], non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return Snapshot(req, rows, done, self.num_sites, self.shadow_shape)
+        snap = Snapshot(self, slot, req, rows, done)
+        with self._ring_lock:
+            self._holders[slot] = snap
+            self._order.append(slot)
+        return snap
+
+    def _acquire(self) -> int:
+        """A free ring slot; when all are held, the oldest snapshot is copied out to free its slot."""
+        if not self._ring:
+            self._ring = [(torch.empty(self.req.shape, dtype=self.req.dtype, pin_memory=True),
+                           torch.empty(self.rows.shape, dtype=self.rows.dtype, pin_memory=True))
+                          for _ in range(RING)]
+            self._free = deque(range(RING))
+        while True:
+            with self._ring_lock:
+                if self._free:
+                    return self._free.popleft()
+                oldest = self._holders[self._order[0]]
+            oldest.tables()
+
+    def _release(self, slot: int, snap: Snapshot) -> None:
+        with self._ring_lock:
+            if self._holders.get(slot) is snap:
+                del self._holders[slot]
+                self._order.remove(slot)
+                self._free.append(slot)

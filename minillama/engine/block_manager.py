@@ -44,6 +44,12 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
+    @property
+    def num_cached_free_blocks(self) -> int:
+        """Free blocks that still hold a prefix-cache entry (a later prompt can revive them)."""
+        blocks = self.blocks
+        return sum(1 for b in self.free_block_ids if blocks[b].hash != -1)
+
     def _take(self, block_id: int) -> Block:
         block = self.blocks[block_id]
         assert block.ref_count == 0

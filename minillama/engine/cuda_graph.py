@@ -71,7 +71,7 @@ class DecodeGraphs:
         Sets of graphs for listeners no longer attached are dropped; they share one memory pool.
         """
         key = self._key()
-        if key in self.sets:
+        if key in self.sets or hooks.eager:  # an eager listener keeps steps out of graphs anyway
             return
         for old in [k for k in self.sets if k not in (-1, key)]:
             del self.sets[old]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from minillama.trace import tables as _tables
+from minillama.trace.batch import SEQ_COLUMNS, T_BLOCKS, T_SEQS, T_TABLES, summary
 from minillama.trace.format import (
     DATA,
     EVENTS,
@@ -172,6 +173,8 @@ class TraceReader:
             self._cache.move_to_end(i)
             return self._cache[i]
         event = self._parse_at(os.path.join(self.path, EVENTS), self._offsets[i])
+        if self.version >= 2 and "batch" not in event:
+            event["batch"] = self._batch(i, event)
         self._cache[i] = event
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -181,6 +184,16 @@ class TraceReader:
         """Every step event, in order (parsed one at a time)."""
         for i in range(self.num_steps):
             yield self.step(i)
+
+    def _batch(self, i: int, ev: dict[str, Any]) -> dict[str, Any]:
+        """Format 2: the step's batch dict, from the tables in its blob."""
+        self._cache[i] = ev  # _blob reads the event through step(i)
+        blob = self._blob(i)
+        get = lambda name, cols: blob.get(name).numpy() if blob is not None and name in blob \
+            else np.zeros((0, cols), np.int64)  # noqa: E731
+        kv = ev.get("kv") if isinstance(ev.get("kv"), dict) else {}
+        return summary(get(T_SEQS, len(SEQ_COLUMNS)), get(T_TABLES, 0), get(T_BLOCKS, 3), kv,
+                       str(ev.get("phase", "?")), list(ev.get("preempted") or []), list(ev.get("waiting") or []))
 
     # ---- statistics -----------------------------------------------------------------------------
     @property
