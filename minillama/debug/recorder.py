@@ -87,6 +87,7 @@ class Recorder:
         self._unfinished: deque[StepRecord] = deque()
         self._finish_lock = threading.Lock()
         self._attached = False
+        self.num_records = 0
         self.last_attention: dict[str, torch.Tensor] = {}  # the latest call's shadow/ref/plain outputs
 
     # ---- attach -------------------------------------------------------------------------------
@@ -235,7 +236,8 @@ class Recorder:
                  "graphed": st.graphed, "elapsed_ms": round((time.perf_counter() - st.t0) * 1e3, 3)}
         if not st.ok:
             event["note"] = "statistics skipped: the batch is larger than the recorder's tables"
-        rec = StepRecord(st.step, event, st.raw, st.snapshot if st.ok else None, st.full)
+        rec = StepRecord(st.step, event, st.raw, st.snapshot if st.ok else None, st.full, self.num_records)
+        self.num_records += 1
         with self._finish_lock:
             self._unfinished.append(rec)
         if self.keep_history:

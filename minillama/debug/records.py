@@ -138,6 +138,7 @@ class StepRecord:
     raw_batch: dict[str, Any]
     snapshot: Any  # stepbuf.Snapshot
     full: dict[str, torch.Tensor] = field(default_factory=dict)
+    index: int = 0  # the recorder's count of steps before this one
     _tables: dict[str, np.ndarray] | None = None
     _arrays: dict[str, np.ndarray] | None = None
     _batch: dict[str, Any] | None = None

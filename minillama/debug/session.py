@@ -27,7 +27,8 @@ import torch
 from minillama import hooks
 from minillama.debug.breakpoints import Breakpoint
 from minillama.debug.recorder import Recorder
-from minillama.debug.records import batch_summary
+from minillama.debug.records import batch_summary, decode_tables
+from minillama.debug.stepbuf import views
 from minillama.engine.llm_engine import RequestError
 from minillama.sampling_params import SamplingParams
 from minillama.trace.tables import layer_metrics
@@ -203,6 +204,18 @@ class DebugSession:
             return None
         return {"type": "step", "step": st.step, "phase": st.raw["phase"], "batch": batch_summary(st.raw),
                 "prompts": st.prompts, "sampled": {}, "finished": [], "in_progress": True}
+
+    def peek_tables(self) -> dict[str, Any] | None:
+        """The statistics of the step in progress so far (only while paused inside it)."""
+        st = self.recorder._open.get(self._step)
+        if st is None or not self._paused or not st.ok:
+            return None
+        buf = self.recorder.buffer
+        if buf.device.type == "cuda":
+            torch.cuda.synchronize(buf.device)
+        raw = views(buf.req[: st.reqs].cpu().numpy(), buf.rows[: max(st.rows, st.samples)].cpu().numpy(),
+                    buf.num_sites, buf.shadow_shape)
+        return decode_tables(raw, self.recorder.catalog, batch_summary(st.raw), self.recorder.shadow is not None)
 
     def tensor(self, step: int, site: str) -> torch.Tensor | None:
         """A site's tensor from one of the last steps that ran eagerly (paused inside), or a full site."""
