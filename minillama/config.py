@@ -23,3 +23,5 @@ class Config:
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # overlap host work with the GPU's step; None = on for CUDA
     enable_prefix_caching: bool = True
+    # each request's rows independent of the rest of the batch and of chunking (slower; layers/batch_invariant.py)
+    batch_invariant: bool = False

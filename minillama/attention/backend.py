@@ -34,6 +34,10 @@ class AttentionBackend:
     block_size_multiple: int  # paged-KV block size must be a multiple of this
     # Entered by the model runner around each forward pass (all layers see the same step metadata).
     forward_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    # True if, while the step context's ``batch_invariant`` is set, both functions meet the contract in
+    # ``minillama/layers/invariant_attention.py`` (a row's output depends on its request's keys only, by
+    # one fixed sequence of operations); otherwise batch-invariant mode uses that module's attention.
+    batch_invariant: bool = False
 
     def check(self, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Raise ``BackendError`` if this backend cannot run heads of ``head_dim`` in ``dtype`` on ``device``.

@@ -8,13 +8,22 @@ calls, following ``packed_modules_mapping``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from minillama.context import get_context
+from minillama.layers import batch_invariant
 
 
 class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.weight.weight_loader = self.weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if get_context().batch_invariant:  # fixed-size row tiles: a row's bits do not depend on the batch
+            return batch_invariant.linear(x, self.weight)
+        return F.linear(x, self.weight)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.shape != loaded.shape:

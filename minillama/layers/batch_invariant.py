@@ -1,0 +1,89 @@
+"""Batch-invariant ops: each row's result does not depend on the other rows, their number, or its place.
+
+``LLM(..., batch_invariant=True)`` sets ``Context.batch_invariant`` for every step, and the layers
+route through these instead of their usual kernels where the usual kernel is not row-invariant.
+What varies with the batch was measured on CPU (float32, MKL, AVX512, torch 2.13): a row of
+``F.linear`` at M = 1..3 rows differs from the same row at M >= 4, and the last row of an odd M
+differs too (small-M and edge kernels); RMSNorm (``F.rms_norm``), the rotary, the residual adds and
+argmax are row-wise and came out identical at every M; ``torch.sigmoid`` / ``F.silu`` compute
+elements in the scalar tail of a vectorized loop differently from the vector body (about 4% of
+values differ by an ulp), so which elements land in the tail (it depends on the number of rows and
+threads) can change a row; ``torch.exp`` gives the same bits on both paths. Attention varies with
+the padding, the number of keys of the other requests and whether a row is computed in a prefill
+chunk or a decode step (``invariant_attention``). On CUDA, cuBLAS picks its kernel (tile shape,
+split-K) from M, so a row's sum order depends on the batch size.
+
+The fixes: matmuls run over tiles of exactly ``ROW_TILE`` rows (the last tile padded with zeros),
+so every row goes through one kernel of one shape (a tile's rows do not influence each other, and a
+row's place in its tile does not matter: measured, and true of GEMM kernels that give each output
+element its own fixed sum over K); SiLU is ``x / (1 + exp(-x))`` from exactly rounded ops and exp.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Rows per matmul tile: small on CPU (decode pays for the padding), one decode batch on CUDA.
+ROW_TILE = {"cpu": 8, "cuda": 128}
+
+
+def row_tile(device: torch.device) -> int:
+    return ROW_TILE.get(device.type, ROW_TILE["cpu"])
+
+
+def _padded(x: torch.Tensor, tile: int) -> tuple[torch.Tensor, int]:
+    rows = x.shape[0]
+    n = max(1, -(-rows // tile))
+    if n * tile != rows:
+        x = torch.cat([x, x.new_zeros(n * tile - rows, x.shape[1])])
+    return x, n
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ weight.T`` for ``x`` (..., K), computed over tiles of exactly ``ROW_TILE`` rows.
+
+    CPU: one batched matmul over the tiles (measured: the same bits as one ``F.linear`` per tile,
+    whatever the number of tiles). CUDA: one ``torch.mm`` per tile, so cuBLAS sees one shape only.
+    ``out_dtype`` float32 with half inputs on CUDA gives float32 results from the matrix units.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    rows, tile = x2.shape[0], row_tile(x.device)
+    xp, n = _padded(x2, tile)
+    if x.is_cuda:
+        wt = weight.t()
+        if out_dtype is not None and out_dtype != x.dtype:
+            parts = [torch.mm(xp[i * tile:(i + 1) * tile], wt, out_dtype=out_dtype) for i in range(n)]
+        else:
+            parts = [torch.mm(xp[i * tile:(i + 1) * tile], wt) for i in range(n)]
+        out = torch.cat(parts) if n > 1 else parts[0]
+    else:
+        out = torch.bmm(xp.view(n, tile, k), weight.t().expand(n, k, weight.shape[0])).view(n * tile, -1)
+        if out_dtype is not None:
+            out = out.to(out_dtype)
+    return out[:rows].view(*lead, weight.shape[0])
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (``x = cat([gate, up], -1)``) from ops that round the same on every element."""
+    gate, up = x.chunk(2, -1)
+    if x.is_cuda:  # CUDA elementwise kernels use one code path for every element
+        return F.silu(gate) * up
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+def tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum over ``dim`` in a fixed pairwise order (elementwise adds of halves, zero-padded to a power of
+    two): the same bits for a row whatever the tensor's other dimensions, on any device."""
+    dim = dim % x.dim()
+    n = x.shape[dim]
+    size = 1 << max(0, (n - 1).bit_length())
+    if size != n:
+        pad = list(x.shape)
+        pad[dim] = size - n
+        x = torch.cat([x, x.new_zeros(pad)], dim)
+    while x.shape[dim] > 1:
+        half = x.shape[dim] // 2
+        x = x.narrow(dim, 0, half) + x.narrow(dim, half, half)
+    return x.squeeze(dim)
