@@ -51,10 +51,11 @@ def inv_llm(tiny_llama_dir):
 
 
 # ---- the independent reference ----------------------------------------------------------------------
-def rows_by_position(r: TraceReader, seq_id: int) -> dict[int, dict[str, np.ndarray]]:
-    """position -> site -> that position's row (its first computation), from the batches and full tensors."""
+def rows_by_position(r: TraceReader, seq_id: int) -> dict[int, list[dict[str, np.ndarray]]]:
+    """position -> its computations in time order (a recompute after a preemption adds one) -> site -> row,
+    from the batches and full tensors."""
     names = [e["name"] for e in r.catalog]
-    out: dict[int, dict[str, np.ndarray]] = {}
+    out: dict[int, list[dict[str, np.ndarray]]] = {}
     for i in range(r.num_steps):
         seqs = r.step(i)["batch"]["seqs"]
         row = sample = 0
@@ -62,9 +63,8 @@ def rows_by_position(r: TraceReader, seq_id: int) -> dict[int, dict[str, np.ndar
             start, n = s["num_computed"], s["num_new"]
             if s["seq_id"] == seq_id:
                 for p in range(start, start + n):
-                    if p in out:
-                        continue
-                    got = out[p] = {}
+                    got: dict[str, np.ndarray] = {}
+                    out.setdefault(p, []).append(got)
                     for name in names:
                         t = r.tensor(i, name)
                         if name in ("logits", "sampled"):
@@ -78,14 +78,17 @@ def rows_by_position(r: TraceReader, seq_id: int) -> dict[int, dict[str, np.ndar
 
 
 def reference_first(a: str, b: str, seq_a: int, seq_b: int) -> tuple[int, str, float] | None:
-    """The first (position, site in catalog order) whose bytes differ, and max |A - B| there."""
+    """The first (position, computation, site in catalog order) whose bytes differ, and max |A - B| there;
+    the k-th computation of a position on one side meets the k-th on the other, or the other's last."""
     ra, rb = TraceReader(a), TraceReader(b)
     xa, xb = rows_by_position(ra, seq_a), rows_by_position(rb, seq_b)
     for p in sorted(set(xa) & set(xb)):
-        for name in [e["name"] for e in ra.catalog]:
-            if name in xa[p] and name in xb[p] and xa[p][name].tobytes() != xb[p][name].tobytes():
-                d = np.abs(xa[p][name].astype(np.float64) - xb[p][name].astype(np.float64)).max()
-                return p, name, float(d)
+        for k in range(max(len(xa[p]), len(xb[p]))):
+            ca, cb = xa[p][min(k, len(xa[p]) - 1)], xb[p][min(k, len(xb[p]) - 1)]
+            for name in [e["name"] for e in ra.catalog]:
+                if name in ca and name in cb and ca[name].tobytes() != cb[name].tobytes():
+                    d = np.abs(ca[name].astype(np.float64) - cb[name].astype(np.float64)).max()
+                    return p, name, float(d)
     return None
 
 

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 #: Rows per matmul tile: small on CPU (decode pays for the padding), one decode batch on CUDA.
 ROW_TILE = {"cpu": 8, "cuda": 128}
+#: Batched-matmul items per call in ``fixed_bmm``.
+ITEM_TILE = {"cpu": 64, "cuda": 1024}
 
 
 def row_tile(device: torch.device) -> int:
@@ -63,6 +65,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
         if out_dtype is not None:
             out = out.to(out_dtype)
     return out[:rows].view(*lead, weight.shape[0])
+
+
+def fixed_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for (I, M, K) x (I, K, N), in calls of exactly ``ITEM_TILE`` items (the last padded):
+    every item meets one kernel of one shape, as the rows of ``linear`` do. Half inputs on CUDA sum
+    in float32 on the matrix units; otherwise the inputs are upcast to ``out_dtype``."""
+    items = a.shape[0]
+    tile = ITEM_TILE.get(a.device.type, ITEM_TILE["cpu"])
+    n = max(1, -(-items // tile))
+    if n * tile != items:
+        a = torch.cat([a, a.new_zeros(n * tile - items, *a.shape[1:])])
+        b = torch.cat([b, b.new_zeros(n * tile - items, *b.shape[1:])])
+    cuda_half = a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype
+    if not cuda_half:
+        a, b = a.to(out_dtype), b.to(out_dtype)
+    parts = [torch.bmm(a[i * tile:(i + 1) * tile], b[i * tile:(i + 1) * tile], out_dtype=out_dtype) if cuda_half
+             else torch.bmm(a[i * tile:(i + 1) * tile], b[i * tile:(i + 1) * tile]) for i in range(n)]
+    return (torch.cat(parts) if n > 1 else parts[0])[:items]
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,13 @@ Used in batch-invariant mode for attention backends that do not promise the guar
     must agree bit for bit), where the keys are read from (new flat k/v or the paged cache),
     the block size and block table, ``max_seqlen_*``, padding rows of a CUDA graph, and the
     number of splits. Here: keys are walked in tiles of ``KEY_TILE`` positions aligned to
-    position 0, in increasing order, with an online softmax; within a tile the reductions are
-    fixed-order (``tree_sum``); keys past p count as exact zeros and a tile with none of the
-    row's keys leaves its running values untouched (so extra tiles for longer neighbours or
+    position 0, in increasing order, with an online softmax; within a tile the dot products and
+    the weighted sum of values are matmuls of one fixed shape (``fixed_bmm``) and the sum of
+    weights is fixed-order (``tree_sum``); keys past p count as exact zeros, and a tile with none
+    of the row's keys leaves its running values untouched (so extra tiles for longer neighbours or
     graph padding change nothing).
 
-Costs more than the backends' kernels: every (row, key) product is materialised per tile.
+Costs more than the backends' kernels: each query row gathers its own copy of every key tile.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from __future__ import annotations
 import torch
 
 from minillama.context import Context
-from minillama.layers.batch_invariant import tree_sum
+from minillama.layers.batch_invariant import fixed_bmm, tree_sum
 
-#: Keys per tile (a fixed schedule: changing it changes results, never their invariance).
-KEY_TILE = 16
+#: Keys per tile, per device (a fixed schedule: changing it changes results, never their invariance).
+KEY_TILE = {"cpu": 64, "cuda": 256}
 
 
 def _rows(q: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +46,14 @@ def _rows(q: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               ctx: Context, scale: float) -> torch.Tensor:
     """q (tokens, heads, D); k/v the step's new (tokens, kv_heads, D), already in the paged cache when
-    there is one. Returns (tokens, heads, D) in q's dtype (see the module docstring)."""
+    there is one. Returns (tokens, heads, D) in q's dtype (see the module docstring).
+
+    Per key tile, the products go through ``fixed_bmm``: one batched matmul item per (query row,
+    kv head), in calls of a fixed number of items, so every row meets the same kernel shape.
+    """
     n, h, d = q.shape
     hk = k.shape[1]
+    g = h // hk
     seq, pos = _rows(q, ctx)
     paged = ctx.block_tables is not None
     if paged:
@@ -60,12 +66,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         rows_k, rows_v = k, v
         first = ctx.cu_seqlens_k.long()[seq]  # (N,) row of each request's key 0
         max_keys = ctx.max_seqlen_k
-    qf = q.float().view(n, 1, hk, h // hk, d)
-    m = torch.full((n, hk, h // hk), float("-inf"), device=q.device)
+    half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)  # matrix units, float32 sums
+    qi = (q if half else q.float()).reshape(n * hk, g, d)  # item (row, kv head): its g query heads
+    m = torch.full((n * hk, g), float("-inf"), device=q.device)
     l_sum = torch.zeros_like(m)
-    acc = torch.zeros(n, hk, h // hk, d, device=q.device)
-    offsets = torch.arange(KEY_TILE, device=q.device)
-    for start in range(0, max(max_keys, 1), KEY_TILE):
+    acc = torch.zeros(n * hk, g, d, device=q.device)
+    tile = KEY_TILE.get(q.device.type, KEY_TILE["cpu"])
+    offsets = torch.arange(tile, device=q.device)
+    for start in range(0, max(max_keys, 1), tile):
         j = start + offsets  # absolute key positions of this tile
         valid = j[None, :] <= pos[:, None]  # (N, T)
         if paged:
@@ -74,17 +82,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
         else:
             slots = first[:, None] + j[None, :]
         slots = torch.where(valid, slots, 0)
-        kt = rows_k[slots].float()  # (N, T, Hk, D)
-        vt = torch.where(valid[..., None, None], rows_v[slots].float(), 0.0)
-        s = tree_sum(qf * kt[:, :, :, None, :], -1) * scale  # (N, T, Hk, G)
-        s = torch.where(valid[..., None, None], s, float("-inf"))
-        m_new = torch.maximum(m, s.amax(1))
+        mask = valid[:, None, None, :].expand(n, hk, 1, tile).reshape(n * hk, 1, tile)
+        kt = rows_k[slots].permute(0, 2, 3, 1).reshape(n * hk, d, tile)  # (items, D, T)
+        vt = torch.where(valid[..., None, None], rows_v[slots], 0).transpose(1, 2).reshape(n * hk, tile, d)
+        if not half:
+            kt, vt = kt.float(), vt.float()
+        s = fixed_bmm(qi, kt, torch.float32) * scale  # (items, G, T)
+        s = torch.where(mask, s, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
         alpha = torch.exp(m - m_use)
-        p = torch.exp(s - m_use[:, None])
-        seen = valid.any(1)[:, None, None]  # a tile without this row's keys changes nothing
-        l_sum = torch.where(seen, l_sum * alpha + tree_sum(p, 1), l_sum)
-        pv = tree_sum(p[..., None] * vt[:, :, :, None, :], 1)  # (N, Hk, G, D)
+        p = torch.exp(s - m_use[..., None])
+        seen = mask.any(-1)  # (items, 1): a tile without this row's keys changes nothing
+        l_sum = torch.where(seen, l_sum * alpha + tree_sum(p, -1), l_sum)
+        pv = fixed_bmm(p.to(vt.dtype), vt, torch.float32)  # (items, G, D); half: p rounded as flash-attn does
         acc = torch.where(seen[..., None], acc * alpha[..., None] + pv, acc)
         m = torch.where(seen, m_new, m)
     out = torch.where(l_sum[..., None] > 0, acc / l_sum[..., None], 0.0)
