@@ -86,17 +86,18 @@ def _run(q_rows, chunks, keys, vals, kc, vc, bt, decode=False, flat=False):
     return ia.attention(torch.cat(q), torch.cat(k), torch.cat(v), kc, vc, ctx, 0.3)
 
 
-@pytest.mark.parametrize("tile", [4, 64])
-def test_invariant_attention_is_correct_and_the_same_however_rows_are_batched(monkeypatch, tile):
+@pytest.mark.parametrize("tile,h,hk,d", [(4, 6, 2, 8), (64, 6, 2, 8), (16, 9, 3, 64)])
+def test_invariant_attention_is_correct_and_the_same_however_rows_are_batched(monkeypatch, tile, h, hk, d):
     monkeypatch.setitem(ia.KEY_TILE, "cpu", tile)
-    lens, h = [19, 7, 30], 6
-    keys, vals, kc, vc, bt = _cache(0, lens, block=4)
+    lens, g_heads = [19, 7, 30], h // hk
+    keys, vals, kc, vc, bt = _cache(0, lens, block=4, hk=hk, d=d)
     g = torch.Generator().manual_seed(5)
-    q_rows = [torch.randn(n, h, 8, generator=g) for n in lens]
+    q_rows = [torch.randn(n, h, d, generator=g) for n in lens]
     whole = _run(q_rows, [(r, 0, n) for r, n in enumerate(lens)], keys, vals, kc, vc, bt)
     at = 0
     for r, n in enumerate(lens):  # against float64 causal attention, request by request
-        qq, kk, vv = q_rows[r].double(), keys[r].double().repeat_interleave(3, 1), vals[r].double().repeat_interleave(3, 1)
+        qq = q_rows[r].double()
+        kk, vv = (x[r].double().repeat_interleave(g_heads, 1) for x in (keys, vals))
         s = torch.einsum("qhd,khd->hqk", qq, kk) * 0.3
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
         want = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv)
@@ -108,9 +109,11 @@ def test_invariant_attention_is_correct_and_the_same_however_rows_are_batched(mo
     decode = _run(q_rows, [(1, 6, 7), (2, 29, 30), (0, 12, 13)], keys, vals, kc, vc, bt, decode=True)
     assert bits(decode[0]) == bits(row(1, 6)) and bits(decode[1]) == bits(row(2, 29))
     assert bits(decode[2]) == bits(row(0, 12))
+    alone = _run(q_rows, [(2, 29, 30)], keys, vals, kc, vc, bt, decode=True)  # one request: other layouts
+    assert bits(alone[0]) == bits(row(2, 29))
     flat = _run(q_rows, [(1, 0, 7), (0, 0, 19)], keys, vals, kc, vc, bt, flat=True)  # keys from the step itself
     assert bits(flat[7:]) == bits(whole[:19]) and bits(flat[:7]) == bits(whole[19:26])
-    k2, v2, kc2, vc2, bt2 = _cache(0, lens, block=8)  # same values, another block size and layout
+    k2, v2, kc2, vc2, bt2 = _cache(0, lens, block=8, hk=hk, d=d)  # same values, another block size and layout
     other = _run(q_rows, [(0, 0, 19)], k2, v2, kc2, vc2, bt2)
     assert bits(other) == bits(whole[:19])
 

@@ -26,33 +26,35 @@ import torch.nn.functional as F
 
 #: Rows per matmul tile: small on CPU (decode pays for the padding), one decode batch on CUDA.
 ROW_TILE = {"cpu": 8, "cuda": 128}
-#: Batched-matmul items per call in ``fixed_bmm``.
-ITEM_TILE = {"cpu": 64, "cuda": 1024}
+#: Batched-matmul items per call in ``fixed_bmm`` on CUDA (cuBLAS picks kernels by the item count too).
+ITEM_TILE = 1024
 
 
 def row_tile(device: torch.device) -> int:
     return ROW_TILE.get(device.type, ROW_TILE["cpu"])
 
 
-def _padded(x: torch.Tensor, tile: int) -> tuple[torch.Tensor, int]:
-    rows = x.shape[0]
-    n = max(1, -(-rows // tile))
-    if n * tile != rows:
-        x = torch.cat([x, x.new_zeros(n * tile - rows, x.shape[1])])
-    return x, n
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` contiguous with zero rows appended up to ``rows`` (one fixed memory layout for every call)."""
+    if x.shape[0] == rows:
+        return x.contiguous()
+    out = x.new_zeros(rows, *x.shape[1:])
+    out[: x.shape[0]] = x
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` (..., K), computed over tiles of exactly ``ROW_TILE`` rows.
 
-    CPU: one batched matmul over the tiles (measured: the same bits as one ``F.linear`` per tile,
-    whatever the number of tiles). CUDA: one ``torch.mm`` per tile, so cuBLAS sees one shape only.
+    CPU: one batched matmul over the tiles (MKL computes each item alone: measured, the same bits
+    whatever the number of items). CUDA: one ``torch.mm`` per tile, so cuBLAS sees one shape only.
     ``out_dtype`` float32 with half inputs on CUDA gives float32 results from the matrix units.
     """
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     rows, tile = x2.shape[0], row_tile(x.device)
-    xp, n = _padded(x2, tile)
+    n = max(1, -(-rows // tile))
+    xp = _pad_rows(x2, n * tile)
     if x.is_cuda:
         wt = weight.t()
         if out_dtype is not None and out_dtype != x.dtype:
@@ -68,20 +70,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
 
 
 def fixed_bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` for (I, M, K) x (I, K, N), in calls of exactly ``ITEM_TILE`` items (the last padded):
-    every item meets one kernel of one shape, as the rows of ``linear`` do. Half inputs on CUDA sum
-    in float32 on the matrix units; otherwise the inputs are upcast to ``out_dtype``."""
+    """``a @ b`` for (I, M, K) x (I, K, N) such that every item meets one kernel of one shape and layout.
+
+    Inputs are made contiguous first (a transposed operand changes MKL's sums: measured). On CUDA the
+    items go in calls of exactly ``ITEM_TILE`` (the last padded); half inputs sum in float32 on the
+    matrix units. On CPU one call (MKL: the same bits whatever the item count, measured); inputs are
+    upcast to ``out_dtype``.
+    """
+    if not a.is_cuda:
+        return torch.bmm(a.to(out_dtype).contiguous(), b.to(out_dtype).contiguous())
     items = a.shape[0]
-    tile = ITEM_TILE.get(a.device.type, ITEM_TILE["cpu"])
-    n = max(1, -(-items // tile))
-    if n * tile != items:
-        a = torch.cat([a, a.new_zeros(n * tile - items, *a.shape[1:])])
-        b = torch.cat([b, b.new_zeros(n * tile - items, *b.shape[1:])])
-    cuda_half = a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype
-    if not cuda_half:
+    n = max(1, -(-items // ITEM_TILE))
+    half = a.dtype in (torch.float16, torch.bfloat16) and a.dtype == b.dtype
+    if not half:
         a, b = a.to(out_dtype), b.to(out_dtype)
-    parts = [torch.bmm(a[i * tile:(i + 1) * tile], b[i * tile:(i + 1) * tile], out_dtype=out_dtype) if cuda_half
-             else torch.bmm(a[i * tile:(i + 1) * tile], b[i * tile:(i + 1) * tile]) for i in range(n)]
+    a, b = _pad_rows(a, n * ITEM_TILE), _pad_rows(b, n * ITEM_TILE)
+    t = ITEM_TILE
+    parts = [torch.bmm(a[i * t:(i + 1) * t], b[i * t:(i + 1) * t], out_dtype=out_dtype) if half
+             else torch.bmm(a[i * t:(i + 1) * t], b[i * t:(i + 1) * t]) for i in range(n)]
     return (torch.cat(parts) if n > 1 else parts[0])[:items]
 
 
