@@ -22,6 +22,8 @@ Costs more than the backends' kernels: each query row gathers its own copy of ev
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from minillama.context import Context
@@ -29,6 +31,8 @@ from minillama.layers.batch_invariant import fixed_bmm, tree_sum
 
 #: Keys per tile, per device (a fixed schedule: changing it changes results, never their invariance).
 KEY_TILE = {"cpu": 64, "cuda": 256}
+#: Query rows per pass (bounds the gathered keys' memory; rows are independent, so results do not change).
+ROW_CHUNK = {"cpu": 4096, "cuda": 1024}
 
 
 def _rows(q: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,29 +47,55 @@ def _rows(q: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
     return seq, start[seq] + (t - cu_q[seq])
 
 
+@dataclass
+class _Keys:
+    """Where each query row's keys are: through its request's block table, or in the step's flat k/v."""
+
+    rows_k: torch.Tensor  # (slots, Hk, D)
+    rows_v: torch.Tensor
+    tables: torch.Tensor | None  # (N, width) each row's request's block table (paged)
+    first: torch.Tensor | None  # (N,) each row's request's key 0 in the flat k/v
+    block_size: int
+    max_keys: int
+
+    def slots(self, rows: slice, j: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(R, T) slot of key position ``j`` for each row of ``rows`` (0 where not ``valid``)."""
+        if self.tables is not None:
+            t = self.tables[rows]
+            block = t.gather(1, (j // self.block_size).clamp(max=t.shape[1] - 1).expand(t.shape[0], -1))
+            slots = block * self.block_size + j % self.block_size
+        else:
+            slots = self.first[rows, None] + j[None, :]
+        return torch.where(valid, slots, 0)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               ctx: Context, scale: float) -> torch.Tensor:
     """q (tokens, heads, D); k/v the step's new (tokens, kv_heads, D), already in the paged cache when
-    there is one. Returns (tokens, heads, D) in q's dtype (see the module docstring).
-
-    Per key tile, the products go through ``fixed_bmm``: one batched matmul item per (query row,
-    kv head), in calls of a fixed number of items, so every row meets the same kernel shape.
-    """
-    n, h, d = q.shape
+    there is one. Returns (tokens, heads, D) in q's dtype (see the module docstring). Rows go in
+    chunks of ``ROW_CHUNK`` (rows are independent: this only bounds the memory of the gathered keys)."""
+    n, _h, d = q.shape
     hk = k.shape[1]
-    g = h // hk
     seq, pos = _rows(q, ctx)
-    paged = ctx.block_tables is not None
-    if paged:
-        bs = k_cache.shape[1]
-        rows_k, rows_v = k_cache.reshape(-1, hk, d), v_cache.reshape(-1, hk, d)
-        width = ctx.block_tables.shape[1]
-        tables = ctx.block_tables.long()[seq]  # (N, width)
-        max_keys = ctx.max_seqlen_k if ctx.max_seqlen_k > 0 else width * bs  # graphs: the whole table
+    if ctx.block_tables is not None:
+        bs, width = k_cache.shape[1], ctx.block_tables.shape[1]
+        keys = _Keys(k_cache.reshape(-1, hk, d), v_cache.reshape(-1, hk, d), ctx.block_tables.long()[seq], None, bs,
+                     ctx.max_seqlen_k if ctx.max_seqlen_k > 0 else width * bs)  # graphs: the whole table
     else:  # a prefill from position 0 with no cache reads: the keys are the step's own
-        rows_k, rows_v = k, v
-        first = ctx.cu_seqlens_k.long()[seq]  # (N,) row of each request's key 0
-        max_keys = ctx.max_seqlen_k
+        keys = _Keys(k, v, None, ctx.cu_seqlens_k.long()[seq], 1, ctx.max_seqlen_k)
+    chunk = ROW_CHUNK.get(q.device.type, ROW_CHUNK["cpu"])
+    if n <= chunk:
+        return _attend(q, pos, slice(0, n), keys, scale)
+    return torch.cat([_attend(q[i:i + chunk], pos[i:i + chunk], slice(i, i + chunk), keys, scale)
+                      for i in range(0, n, chunk)])
+
+
+def _attend(q: torch.Tensor, pos: torch.Tensor, rows: slice, keys: _Keys, scale: float) -> torch.Tensor:
+    """Per key tile, the products go through ``fixed_bmm``: one batched-matmul item per (query row,
+    kv head), so every row meets the same kernel shape."""
+    n, h, d = q.shape
+    hk = keys.rows_k.shape[1]
+    g = h // hk
     half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)  # matrix units, float32 sums
     qi = (q if half else q.float()).reshape(n * hk, g, d)  # item (row, kv head): its g query heads
     m = torch.full((n * hk, g), float("-inf"), device=q.device)
@@ -73,18 +103,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.
     acc = torch.zeros(n * hk, g, d, device=q.device)
     tile = KEY_TILE.get(q.device.type, KEY_TILE["cpu"])
     offsets = torch.arange(tile, device=q.device)
-    for start in range(0, max(max_keys, 1), tile):
+    for start in range(0, max(keys.max_keys, 1), tile):
         j = start + offsets  # absolute key positions of this tile
         valid = j[None, :] <= pos[:, None]  # (N, T)
-        if paged:
-            block = tables.gather(1, (j // bs).clamp(max=width - 1).expand(n, -1))
-            slots = block * bs + j % bs
-        else:
-            slots = first[:, None] + j[None, :]
-        slots = torch.where(valid, slots, 0)
+        slots = keys.slots(rows, j, valid)
         mask = valid[:, None, None, :].expand(n, hk, 1, tile).reshape(n * hk, 1, tile)
-        kt = rows_k[slots].permute(0, 2, 3, 1).reshape(n * hk, d, tile)  # (items, D, T)
-        vt = torch.where(valid[..., None, None], rows_v[slots], 0).transpose(1, 2).reshape(n * hk, tile, d)
+        kt = keys.rows_k[slots].permute(0, 2, 3, 1).reshape(n * hk, d, tile)  # (items, D, T)
+        vt = torch.where(valid[..., None, None], keys.rows_v[slots], 0).transpose(1, 2).reshape(n * hk, tile, d)
         if not half:
             kt, vt = kt.float(), vt.float()
         s = fixed_bmm(qi, kt, torch.float32) * scale  # (items, G, T)
