@@ -21,8 +21,10 @@ def bits(x: torch.Tensor) -> bytes:
 
 
 # ---- the ops ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tile", [1, 8])
 @pytest.mark.parametrize("k,n", [(64, 96), (576, 1536)])
-def test_tiled_linear_rows_do_not_depend_on_the_batch(k, n):
+def test_tiled_linear_rows_do_not_depend_on_the_batch(monkeypatch, k, n, tile):
+    monkeypatch.setitem(bi.ROW_TILE, "cpu", tile)
     g = torch.Generator().manual_seed(k)
     w, x = torch.randn(n, k, generator=g) * 0.05, torch.randn(21, k, generator=g)
     full = bi.linear(x, w)

@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-#: Rows per matmul tile: small on CPU (decode pays for the padding), one decode batch on CUDA.
-ROW_TILE = {"cpu": 8, "cuda": 128}
+#: Rows per matmul tile. CPU: 1, every row a matrix-vector product, as an unbatched decode step computes it
+#: (a prefill pays: measured 2-6x per matmul at 8-43 rows); CUDA: one decode batch (cuBLAS is weight-bound there).
+ROW_TILE = {"cpu": 1, "cuda": 128}
 #: Batched-matmul items per call in ``fixed_bmm`` on CUDA (cuBLAS picks kernels by the item count too).
 ITEM_TILE = 1024
 
