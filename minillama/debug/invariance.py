@@ -22,6 +22,7 @@ from minillama.config import Config
 from minillama.debug.manifest import build_manifest
 from minillama.debug.recorder import Recorder
 from minillama.engine.block_manager import BlockManager
+from minillama.engine.llm_engine import resolve_device
 from minillama.llm import LLM
 from minillama.sampling_params import SamplingParams
 from minillama.trace.diff import RequestDiff, diff_request
@@ -127,6 +128,10 @@ class Checker:
         """The engine (one per KV block size, built on first use)."""
         if block_size not in self._llms:
             kw = dict(self.engine) if block_size is None else {**self.engine, "kvcache_block_size": block_size}
+            if resolve_device(kw.get("device", "auto")).type == "cuda" and not kw.get("num_kvcache_blocks"):
+                # sized from free GPU memory, a second engine would find none left: size both for the runs
+                bs = kw.get("kvcache_block_size") or 256
+                kw["num_kvcache_blocks"] = kw["max_num_seqs"] * -(-kw.get("max_model_len", 4096) // bs) + 8
             self._llms[block_size] = LLM(kw.pop("model", None), **kw)
         return self._llms[block_size]
 
