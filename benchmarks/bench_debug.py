@@ -148,8 +148,9 @@ def main() -> None:
     tokens = sum(p.max_tokens for p in params)
     tmp = tempfile.mkdtemp(prefix="bench-debug-")
     rows = []
+    short = [SamplingParams(temperature=0, max_tokens=min(4, p.max_tokens), ignore_eos=True) for p in params]
     for mode in modes:
-        run_mode(mode, llm, prompts[: max(4, len(prompts) // 8)], params[: max(4, len(prompts) // 8)], tmp)  # warm-up
+        run_mode(mode, llm, prompts, short, tmp)  # warm-up: every prefill shape, a few decode steps
         times, size, steps = [], 0, 0
         for _ in range(a.repeat):
             dt, size, steps = run_mode(mode, llm, prompts, params, tmp)

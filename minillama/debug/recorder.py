@@ -30,6 +30,9 @@ from minillama.debug.shadow import Shadow
 from minillama.debug.stepbuf import StatsBuffer
 from minillama.trace.format import SHADOW_FIELDS
 
+#: A recording that starts mid-run saves the cached keys of the running requests up to this size.
+CATCH_UP_BYTES = 256 << 20
+
 
 @dataclass
 class _Open:
@@ -65,6 +68,7 @@ class Recorder:
         self.shadow = None
         if shadow is not None:
             self.shadow = Shadow(None if shadow == "reference" else shadow, llm.device, llm.dtype, cfg.head_dim)
+        self._check_patterns()
         if llm.device.type == "cuda" and devstats.triton is None:
             raise ValueError("recording on CUDA needs Triton (pip install triton): the statistics run as a kernel")
         layers = cfg.num_hidden_layers if self.shadow else 0
@@ -127,6 +131,16 @@ class Recorder:
         err = exc[1]
         self.detach(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}" if err else "finished")
 
+    def _check_patterns(self) -> None:
+        names = [s.name for s in self.catalog]
+        if self.shadow is not None:
+            outs = ("ref", "plain") + (("shadow",) if self.shadow.backend is not None else ())
+            names += [f"layers.{i}.attn.out@{o}" for i in range(self.llm.model_config.num_hidden_layers) for o in outs]
+        for p in self.full_sites:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise ValueError(f"--full pattern {p!r} matches no site: sites are named like 'layers.3.attn.q', "
+                                 "'layers.*.mlp.out', 'logits', 'layers.*.attn.out@shadow' (with --shadow)")
+
     def is_full(self, name: str) -> bool:
         if name not in self._full:  # the sampled token ids are always kept
             self._full[name] = name == "sampled" or any(fnmatch.fnmatchcase(name, p) for p in self.full_sites)
@@ -154,8 +168,10 @@ class Recorder:
         if ok:
             self.buffer.reset(reqs)
         listed = list(batch.seqs)
+        catch_up = {}
         if self._catch_up:  # a recording that starts mid-run: say what the running requests are first
             listed += [s for s in (*engine.scheduler.running, *engine.scheduler.waiting) if s not in listed]
+            catch_up = self._cached_keys(listed)
         prompts = {}
         for s in listed:
             if s.seq_id not in self._seen or self._catch_up:
@@ -166,7 +182,20 @@ class Recorder:
         samples = sum(1 for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                       if s.num_computed_tokens + n == len(s))
         self._cur = self._open[info["step"]] = _Open(info["step"], capture_batch(batch, engine), reqs, rows, samples,
-                                                      prompts, time.perf_counter(), ok)
+                                                      prompts, time.perf_counter(), ok, full=catch_up)
+
+    def _cached_keys(self, seqs) -> dict[str, torch.Tensor]:
+        """The keys already in the cache for ``seqs``' blocks (every layer), so views can rebuild attention
+        weights of a recording that starts mid-run; skipped above ``CATCH_UP_BYTES``."""
+        blocks = sorted({b for s in seqs for b in s.block_table})
+        cache = self.llm.runner.kv_cache
+        if not blocks or cache.numel() == 0:
+            return {}
+        per_block = cache[0, :, 0].numel() * cache.element_size()
+        if per_block * len(blocks) > CATCH_UP_BYTES:
+            return {}
+        idx = torch.tensor(blocks, dtype=torch.long, device=cache.device)
+        return {"catchup.blocks": torch.tensor(blocks, dtype=torch.int64), "catchup.k": cache[0][:, idx].clone()}
 
     def _site(self, site: str, tensor: torch.Tensor) -> None:
         slot = self.slot.get(site)
