@@ -99,7 +99,7 @@ def test_bf16_step_stats_match_the_host(llm):
         rec.detach()
         hooks.detach(spy)
     last = rec.history[-1]
-    event, _ = rec.finished(last)
+    event = rec.event_of(last)
     tables = last.tables(rec.catalog, False)
     catalog = [s.to_json() for s in rec.catalog]
     for slot, spec in enumerate(catalog):
@@ -138,8 +138,8 @@ def test_graph_recording_equals_eager_recording(llm):
     assert llm.runner.graphs.num_replays > replays, "recording must replay CUDA graphs"
     e_rec, e_tok = _record(llm, prompts, False)
     assert g_tok == e_tok
-    g = [g_rec.finished(r)[0] for r in g_rec.history]
-    e = [e_rec.finished(r)[0] for r in e_rec.history]
+    g = [g_rec.event_of(r) for r in g_rec.history]
+    e = [e_rec.event_of(r) for r in e_rec.history]
     assert [x["phase"] for x in g] == [x["phase"] for x in e]
     assert any(x["graphed"] for x in g) and not any(x["graphed"] for x in e)
     catalog = [s.to_json() for s in g_rec.catalog]
@@ -176,7 +176,7 @@ def test_no_host_sync_at_hook_sites_while_recording(active, shadow, request):
             llm.step()
     finally:
         rec.detach()
-    events = [rec.finished(r)[0] for r in rec.history]
+    events = [rec.event_of(r) for r in rec.history]
     assert any(e["graphed"] for e in events), "decode steps must replay graphs with the shadow inside"
     assert all(not e["missing_sites"] for e in events)
 
@@ -193,7 +193,7 @@ def test_shadow_metrics_on_the_gpu(flash_llm):
         rec.detach()
     per_row = 9 * 64
     for r in rec.history:
-        ev, _ = rec.finished(r)
+        ev = rec.event_of(r)
         t = r.tables(rec.catalog, True)
         for layer in range(30):
             m = layer_metrics(t["shadow"], ev["batch"], layer, per_row, "bfloat16", True)

@@ -28,6 +28,7 @@ from minillama.debug import devstats
 from minillama.debug.records import StepRecord, capture_batch, site_catalog, table_tensors
 from minillama.debug.shadow import Shadow
 from minillama.debug.stepbuf import StatsBuffer
+from minillama.models.tokenizer import push_tokens
 from minillama.trace.format import SHADOW_FIELDS
 
 #: A recording that starts mid-run saves the cached keys of the running requests up to this size.
@@ -278,22 +279,25 @@ class Recorder:
             self.on_record(rec)
 
     # ---- finishing (the writer's thread, or a live view) ----------------------------------------
-    def finished(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """``rec``'s event (its ``batch`` too) and tensors as the trace stores them (earlier steps first)."""
-        with self._finish_lock:
+    def _finish_upto(self, rec: StepRecord) -> None:
+        with self._finish_lock:  # text pieces are decoded in step order, once
             while self._unfinished and self._unfinished[0].step <= rec.step:
                 self._finish(self._unfinished.popleft())
+
+    def event_of(self, rec: StepRecord) -> dict[str, Any]:
+        """``rec``'s step event as views read it (its ``batch`` dict included), finishing earlier steps first."""
+        self._finish_upto(rec)
+        rec.event["batch"] = rec.batch()
+        return rec.event
+
+    def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What the trace writer stores: the event without its ``batch`` (its tables are in the blob)."""
+        self._finish_upto(rec)
         tensors = dict(rec.full)
         if rec.snapshot is not None:
             tensors.update(table_tensors(rec.tables(self.catalog, self.shadow is not None)))
         tensors.update({k: torch.from_numpy(v) for k, v in rec.arrays().items()})
-        rec.event["batch"] = rec.batch()
-        return rec.event, tensors
-
-    def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """What the trace writer stores: the event without its ``batch`` (its tables are in the blob)."""
-        event, tensors = self.finished(rec)
-        return {k: v for k, v in event.items() if k != "batch"}, tensors
+        return {k: v for k, v in rec.event.items() if k != "batch"}, tensors
 
     def _finish(self, rec: StepRecord) -> None:
         ev, tok, raw = rec.event, self.llm.tokenizer, rec.raw_batch
@@ -304,17 +308,24 @@ class Recorder:
             if p["generated"]:
                 dec = self._decoders[int(sid)] = tok.stream_decoder()
                 p["text_so_far"] = "".join(dec.push(t) for t in p["generated"])
-        pieces = {}
-        for sid, t in ev["sampled"].items():
-            dec = self._decoders.get(int(sid))
-            if dec is None:
-                dec = self._decoders[int(sid)] = tok.stream_decoder()
-            pieces[sid] = dec.push(t)
-        ev["pieces"] = pieces
+        sids = list(ev["sampled"])
+        decoders = [self._decoder(int(sid)) for sid in sids]
+        if hasattr(tok, "decode_batch"):  # one call into the tokenizer for the whole batch
+            texts = push_tokens(decoders, [ev["sampled"][sid] for sid in sids])
+        else:
+            texts = [d.push(ev["sampled"][sid]) for d, sid in zip(decoders, sids, strict=True)]
+        pieces = dict(zip(sids, texts, strict=True))
         for sid, _reason in ev["finished"]:
             dec = self._decoders.pop(int(sid), None)
             if dec is not None:
                 pieces[str(sid)] = pieces.get(str(sid), "") + dec.flush()
+        ev["pieces"] = pieces
+
+    def _decoder(self, sid: int):
+        dec = self._decoders.get(sid)
+        if dec is None:
+            dec = self._decoders[sid] = self.llm.tokenizer.stream_decoder()
+        return dec
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,7 @@ def decode_tables(raw: dict[str, np.ndarray], catalog: list[SiteSpec], batch: di
         var = np.maximum(ss - s * mean, 0.0) / np.maximum(n - 1, 1)
     std = np.where(n > 1, np.sqrt(var), np.where(n == 1, 0.0, np.nan))
     lo, hi = keys_to_float(raw["keys"][..., 0]), keys_to_float(raw["keys"][..., 1])
+    lo[n == 0], hi[n == 0] = np.nan, np.nan  # no finite value: no min or max
     r_idx, s_idx = np.nonzero(raw["bad"].any(-1))
     sparse = np.stack([s_idx, r_idx, raw["bad"][r_idx, s_idx, 0], raw["bad"][r_idx, s_idx, 1]], axis=1)
     return {"stats": np.stack([mean, std, lo, hi], axis=-1).astype(np.float32),

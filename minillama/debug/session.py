@@ -194,7 +194,7 @@ class DebugSession:
     @property
     def events(self) -> list[dict[str, Any]]:
         """Finished steps' events still in the history (the same dicts a trace stores)."""
-        return [self.recorder.finished(rec)[0] for rec in list(self.recorder.history)]
+        return [self.recorder.event_of(rec) for rec in list(self.recorder.history)]
 
     @property
     def current_event(self) -> dict[str, Any] | None:
