@@ -85,8 +85,9 @@ _CHILD = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from tests.traces import record_trace
     from minillama.attention import get_backend
-    record_trace({out!r}, {model!r}, ["w%d w%d w%d" % (i, i + 1, i + 2) for i in range(4, 42, 3)], max_tokens=200,
-                 max_num_batched_tokens=16, full=["layers.1.*"])
+    # thousands of steps: the parent kills it long before it could finish
+    record_trace({out!r}, {model!r}, ["w%d w%d w%d" % (i % 400 + 4, i % 300 + 5, i % 200 + 6) for i in range(400)],
+                 max_tokens=240, max_num_seqs=8, max_num_batched_tokens=16, full=["layers.1.*"])
 """)
 
 

@@ -69,9 +69,9 @@ class Recorder:
         self.shadow = None
         if shadow is not None:
             self.shadow = Shadow(None if shadow == "reference" else shadow, llm.device, llm.dtype, cfg.head_dim)
-        self._check_patterns()
         if llm.device.type == "cuda" and devstats.triton is None:
             raise ValueError("recording on CUDA needs Triton (pip install triton): the statistics run as a kernel")
+        self._check_patterns()
         layers = cfg.num_hidden_layers if self.shadow else 0
         reqs = llm.config.max_num_seqs
         self.buffer = StatsBuffer(len(self.catalog), reqs, max(llm.config.max_num_batched_tokens, reqs),
@@ -92,6 +92,10 @@ class Recorder:
         self._unfinished: deque[StepRecord] = deque()
         self._finish_lock = threading.Lock()
         self._attached = False
+        self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
+        self._to_fill: list[tuple[torch.Tensor, list[list[int]]]] = []
+        self._kept: list[torch.Tensor] = []
+        self._last_graph_site = next(s.name for s in reversed(self.catalog) if s.rows == "tokens")
         self.num_records = 0
         self.last_attention: dict[str, torch.Tensor] = {}  # the latest call's shadow/ref/plain outputs
 
@@ -110,6 +114,8 @@ class Recorder:
         self._attached = True
         if graphs is not None:
             graphs.capture()
+            self._fill_tables()
+            self.buffer.prepare_ring()
         return self
 
     def detach(self, reason: str = "finished") -> None:
@@ -163,6 +169,8 @@ class Recorder:
             self._site(site, tensor)
 
     def _begin(self, info: dict[str, Any]) -> None:
+        if self._to_fill:
+            self._fill_tables()
         batch, engine = info["batch"], info["engine"]
         reqs, rows = len(batch.seqs), batch.num_tokens
         ok = 0 < reqs <= self.buffer.max_reqs and rows <= self.buffer.max_rows
@@ -209,7 +217,11 @@ class Recorder:
             seq, pos = ctx.seq_index, ctx.positions
         x = tensor.detach()
         x = x.to(torch.int32) if x.dtype == torch.int64 else x
-        if x.is_cuda:
+        if x.is_cuda and self._batching(x, slot):
+            self._batched.append((devstats.rows_view(x), slot))  # launched with the others at the graph's end
+            if site == self._last_graph_site:
+                self._flush_batched(seq, pos)
+        elif x.is_cuda:
             b = self.buffer
             devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
         else:
@@ -223,6 +235,31 @@ class Recorder:
         self._cur.fired.add(slot)
         if self.is_full(site):
             self._cur.full[site] = tensor.detach().clone()
+
+    def _batching(self, x: torch.Tensor, slot: int) -> bool:
+        """Inside a CUDA graph capture, token sites are gathered and done by one kernel at the end."""
+        return (hooks.capturing and x.dtype in devstats.BATCHED_DTYPES and self.catalog[slot].rows == "tokens"
+                and torch.cuda.is_current_stream_capturing())
+
+    def _flush_batched(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
+        """One launch per dtype for every site gathered in this graph; their address tables are filled in
+        after the capture (``_fill_tables``), since only then may host data be copied."""
+        b = self.buffer
+        groups: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
+        for x, slot in self._batched:
+            groups.setdefault(x.dtype, []).append((x, slot))
+        for dtype, items in groups.items():
+            table = torch.zeros((len(items), 4), dtype=torch.int64, device=b.device)
+            rows = items[0][0].shape[0]
+            devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
+            self._to_fill.append((table, [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
+        self._batched = []
+
+    def _fill_tables(self) -> None:
+        for table, data in self._to_fill:
+            table.copy_(torch.tensor(data, dtype=torch.int64))
+        self._kept += [t for t, _ in self._to_fill]  # the graphs read them at every replay
+        self._to_fill = []
 
     def _attention(self, out: torch.Tensor, call) -> None:
         if self.shadow is None:

@@ -212,6 +212,8 @@ def metrics(active: torch.Tensor, shadow: torch.Tensor | None, ref: torch.Tensor
     rows = active.shape[0]
     n = active[0].numel() if rows else 0
     a = active.reshape(rows, n)
+    a = a if a.stride(-1) == 1 else a.contiguous()
     s = shadow.reshape(rows, n) if shadow is not None else a
+    s = s if s.stride(-1) == 1 else s.contiguous()
     _metrics[(rows,)](a, a.stride(0), s, s.stride(0), ref, plain, seq_index, table, table.view(torch.int32),
                       table.stride(0), n, HAS_SHADOW=shadow is not None, BLOCK=1024, num_warps=4)
