@@ -90,16 +90,19 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
         rec.attach()
     elif mode in ("nan", "session"):
         bps = [Breakpoint("*", "nan")] if mode == "nan" else []
-        session = DebugSession(llm, breakpoints=bps, pause_at_start=False, keep_steps=4)
+        session = DebugSession(llm, breakpoints=bps, pause_at_start=False, keep_steps=4).start()
+        session.wait(600)  # idle once its graphs are captured: setup, like a recorder's attach
     if llm.device.type == "cuda":
         torch.cuda.synchronize()
     ENGINE_STEPS[mode] = -llm.num_steps
     t = time.perf_counter()
     try:
         if session is not None:
+            before = llm.num_steps
             for p, sp in zip(prompts, params, strict=True):
                 session.submit(p, sp, chat=False)
-            session.start()
+            while session.idle and llm.num_steps == before:  # until the worker has taken the work
+                time.sleep(0.0005)
             while not session.idle:
                 session.wait(600)
                 if session.paused:

@@ -156,8 +156,13 @@ class StepRecord:
             self._batch = batch_summary(self.raw_batch, self.arrays())
         return self._batch
 
+    def rows(self) -> dict[str, Any]:
+        """Just what the tables' row layout needs (each request's new tokens and whether it samples), cheaply."""
+        seqs = self.arrays()[T_SEQS]
+        return {"seqs": [{"num_new": int(n), "samples": bool(f & FLAG_SAMPLES)} for n, f in seqs[:, [4, 7]].tolist()]}
+
     def tables(self, catalog: list[SiteSpec], shadow: bool) -> dict[str, np.ndarray] | None:
         """The decoded statistics tables (waits for the step's copies to land)."""
         if self._tables is None and self.snapshot is not None:
-            self._tables = decode_tables(self.snapshot.tables(), catalog, self.batch(), shadow)
+            self._tables = decode_tables(self.snapshot.tables(), catalog, self.rows(), shadow)
         return self._tables

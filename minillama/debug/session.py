@@ -286,7 +286,7 @@ class DebugSession:
         """A step finished: check conditional breakpoints on its statistics (steps that ran at speed)."""
         if self._stop or hooks.eager or not any(bp.enabled and bp.condition for bp in self.breakpoints):
             return
-        event = {**rec.event, "batch": rec.batch()}
+        event = {**rec.event, "batch": rec.rows()}  # the row layout is all the conditions need
         tables = rec.tables(self.recorder.catalog, self.recorder.shadow is not None)
         catalog = [s.to_json() for s in self.recorder.catalog]
         dtype = str(self.llm.dtype).removeprefix("torch.")
