@@ -12,19 +12,18 @@ from minillama import hooks
 from minillama.attention import get_backend
 from minillama.config import Config
 from minillama.engine.block_manager import BlockManager
+from minillama.engine.guard import RequestError, fail_requests, prompt_token_ids, run_apart
 from minillama.engine.model_runner import ModelRunner, PendingTokens
 from minillama.engine.scheduler import ScheduledBatch, Scheduler
 from minillama.engine.sequence import Sequence
 from minillama.models.config import ModelConfig
 from minillama.models.llama import LlamaForCausalLM
 from minillama.models.loader import load_weights, open_model
+from minillama.options import DTYPES
 from minillama.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (too long, empty); the message says how to fix it."""
+__all__ = ["LLMEngine", "RequestError", "init_random_weights", "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,11 +38,9 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-    if name not in table:
+    if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: choose one of auto, float32, bfloat16, float16")
-    return table[name]
+    return getattr(torch, DTYPES[name])
 
 
 class TokenIdsOnly:
@@ -166,7 +163,12 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        """Queue one request; anything wrong with it raises ``RequestError`` (or ``SamplingParamsError``) now."""
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}: "
+                               "build one with SamplingParams(temperature=..., max_tokens=...)")
+        params.validate()  # fields may have been changed since construction
+        token_ids = prompt_token_ids(self.tokenizer, prompt)
         if not token_ids:
             raise RequestError("the prompt is empty: give at least one token")
         limit = self.config.max_model_len
@@ -199,13 +201,20 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if hooks.enabled and not overlap:
             hooks.emit("step.begin", None, step=self.num_steps, batch=batch, engine=self)
+        failed: list[Sequence] = []
         if overlap:
-            launched = self._launch(batch) if batch.seqs else None
-            finished = self._collect() if self._pending is not None else []
+            try:
+                launched = self._launch(batch) if batch.seqs else None
+            except Exception as e:  # one bad request must not poison the engine: fail it alone
+                launched, failed = None, fail_requests(self, batch, e)
+            finished = (self._collect() if self._pending is not None else []) + failed
             self._pending = launched
         else:
-            sampled = self.runner.run(batch, self.num_steps)
-            finished = self.scheduler.postprocess(batch, sampled)
+            try:
+                sampled = self.runner.run(batch, self.num_steps)
+            except Exception as e:  # one bad request must not poison the engine: fail it alone
+                batch, sampled, failed = run_apart(self, batch, e)
+            finished = self.scheduler.postprocess(batch, sampled) + failed
             if hooks.enabled:
                 hooks.emit("step.end", None, step=self.num_steps, batch=batch, sampled=sampled, finished=finished,
                            engine=self)

@@ -20,6 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from minillama.models.chat import check_messages
 from minillama.models.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -352,6 +353,7 @@ class Tokenizer:
 
         Extra keyword arguments (``tools``, ``documents``, ``enable_thinking``...) reach the template.
         """
+        check_messages(messages)
         if not self.chat_template:
             raise ModelLoadError(
                 f"tokenizer from {self.source or 'this model'} has no chat template: "
