@@ -122,8 +122,7 @@ class LLMEngine:
         if loaded is None:
             init_random_weights(model)
         else:
-            load_weights(model, loaded.weights())
-            loaded._gguf_weights = None  # drop the host copy
+            load_weights(model, loaded.weights())  # streamed: one host tensor at a time
         return model.eval()
 
     def _num_blocks_from_memory(self) -> int:

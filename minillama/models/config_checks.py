@@ -18,8 +18,7 @@ ROPE_TYPES = ("llama3",)
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def _fix(where: str) -> str:
-    return f"{where}: use the config that came with the model weights"
+_FIX = "use the config that came with the model weights"
 
 
 def as_int(value: Any, key: str, where: str, low: int = 1) -> int:
@@ -27,18 +26,18 @@ def as_int(value: Any, key: str, where: str, low: int = 1) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ModelLoadError(f"{where} has {key}={value!r}, not an integer: {_fix('check the file')}")
+        raise ModelLoadError(f"{where} has {key}={value!r}, not an integer: {_FIX}")
     if value < low:
-        raise ModelLoadError(f"{where} has {key}={value}, which must be >= {low}: {_fix('check the file')}")
+        raise ModelLoadError(f"{where} has {key}={value}, which must be >= {low}: {_FIX}")
     return int(value)
 
 
 def as_float(value: Any, key: str, where: str, positive: bool = True) -> float:
     """``value`` as a finite float (> 0 when ``positive``), else ``ModelLoadError``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ModelLoadError(f"{where} has {key}={value!r}, not a finite number: {_fix('check the file')}")
+        raise ModelLoadError(f"{where} has {key}={value!r}, not a finite number: {_FIX}")
     if positive and value <= 0:
-        raise ModelLoadError(f"{where} has {key}={value}, which must be > 0: {_fix('check the file')}")
+        raise ModelLoadError(f"{where} has {key}={value}, which must be > 0: {_FIX}")
     return float(value)
 
 
@@ -47,7 +46,7 @@ def check_rope_scaling(scaling: Any, where: str) -> None:
     if scaling is None:
         return
     if not isinstance(scaling, dict):
-        raise ModelLoadError(f"{where} has rope_scaling={scaling!r}, not a dict: {_fix('check the file')}")
+        raise ModelLoadError(f"{where} has rope_scaling={scaling!r}, not a dict: {_FIX}")
     kind = scaling.get("rope_type")
     if kind not in ROPE_TYPES:
         raise ModelLoadError(f"{where} uses RoPE scaling {kind!r}, which minillama does not run: use a model "
@@ -55,14 +54,14 @@ def check_rope_scaling(scaling: Any, where: str) -> None:
     missing = [k for k in _LLAMA3_KEYS if scaling.get(k) is None]
     if missing:
         raise ModelLoadError(f"{where} has llama3 rope_scaling without {', '.join(missing)}: "
-                             f"{_fix('check the file')}")
+                             f"{_FIX}")
     factor = as_float(scaling["factor"], "rope_scaling.factor", where)
     low = as_float(scaling["low_freq_factor"], "rope_scaling.low_freq_factor", where)
     high = as_float(scaling["high_freq_factor"], "rope_scaling.high_freq_factor", where)
     as_int(scaling["original_max_position_embeddings"], "rope_scaling.original_max_position_embeddings", where)
     if factor < 1 or high <= low:
         raise ModelLoadError(f"{where} has llama3 rope_scaling with factor {factor} (needs >= 1) and frequency "
-                             f"factors {low} / {high} (needs low < high): {_fix('check the file')}")
+                             f"factors {low} / {high} (needs low < high): {_FIX}")
 
 
 def check_model_config(c: Any) -> None:
@@ -73,10 +72,10 @@ def check_model_config(c: Any) -> None:
         setattr(c, key, as_int(getattr(c, key), key, where))
     if c.num_attention_heads % c.num_key_value_heads:
         raise ModelLoadError(f"{where} has {c.num_attention_heads} attention heads, not a multiple of its "
-                             f"{c.num_key_value_heads} key/value heads: {_fix('check the file')}")
+                             f"{c.num_key_value_heads} key/value heads: {_FIX}")
     if c.head_dim % 2:
         raise ModelLoadError(f"{where} has head_dim {c.head_dim}: RoPE needs an even head size, "
-                             f"{_fix('check the file')}")
+                             f"{_FIX}")
     c.rms_norm_eps = as_float(c.rms_norm_eps, "rms_norm_eps", where)
     c.rope_theta = as_float(c.rope_theta, "rope_theta", where)
     check_rope_scaling(c.rope_scaling, where)

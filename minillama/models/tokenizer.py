@@ -261,7 +261,12 @@ class Tokenizer:
                 raise ModelLoadError(f"{where} has a malformed merge {m!r}: convert the model again with llama.cpp")
             merges.append((parts[0], parts[1]))
 
-        backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        try:
+            backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        except Exception as e:  # the Rust side raises a bare Exception, e.g. a merge of unknown tokens
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelLoadError(f"{where} has a tokenizer that cannot be built ({first[:200]}): "
+                                 "the file is corrupt, copy or download it again") from None
         split = _PRE_SPLITS.get(data.pre or "")
         if split is None:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
