@@ -231,6 +231,19 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, data: GGUFTokenizerData) -> Tokenizer:
+        """Rebuild the byte-level BPE a GGUF describes (see ``_from_gguf``); a vocabulary the
+        ``tokenizers`` library refuses is one ``ModelLoadError`` line, not its bare ``Exception``."""
+        try:
+            return cls._from_gguf(data)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelLoadError(f"{data.source or 'GGUF file'} has a tokenizer that cannot be built "
+                                 f"({first[:200]}): the file is corrupt, copy or download it again") from None
+
+    @classmethod
+    def _from_gguf(cls, data: GGUFTokenizerData) -> Tokenizer:
         """Rebuild the byte-level BPE a GGUF describes.
 
         Matches transformers' ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` token for
@@ -261,12 +274,7 @@ class Tokenizer:
                 raise ModelLoadError(f"{where} has a malformed merge {m!r}: convert the model again with llama.cpp")
             merges.append((parts[0], parts[1]))
 
-        try:
-            backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        except Exception as e:  # the Rust side raises a bare Exception, e.g. a merge of unknown tokens
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ModelLoadError(f"{where} has a tokenizer that cannot be built ({first[:200]}): "
-                                 "the file is corrupt, copy or download it again") from None
+        backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         split = _PRE_SPLITS.get(data.pre or "")
         if split is None:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
