@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minillama import progress
 from minillama.config import Config
 from minillama.engine.context import reset_context
 from minillama.engine.llm_engine import LLMEngine, RequestError
@@ -65,8 +66,12 @@ class LLM(LLMEngine):
             prompts = [prompts]  # type: ignore[list-item]
         seqs = [self.add_request(p, sp) for p, sp in zip(prompts, self._params(len(prompts), sampling_params),
                                                          strict=True)]
-        while self.has_unfinished():
-            self.step()
+        # nothing streams here: a bar on a terminal says how far the batch is (free when not drawn)
+        with progress.task("generating", total=len(seqs), unit="requests") as bar:
+            while self.has_unfinished():
+                self.step()
+                bar.update(completed=sum(s.is_finished for s in seqs),
+                           description=f"generating ({sum(s.num_completion_tokens for s in seqs)} tokens)")
         return [self._output(s) for s in seqs]
 
     def chat(self, messages: list[Message] | list[list[Message]],

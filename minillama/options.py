@@ -7,6 +7,8 @@ them too, for users of the Python API.
 
 from __future__ import annotations
 
+import argparse
+import math
 import re
 
 #: The attention backends minillama ships (``minillama.attention`` may register more at run time).
@@ -47,3 +49,69 @@ def check_dtype(name: object) -> str:
     if not isinstance(name, str) or (name != "auto" and name not in DTYPES):
         raise OptionError(f"unknown dtype {name!r}: choose one of auto, float32, bfloat16, float16")
     return name
+
+
+# ---- argparse types: a bad value is one line naming the option, before anything heavy is imported ----
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type: a sampling seed, 0 <= seed < 2**63."""
+    value = non_negative_int(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """argparse type: a finite number >= 0 (0 = greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 = off), got {text}")
+    return value
+
+
+def _arg(check):
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1] + f" (got {text!r})") from None
+    parse.__name__ = check.__name__.removeprefix("check_")
+    return parse
+
+
+backend_arg, device_arg, dtype_arg = _arg(check_backend), _arg(check_device), _arg(check_dtype)
