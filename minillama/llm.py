@@ -46,7 +46,7 @@ class LLM(LLMEngine):
             raise RequestError(f"sampling_params must be a SamplingParams or a list of them, got "
                                f"{type(sampling_params).__name__}: e.g. SamplingParams(temperature=0.7)")
         if len(sampling_params) != n:
-            raise ValueError(f"got {len(sampling_params)} sampling params for {n} prompts: give one, or one per prompt")
+            raise RequestError(f"got {len(sampling_params)} sampling params for {n} prompts: give one, or one per prompt")
         return list(sampling_params)
 
     def _output(self, seq: Sequence) -> RequestOutput:
@@ -70,8 +70,9 @@ class LLM(LLMEngine):
         with progress.task("generating", total=len(seqs), unit="requests") as bar:
             while self.has_unfinished():
                 self.step()
-                bar.update(completed=sum(s.is_finished for s in seqs),
-                           description=f"generating ({sum(s.num_completion_tokens for s in seqs)} tokens)")
+                if bar.watched:
+                    bar.update(completed=sum(s.is_finished for s in seqs),
+                               description=f"generating ({sum(s.num_completion_tokens for s in seqs)} tokens)")
         return [self._output(s) for s in seqs]
 
     def chat(self, messages: list[Message] | list[list[Message]],

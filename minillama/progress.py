@@ -8,6 +8,7 @@ The whole API::
         for tensor in tensors:
             ...
             t.advance()              # or t.update(completed=..., total=..., description=...)
+            if t.watched: ...        # only work out costly updates when a bar or listener sees them
 
     for item in progress.track(items, "dequantising", total=len(items), unit="tensors"):
         ...
@@ -90,6 +91,12 @@ class Task:
         self.completed = 0.0
         self.finished = False
         self._id: Any = None  # the rich task id while drawn
+
+    @property
+    def watched(self) -> bool:
+        """Whether anyone sees this task (a bar is drawn or a listener is attached): callers can skip
+        working out an update nobody will see."""
+        return self._id is not None or bool(_listeners)
 
     def advance(self, amount: float = 1.0) -> None:
         """Count ``amount`` more units done."""

@@ -14,6 +14,7 @@ import logging
 import numbers
 from typing import TYPE_CHECKING, Any
 
+from minillama import hooks
 from minillama.engine.context import reset_context
 from minillama.engine.scheduler import ScheduledBatch
 from minillama.engine.sequence import Sequence
@@ -83,13 +84,19 @@ def run_apart(engine: LLMEngine, batch: ScheduledBatch, error: Exception
     again with the same values) and fail those that still raise.
 
     Returns the batch that ran, its sampled tokens and the failed requests. A seeded request that
-    is run again may draw from its generator twice in this step.
+    is run again may draw from its generator twice in this step. With a hook listener attached
+    (the debugger) an error no request's settings explain is raised as before.
     """
+    reasons = [invalid(s) for s in batch.seqs]
+    if hooks.enabled and not any(reasons):
+        # A debugger is attached and no request is to blame: the error is most likely its listener's
+        # or the engine's, which is what it wants to see (and re-running would repeat hook sites).
+        raise error
     _note(error)
     kept, sampled, failed = ScheduledBatch([], []), [], []
     alone = len(batch.seqs) == 1
-    for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-        why = invalid(seq) or (one_line(error) if alone else None)
+    for seq, n, why in zip(batch.seqs, batch.num_new_tokens, reasons, strict=True):
+        why = why or (one_line(error) if alone else None)
         if why is None:
             try:
                 token = engine.runner.run(ScheduledBatch([seq], [n]), engine.num_steps)[0]
