@@ -72,10 +72,10 @@ def loaded(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def hf_tok(hf_builtin, builtin_path, gguf_path):
+def hf_tok(hf_builtin_tokenizer, builtin_path, gguf_path):
     """transformers' tokenizer from the same GGUF (conftest's session fixture: loaded once per run)."""
     assert os.path.samefile(builtin_path, gguf_path)
-    return hf_builtin[1]
+    return hf_builtin_tokenizer
 
 
 @pytest.fixture(scope="module")
