@@ -39,6 +39,8 @@ class Config:
         if not (self.model is None or isinstance(self.model, str | os.PathLike | ModelConfig)):
             raise OptionError(f"model must be a path, None (the built-in model) or a ModelConfig, got {self.model!r}")
         check_backend(self.backend, builtin_only=False)  # the registry may hold more; get_backend decides
+        if type(self.device).__name__ == "device":  # a torch.device: its name says the same
+            self.device = str(self.device)
         self.device = check_device(self.device)
         check_dtype(self.dtype)
         _check_int("max_model_len", self.max_model_len, 1, "give the longest prompt + answer in tokens, e.g. 4096")

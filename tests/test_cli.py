@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -90,6 +91,17 @@ def test_info_prints_full_values_when_piped_and_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["path"] == path and info["config"]["num_hidden_layers"] == 30
     assert info["backends"]["torch"] is None and isinstance(info["backends"]["flash-attn"], str | type(None))
+
+
+def test_info_table_on_a_narrow_terminal_wraps_the_path(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["info"]) == 0
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # colours
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+    from minillama.models.loader import builtin_model_path
+
+    assert builtin_model_path() in "".join(out.replace("│", "").split())  # folded, every character kept
 
 
 def test_progress_draws_only_on_a_terminal_and_feeds_listeners():
