@@ -112,6 +112,13 @@ def test_prompts_that_are_neither_text_nor_ids_are_refused(tiny, prompt):
         tiny.add_request(prompt, GOOD)
 
 
+def test_request_larger_than_the_whole_cache_is_refused_up_front(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, device="cpu", kvcache_block_size=8, num_kvcache_blocks=8, max_model_len=256)
+    with pytest.raises(RequestError, match="needs 13 KV blocks"):  # 8 blocks of 8 tokens < 4 + 100
+        llm.add_request([5, 6, 7, 8], SamplingParams(max_tokens=100, temperature=0))
+    assert llm.scheduler.is_finished() and llm.generate([[5, 6]], GOOD)[0].finish_reason == "length"
+
+
 @pytest.mark.parametrize("messages", [[{"role": "wizard", "content": "hi"}], [{"role": "user"}], ["hi"], []])
 def test_chat_messages_are_checked(tiny, messages):
     with pytest.raises(ChatFormatError) as err:

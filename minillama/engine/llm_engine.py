@@ -178,7 +178,13 @@ class LLMEngine:
         if max(token_ids) >= self.model_config.vocab_size or min(token_ids) < 0:
             raise RequestError(f"token ids must be in [0, {self.model_config.vocab_size}): the prompt has "
                                f"{max(token_ids)}")
-        seq = Sequence(token_ids, params, self.config.kvcache_block_size)
+        bs = self.config.kvcache_block_size
+        need = -(-min(len(token_ids) + params.max_tokens, limit) // bs)
+        if need > self.num_kvcache_blocks:  # it could never run, and would block the queue
+            raise RequestError(f"the request needs {need} KV blocks of {bs} tokens but the cache has "
+                               f"{self.num_kvcache_blocks}: lower max_tokens or max_model_len, or give the "
+                               "cache more blocks")
+        seq = Sequence(token_ids, params, bs)
         self.scheduler.add(seq)
         return seq
 
