@@ -99,7 +99,7 @@ class DebugSession:
         if isinstance(prompt, str):
             tok = self.llm.tokenizer
             prompt = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
-        self.llm.check_prompt(list(prompt))
+        self.llm.check_prompt(list(prompt), (params or SamplingParams()).max_tokens)
         with self._cond:
             self._pending.append((list(prompt), params or SamplingParams(temperature=0, max_tokens=64)))
             self._cond.notify_all()

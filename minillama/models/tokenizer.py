@@ -20,6 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from minillama.models.chat import check_messages
 from minillama.models.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -230,6 +231,19 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, data: GGUFTokenizerData) -> Tokenizer:
+        """Rebuild the byte-level BPE a GGUF describes (see ``_from_gguf``); a vocabulary the
+        ``tokenizers`` library refuses is one ``ModelLoadError`` line, not its bare ``Exception``."""
+        try:
+            return cls._from_gguf(data)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelLoadError(f"{data.source or 'GGUF file'} has a tokenizer that cannot be built "
+                                 f"({first[:200]}): the file is corrupt, copy or download it again") from None
+
+    @classmethod
+    def _from_gguf(cls, data: GGUFTokenizerData) -> Tokenizer:
         """Rebuild the byte-level BPE a GGUF describes.
 
         Matches transformers' ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` token for
@@ -360,6 +374,7 @@ class Tokenizer:
 
         Extra keyword arguments (``tools``, ``documents``, ``enable_thinking``...) reach the template.
         """
+        check_messages(messages)
         if not self.chat_template:
             raise ModelLoadError(
                 f"tokenizer from {self.source or 'this model'} has no chat template: "
