@@ -66,10 +66,12 @@ def plan(batch: int, n_q: int, n_keys: int, heads: int, kv_heads: int, head_dim:
 
 
 def tile_bytes(p: Plan, batch: int, heads: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """Memory of one step of the loop: a key (or value) tile, the scores and probabilities, the accumulators."""
-    keys = batch * p.k_tile * kv_heads * head_dim * itemsize
-    scores = batch * heads * p.q_tile * p.k_tile * (4 + itemsize)
-    rows = batch * heads * p.q_tile * (3 * head_dim * 4 + head_dim * itemsize + 16)  # O, P V, q and out, m, l
+    """Memory one step of the loop may hold: a key (or value) tile with its index and mask, the
+    scores, probabilities and causal mask of a query tile against it, the query tile (gathered and
+    laid out), its accumulators and its output rows."""
+    keys = batch * p.k_tile * (kv_heads * head_dim * itemsize + 12)
+    scores = batch * p.q_tile * p.k_tile * (heads * (4 + itemsize) + 4)
+    rows = batch * heads * p.q_tile * (head_dim * (3 * itemsize + 2 * 4) + 16)
     return keys + scores + rows
 
 
@@ -88,6 +90,14 @@ def bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     if half_on_cuda(a) and a.dtype == b.dtype and acc == torch.float32:
         return torch.bmm(a, b, out_dtype=acc)
     return torch.bmm(a.to(acc), b.to(acc))
+
+
+def scale_and_mask(s: torch.Tensor, bias: torch.Tensor, scale: float) -> None:
+    """``s = s * scale + bias`` in place (one pass; bias is 0 or -inf, so -inf stays -inf)."""
+    if scale == 1.0:
+        s.add_(bias)
+    else:
+        torch.add(bias, s, alpha=scale, out=s)
 
 
 def exp_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -116,13 +126,14 @@ def online_softmax(q: torch.Tensor, tiles: Iterable[tuple[torch.Tensor, torch.Te
     m = ell = o = None  # ell: the ℓ of the paper, the running sum
     for idx, bias in tiles:
         s = bmm(q, gather(k, idx).mT, acc)                      # S = Q K_jᵀ
-        s5 = s.view(*shape, -1)                                 # S·scale, keys not to be seen -inf:
-        s5.add_(bias) if scale == 1.0 else torch.add(bias, s5, alpha=scale, out=s5)
+        scale_and_mask(s.view(*shape, -1), bias, scale)        # S·scale; keys not to be seen: -inf
         m_j = s.amax(-1, keepdim=True)                          # rowmax(S)
         m_new = m_j.clamp_(min=NO_KEY) if m is None else torch.maximum(m, m_j)  # m' = max(m, rowmax(S))
         p = exp_to(s.sub_(m_new), p_dtype)                      # P = exp(S - m')
+        del s  # each tile's S and P are freed once used: the loop holds one tile
         l_j = p.sum(-1, keepdim=True, dtype=acc)                # rowsum(P)
         pv = bmm(p, gather(v, idx), acc)                        # P V_j
+        del p
         if m is None:                                           # first tile: nothing to rescale yet
             ell, o = l_j, pv
         else:
