@@ -18,8 +18,9 @@ dtype before ``P @ V``, as flash-attn does.
 Tile sizes (``plan``): keys in whole cache pages, as many as ``KV_TILE_BYTES`` of keys for the
 batch allow, one page at least; for a long prompt the queries too, so that a tile's float32
 scores stay within ``SCORE_TILE_BYTES``. On a GPU a 256-token page is one tile at large batch; a
-small batch takes many pages, often the whole table, in one step (fewer, larger kernels). The
-CPU budgets are smaller: each tile then fits in its caches, and 16-token pages are grouped.
+small batch takes many pages, often the whole table, in one step (fewer, larger kernels). On CPU
+16-token pages are grouped the same way (a decode is then one tile: per-op overhead dominates
+there), and the smaller score budget cuts a long prompt into tiles whose causal half is skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from minillama.attention.paged_gather import KeyIndex, gather_heads, key_tile, shared
 
 # Bytes of one key tile (the value tile is as large) and of one tile's float32 scores, by device.
-KV_TILE_BYTES = {"cuda": 64 << 20, "cpu": 4 << 20}
+KV_TILE_BYTES = {"cuda": 64 << 20, "cpu": 64 << 20}
 SCORE_TILE_BYTES = {"cuda": 64 << 20, "cpu": 4 << 20}
 # A finite stand-in for "-inf" as the running max of a row that has seen no key yet: exp(S - m)
 # is then exp(-inf) = 0 for its masked scores instead of exp(-inf + inf) = NaN.
