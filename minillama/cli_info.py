@@ -100,7 +100,8 @@ def gpu_kernels(head_dim: int, device: Any) -> str:
         return "none: plain PyTorch on CPU"
     if triton_ops.triton is None:
         return "none: Triton is not installed (plain PyTorch everywhere)"
-    decode = ("Triton" if triton_decode.covers(head_dim, device)
-              else "plain PyTorch (MINILLAMA_TORCH_DECODE=pytorch, or a head size Triton's dot cannot take)")
+    attention = ("the triton backend's prefill and decode" if triton_decode.covers(head_dim, device)
+                 else f"none (the triton backend's kernels cannot take head_dim {head_dim})")
     ops = "Triton" if triton_ops.switched_on() else "plain PyTorch (MINILLAMA_TRITON_OPS=0)"
-    return f"torch backend decode: {decode}; RMSNorm, SiLU-and-mul, rotary, K/V store, greedy argmax: {ops}"
+    return (f"attention: {attention} (torch stays plain PyTorch); RMSNorm, SiLU-and-mul, rotary, K/V store, "
+            f"greedy argmax: {ops}")
