@@ -174,9 +174,16 @@ def cmd_record(a: argparse.Namespace) -> int:
     recorder.attach()
     reason = "finished"
     start = time.perf_counter()
+    total = sum(min(params.max_tokens, llm.config.max_model_len - len(x)) for x in ids)
     try:
-        while llm.has_unfinished() and not writer.stopped:
-            llm.step()
+        with progress.task("recording", total=total, unit="tokens") as bar:
+            while llm.has_unfinished() and not writer.stopped:
+                llm.step()
+                if bar.watched:
+                    made = sum(len(s.completion_token_ids) for s in seqs)
+                    rate = made / max(time.perf_counter() - start, 1e-9)
+                    bar.update(completed=made, description=f"recording: step {llm.num_steps}, {rate:.0f} tok/s, "
+                               f"{writer.num_steps} steps written")
     except KeyboardInterrupt:
         reason = "interrupted by the user"
         raise
