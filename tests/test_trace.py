@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from minillama.debug.records import content_hash, tensor_stats
 from minillama.trace import TraceError, TraceReader, TraceWriter, diff_shadow
+from minillama.trace.perfetto import export_perfetto
 from minillama.trace.render import LAYER_PARTS
 from minillama.trace.shadow_diff import render_shadow
-from minillama.trace.perfetto import export_perfetto
 
 NUM_LAYERS = 3
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10]]

@@ -350,4 +350,4 @@ async def test_help_screen_and_palette_commands(synthetic_trace):
 
 def test_cli_rejects_bad_numbers(capsys):
     assert main(["--max-tokens", "0"]) == 2
-    assert "--max-tokens must be a positive integer" in capsys.readouterr().err
+    assert "--max-tokens: must be a positive integer" in capsys.readouterr().err

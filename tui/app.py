@@ -645,46 +645,17 @@ class DebuggerApp(App[None]):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="minillama-tui", description="Step through the minillama engine live, or "
-                                "replay a recorded trace (no model, no GPU).")
-    p.add_argument("trace", nargs="?", help="a trace folder to replay (omit to run the engine live)")
-    p.add_argument("--model", default=None, help="model folder or .gguf (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="torch", help="attention backend: torch or flash-attn")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--shadow", nargs="?", const="reference", default=None, metavar="BACKEND",
-                   help="run a second attention beside the active one at every layer (default: the float64 "
-                        "reference) to fill the diff and attention views")
-    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three demos)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per request")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=64,
-                   help="the step's token budget (small, so chunked prefill is visible)")
-    p.add_argument("--num-kvcache-blocks", type=int, default=64, help="KV cache blocks (small values preempt)")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--full", action="append", default=None, metavar="PATTERN",
-                   help="sites kept in full when recording (default: layers.*.attn.q and layers.*.attn.k)")
-    p.add_argument("--record-dir", default="traces", help="where r writes recordings (default: traces)")
-    return p.parse_args(argv)
+    """``minillama-tui``'s arguments, checked (see ``tui.cli``, which parses them before heavy imports)."""
+    from tui import cli
+
+    return cli.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``minillama-tui`` entry point."""
-    a = parse_args(argv)
-    if a.trace is None:
-        for name in ("max_tokens", "max_num_batched_tokens", "num_kvcache_blocks", "max_model_len"):
-            if getattr(a, name) <= 0:
-                print(f"minillama-tui: --{name.replace('_', '-')} must be a positive integer", file=sys.stderr)
-                return 2
-    opts = LiveOptions(model=a.model, backend=a.backend, device=a.device, shadow=a.shadow,
-                       max_tokens=a.max_tokens, temperature=a.temperature,
-                       max_num_batched_tokens=a.max_num_batched_tokens, num_kvcache_blocks=a.num_kvcache_blocks,
-                       max_model_len=a.max_model_len)
-    if a.prompt:
-        opts.prompts = list(a.prompt)
-    if a.full:
-        opts.full_sites = tuple(a.full)
-    DebuggerApp(trace=a.trace, options=opts, record_dir=a.record_dir).run()
-    return 0
+    """The ``minillama-tui`` entry point (``tui.cli.main``: options checked before the engine starts)."""
+    from tui import cli
+
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

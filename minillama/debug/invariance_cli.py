@@ -18,12 +18,15 @@ if TYPE_CHECKING:
 
 def add_command(sub: argparse._SubParsersAction, engine_args) -> None:
     """Add ``check-invariance`` to the main CLI (``engine_args`` adds --model, --backend, --device, ...)."""
+    from minillama.options import positive_int
+
     c = sub.add_parser("check-invariance", help="run prompts alone, batched, chunked, after a prefix-cache hit, "
                                                 "preempted, ... and say where each run first changed them")
     c.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     c.add_argument("--raw", action="store_true", help="send prompts as is, without the chat template")
-    c.add_argument("--max-tokens", type=int, default=8, help="tokens generated per run (greedy, EOS ignored)")
-    c.add_argument("--block-size", type=int, default=None,
+    c.add_argument("--max-tokens", type=positive_int, default=8, metavar="N",
+                   help="tokens generated per run (greedy, EOS ignored; at least 3)")
+    c.add_argument("--block-size", type=positive_int, default=None, metavar="N",
                    help="KV block size of the reference (default: 16 where the backend allows, so that short "
                         "prompts still have a full block for the prefix-cache condition)")
     c.add_argument("--stats-only", action="store_true",

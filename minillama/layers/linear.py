@@ -20,6 +20,11 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.weight.weight_loader = self.weight_loader
 
+    def reset_parameters(self) -> None:
+        """No random init: every weight comes from a checkpoint (or ``init_random_weights``). Leaving
+        the memory untouched until then keeps loading to one copy of the weights in RSS and saves
+        drawing ~10^8 random numbers for a model that is about to be overwritten."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if get_context().batch_invariant:  # fixed-size row tiles: a row's bits do not depend on the batch
             return batch_invariant.linear(x, self.weight)
