@@ -181,3 +181,17 @@ def test_check_invariance_bad_input_is_one_line(tiny_llama_dir, capsys):
                  "--max-model-len", "64"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "max_model_len is 64" in err
+
+
+@pytest.mark.slow
+def test_check_invariance_bit_identical_on_the_builtin_model(tmp_path, monkeypatch):
+    """The built-in model (30 layers, GQA 9/3, head 64): every condition bit-identical, keys in several tiles."""
+    from minillama.debug.invariance import Checker
+
+    monkeypatch.setitem(ia.KEY_TILE, "cpu", 16)
+    engine = dict(model=None, device="cpu", max_model_len=256, num_kvcache_blocks=128, kvcache_block_size=16,
+                  batch_invariant=True)
+    checker = Checker(engine, str(tmp_path), max_tokens=4, full=False)
+    ids = checker.llm().tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    ran = [o for o in checker.check([ids]) if o.skipped is None]
+    assert len(ran) == 8 and all(o.identical for o in ran), [(o.condition.name, o.diff.first) for o in ran]
