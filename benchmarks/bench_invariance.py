@@ -11,8 +11,11 @@ uniform in [100, 1024], random ids), torch backend (the mode's target) and flash
 output tokens/s, end to end (CUDA graphs and overlapped steps as by default). ``--num-requests`` and
 ``--hi`` shrink it.
 
-Modes alternate A B A B after one warm-up each; the median of ``--repeats`` is reported. Results go
-to stdout as a table and to ``$OUT/bench_invariance.json`` (or ``--out``).
+Modes alternate A B A B after one warm-up each; the median of ``--repeats`` is reported. On CPU each
+run starts in a quiet moment (bench_cpu's ``wait_quiet``) and the table says how many cores other
+processes used meanwhile: the invariant mode runs many more small ops, which suffer more than large
+matmuls when the cores are oversubscribed. Results go to stdout as a table and to
+``$OUT/bench_invariance.json`` (or ``--out``).
 
     python benchmarks/bench_invariance.py                 # CPU (a few minutes on 2 idle cores)
     python benchmarks/bench_invariance.py --quick         # CPU smoke run
@@ -67,6 +70,17 @@ def batch(llm: LLM, prompts: list[list[int]], new: int) -> dict:
     return {"tok_s": sum(len(o.token_ids) for o in outs) / dt, "seconds": dt, "tokens": [o.token_ids for o in outs]}
 
 
+def quiet(args, fn) -> dict:
+    """Run ``fn`` in a quiet moment (bench_cpu's ``wait_quiet``) and note how many cores others used."""
+    from bench_cpu import _cpu_ticks, _others, wait_quiet
+
+    wait_quiet(args.max_wait, 0.3)
+    ticks, c0, t0 = _cpu_ticks(), time.process_time(), time.perf_counter()
+    out = fn()
+    out["others"] = _others(ticks, _cpu_ticks(), time.process_time() - c0, time.perf_counter() - t0)
+    return out
+
+
 def run_cpu(args) -> list[dict]:
     kw = dict(device="cpu", max_model_len=1024, enable_prefix_caching=False, num_kvcache_blocks=512)
     llms = {mode: LLM(None, batch_invariant=mode == "invariant", **kw) for mode in ("default", "invariant")}
@@ -78,17 +92,19 @@ def run_cpu(args) -> list[dict]:
     n_single, n_batch = (16, 8) if args.quick else (64, 32)
     for _ in range(args.repeats):
         for mode, llm in llms.items():
-            results[mode]["single"].append(single(llm, prompt, n_single))
-            results[mode]["batch"].append(batch(llm, prompts, n_batch))
+            results[mode]["single"].append(quiet(args, lambda llm=llm: single(llm, prompt, n_single)))
+            results[mode]["batch"].append(quiet(args, lambda llm=llm: batch(llm, prompts, n_batch)))
             print(mode, {k: round(v[-1].get("decode_ms_per_token", v[-1].get("tok_s")), 2)
                          for k, v in results[mode].items()}, flush=True)
     rows = []
     for mode, res in results.items():
+        others = lambda runs: round(statistics.median(r["others"] for r in runs), 2)  # noqa: E731
         rows.append({"device": "cpu", "mode": mode, "workload": "single",
                      "ttft_ms": statistics.median(r["ttft_ms"] for r in res["single"]),
-                     "decode_ms_per_token": statistics.median(r["decode_ms_per_token"] for r in res["single"])})
+                     "decode_ms_per_token": statistics.median(r["decode_ms_per_token"] for r in res["single"]),
+                     "others_cores": others(res["single"])})
         rows.append({"device": "cpu", "mode": mode, "workload": "batch",
-                     "tok_s": statistics.median(r["tok_s"] for r in res["batch"])})
+                     "tok_s": statistics.median(r["tok_s"] for r in res["batch"]), "others_cores": others(res["batch"])})
     same = (results["default"]["single"][0]["tokens"] == results["invariant"]["single"][0]["tokens"],
             results["default"]["batch"][0]["tokens"] == results["invariant"]["batch"][0]["tokens"])
     rows.append({"device": "cpu", "note": f"greedy tokens equal across modes: single {same[0]}, batch {same[1]}"})
@@ -140,8 +156,8 @@ def table(rows: list[dict]) -> None:
         ratio = r[key] / base[key] if lower_is_better else base[key] / r[key]
         return f"{ratio:.2f}x the time"
 
-    print("| device | backend | mode | workload | result | cost |")
-    print("|---|---|---|---|---|---|")
+    print("| device | backend | mode | workload | result | cost | others' cores |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "note" in r:
             continue
@@ -150,7 +166,8 @@ def table(rows: list[dict]) -> None:
             c = cost(r, "decode_ms_per_token", True)
         else:
             res, c = f"{r['tok_s']:.0f} tok/s", cost(r, "tok_s", False)
-        print(f"| {r['device']} | {r.get('backend', 'torch')} | {r['mode']} | {r['workload']} | {res} | {c} |")
+        print(f"| {r['device']} | {r.get('backend', 'torch')} | {r['mode']} | {r['workload']} | {res} | {c} | "
+              f"{r.get('others_cores', '')} |")
     for r in rows:
         if "note" in r:
             print(r["note"])
@@ -169,6 +186,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="CPU repeats")
     ap.add_argument("--gpu-repeats", type=int, default=1, help="GPU repeats (the workload is long)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: fewer tokens, one repeat")
+    ap.add_argument("--max-wait", type=float, default=60.0,
+                    help="seconds to wait for a quiet machine before each CPU run (others' test runs share it)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if args.quick:

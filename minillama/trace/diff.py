@@ -164,9 +164,16 @@ def diff_traces(a: TraceReader, b: TraceReader, threshold: float | None = None) 
     notes = check_comparable(a, b)
     pairs, only_a, only_b = align.match(align.index_requests(a), align.index_requests(b))
     catalog = [e["name"] for e in a.catalog]
-    out = []
-    for qa, qb in pairs:
-        out.append(_request(a, b, qa, qb, catalog))
+    paired = [align.pair_rows(qa, qb) for qa, qb in pairs]
+    # every request's rows at once: each step's tables are read once per trace
+    ga = align.gather(a, [r for p in paired for r in p.a])
+    gb = align.gather(b, [r for p in paired for r in p.b])
+    out, at = [], 0
+    for (qa, qb), p in zip(pairs, paired, strict=True):
+        span = slice(at, at + len(p.a))
+        at = span.stop
+        out.append(_request(a, b, qa, qb, p, {k: v[span] for k, v in ga.items()},
+                            {k: v[span] for k, v in gb.items()}, catalog))
     brief = lambda q: {"index": q.index, "seq_id": q.seq_id, "prompt": _prompt(q), "prompt_len": len(q.prompt_ids)}
     return TraceDiff(a.path, b.path, threshold, out, [brief(q) for q in only_a], [brief(q) for q in only_b], notes)
 
@@ -178,16 +185,17 @@ def diff_request(a: TraceReader, b: TraceReader, seq_a: int, seq_b: int) -> Requ
     for r, q, sid in ((a, qa, seq_a), (b, qb, seq_b)):
         if sid not in q:
             raise TraceMismatchError(f"{r.path} has no request with seq id {sid}: pick one `minillama trace info` lists")
-    return _request(a, b, qa[seq_a], qb[seq_b], [e["name"] for e in a.catalog])
+    p = align.pair_rows(qa[seq_a], qb[seq_b])
+    return _request(a, b, qa[seq_a], qb[seq_b], p, align.gather(a, p.a), align.gather(b, p.b),
+                    [e["name"] for e in a.catalog])
 
 
 def _prompt(q: align.RequestRows) -> str:
     return q.prompt if q.prompt is not None else f"<{len(q.prompt_ids)} prompt tokens>"
 
 
-def _request(a: TraceReader, b: TraceReader, qa: align.RequestRows, qb: align.RequestRows,
-             catalog: list[str]) -> RequestDiff:
-    paired = align.pair_rows(qa, qb)
+def _request(a: TraceReader, b: TraceReader, qa: align.RequestRows, qb: align.RequestRows, paired: align.PairedRows,
+             ga: dict[str, np.ndarray], gb: dict[str, np.ndarray], catalog: list[str]) -> RequestDiff:
     res = RequestDiff(qa.index, qb.index, qa.seq_id, qb.seq_id, _prompt(qa), len(qa.prompt_ids),
                       len(set(paired.positions.tolist())), True,
                       cached_a=[[s, e] for s, e, _ in qa.cached], cached_b=[[s, e] for s, e, _ in qb.cached],
@@ -201,7 +209,6 @@ def _request(a: TraceReader, b: TraceReader, qa: align.RequestRows, qb: align.Re
     if not len(paired.positions):
         res.notes.append("no position was computed by both traces")
         return res
-    ga, gb = align.gather(a, paired.a), align.gather(b, paired.b)
     valid = ga["valid"] & gb["valid"]
     differs = (ga["lanes"] != gb["lanes"]).any(-1) & valid
     expected = ga["valid"] | gb["valid"]  # sample sites exist only at sampling rows

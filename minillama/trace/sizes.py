@@ -42,39 +42,43 @@ class Sizes:
         return site in keys[step]
 
     def exact(self, slot: int, ks: np.ndarray) -> np.ndarray:
-        """max |A - B| per pair in ``ks`` at ``slot`` where both kept the tensor (NaN elsewhere)."""
+        """max |A - B| per pair in ``ks`` at ``slot`` where both kept the tensor (NaN elsewhere).
+        Pairs are grouped by their two steps, so each step's tensor is read once."""
         site, sample = self.names[slot], self.is_sample[slot]
         out = np.full(len(ks), np.nan)
-        loaded: dict[tuple[int, int], np.ndarray | None] = {}
-
-        def rows_of(side: int, step: int) -> np.ndarray | None:
-            if (side, step) not in loaded:
-                t = self.readers[side].tensor(step, site) if self._kept(side, step, site) else None
-                loaded[(side, step)] = None if t is None else t.reshape(t.shape[0], -1).double().numpy()
-            return loaded[(side, step)]
-
+        groups: dict[tuple[int, int], list[int]] = {}
         for j, k in enumerate(ks):
-            ra, rb = self.rows[0][k], self.rows[1][k]
-            xa, xb = rows_of(0, ra.step), rows_of(1, rb.step)
+            groups.setdefault((self.rows[0][k].step, self.rows[1][k].step), []).append(j)
+        loaded: dict[tuple[int, int], np.ndarray | None] = {}
+        for (sa, sb), js in groups.items():
+            xa, xb = self._rows_of(loaded, 0, sa, site), self._rows_of(loaded, 1, sb, site)
             if xa is None or xb is None:
                 continue
-            ia, ib = (ra.sample, rb.sample) if sample else (ra.row, rb.row)
-            out[j] = _max_abs(xa[ia], xb[ib])
+            ra, rb = [self.rows[0][ks[j]] for j in js], [self.rows[1][ks[j]] for j in js]
+            ia = [r.sample if sample else r.row for r in ra]
+            ib = [r.sample if sample else r.row for r in rb]
+            out[js] = _max_abs(xa[ia], xb[ib])
         return out
+
+    def _rows_of(self, loaded: dict, side: int, step: int, site: str) -> np.ndarray | None:
+        if (side, step) not in loaded:
+            t = self.readers[side].tensor(step, site) if self._kept(side, step, site) else None
+            loaded[(side, step)] = None if t is None else t.reshape(t.shape[0], -1).double().numpy()
+        return loaded[(side, step)]
 
     # ---- bounds ---------------------------------------------------------------------------------
     def bound(self, slot: int, ks: np.ndarray) -> np.ndarray:
         """A lower bound of max |A - B| per pair from the statistics (NaN where none can be given)."""
+        direct = np.array([self.is_sample[slot] or self.rows[0][k].chunk == self.rows[1][k].chunk for k in ks],
+                          dtype=bool)
         out = np.full(len(ks), np.nan)
-        for j, k in enumerate(ks):
-            ra, rb = self.rows[0][k], self.rows[1][k]
-            if self.is_sample[slot] or ra.chunk == rb.chunk:
-                sa, sb = self.stats[0][k, slot], self.stats[1][k, slot]
-                out[j] = _gap(sa[[0, 2, 3]], sb[[0, 2, 3]])
-                continue
-            span = self._span(ra, rb)
+        if direct.any():  # both sides' statistics cover the same positions
+            sa, sb = self.stats[0][ks[direct], slot][:, [0, 2, 3]], self.stats[1][ks[direct], slot][:, [0, 2, 3]]
+            out[direct] = _gap(sa, sb)
+        for j in np.flatnonzero(~direct):
+            span = self._span(self.rows[0][ks[j]], self.rows[1][ks[j]])
             if span is not None:
-                out[j] = _gap(span[0][slot], span[1][slot])
+                out[j] = _gap(span[0][slot][None], span[1][slot][None])[0]
         return out
 
     def _span(self, ra: Row, rb: Row) -> tuple[np.ndarray, np.ndarray] | None:
@@ -142,14 +146,17 @@ def _chunks(q: RequestRows) -> list[tuple[int, int, int, int, bool]]:
     return [(*k, clean) for k, clean in seen.items()]
 
 
-def _gap(x: np.ndarray, y: np.ndarray) -> float:
-    """max |x - y| over the statistics both sides have (NaN if none)."""
+def _gap(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per row, max |x - y| over the statistics both sides have (NaN where none)."""
     d = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
-    d = d[~np.isnan(d)]
-    return float(d.max()) if len(d) else math.nan
+    known = ~np.isnan(d)
+    return np.where(known.any(-1), np.where(known, d, -np.inf).max(-1), np.nan)
 
 
-def _max_abs(x: np.ndarray, y: np.ndarray) -> float:
+def _max_abs(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per row, max |x - y| with NaNs and infinities at the same place counting as equal (inf: a NaN
+    on one side only)."""
     same = (x == y) | (np.isnan(x) & np.isnan(y))
-    d = np.where(same, 0.0, np.abs(x - y))
-    return float(np.nan_to_num(d, nan=math.inf).max()) if d.size else 0.0
+    with np.errstate(invalid="ignore"):
+        d = np.where(same, 0.0, np.abs(x - y))
+    return np.nan_to_num(d, nan=math.inf).max(-1) if d.shape[-1] else np.zeros(d.shape[0])
