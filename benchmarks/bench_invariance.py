@@ -82,6 +82,10 @@ def quiet(args, fn) -> dict:
 
 
 def run_cpu(args) -> list[dict]:
+    if args.cpu_row_tile:
+        from minillama.layers import batch_invariant
+
+        batch_invariant.ROW_TILE["cpu"] = args.cpu_row_tile
     kw = dict(device="cpu", max_model_len=1024, enable_prefix_caching=False, num_kvcache_blocks=512)
     llms = {mode: LLM(None, batch_invariant=mode == "invariant", **kw) for mode in ("default", "invariant")}
     prompt, prompts = cpu_prompts(llms["default"])
@@ -107,7 +111,10 @@ def run_cpu(args) -> list[dict]:
                      "tok_s": statistics.median(r["tok_s"] for r in res["batch"]), "others_cores": others(res["batch"])})
     same = (results["default"]["single"][0]["tokens"] == results["invariant"]["single"][0]["tokens"],
             results["default"]["batch"][0]["tokens"] == results["invariant"]["batch"][0]["tokens"])
-    rows.append({"device": "cpu", "note": f"greedy tokens equal across modes: single {same[0]}, batch {same[1]}"})
+    from minillama.layers.batch_invariant import ROW_TILE
+
+    rows.append({"device": "cpu", "note": f"greedy tokens equal across modes: single {same[0]}, batch {same[1]}; "
+                                          f"CPU row tile {ROW_TILE['cpu']}"})
     return rows
 
 
@@ -186,6 +193,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="CPU repeats")
     ap.add_argument("--gpu-repeats", type=int, default=1, help="GPU repeats (the workload is long)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: fewer tokens, one repeat")
+    ap.add_argument("--cpu-row-tile", type=int, default=0,
+                    help="rows per matmul tile in batch-invariant mode on CPU (default: the library's, 1)")
     ap.add_argument("--max-wait", type=float, default=60.0,
                     help="seconds to wait for a quiet machine before each CPU run (others' test runs share it)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
