@@ -92,7 +92,8 @@ def _run(q_rows, chunks, keys, vals, kc, vc, bt, decode=False, flat=False):
 def test_invariant_attention_is_correct_and_the_same_however_rows_are_batched(monkeypatch, tile, h, hk, d):
     monkeypatch.setitem(ia.KEY_TILE, "cpu", tile)
     if tile == 4:
-        monkeypatch.setitem(ia.ROW_CHUNK, "cpu", 5)  # rows in passes of 5: the same bits
+        monkeypatch.setitem(ia.Q_BLOCK, "cpu", 4)  # several query blocks per request
+        monkeypatch.setitem(ia.BLOCK_CHUNK, "cpu", 3)  # blocks in passes of 3: the same bits
     lens, g_heads = [19, 7, 30], h // hk
     keys, vals, kc, vc, bt = _cache(0, lens, block=4, hk=hk, d=d)
     g = torch.Generator().manual_seed(5)

@@ -10,19 +10,21 @@ Used in batch-invariant mode for attention backends that do not promise the guar
     prefill, a recompute after preemption, or a decode step: ``varlen`` and ``with_kvcache``
     must agree bit for bit), where the keys are read from (new flat k/v or the paged cache),
     the block size and block table, ``max_seqlen_*``, padding rows of a CUDA graph, and the
-    number of splits. Here: keys are walked in tiles of ``KEY_TILE`` positions aligned to
-    position 0, in increasing order, with an online softmax; within a tile the dot products and
-    the weighted sum of values are matmuls of one fixed shape (``fixed_bmm``) and the sum of
-    weights is fixed-order (``tree_sum``); keys past p count as exact zeros, and a tile with none
-    of the row's keys leaves its running values untouched (so extra tiles for longer neighbours or
-    graph padding change nothing).
+    number of splits.
 
-Costs more than the backends' kernels: each query row gathers its own copy of every key tile.
+Here: a request's query rows go in blocks of ``Q_BLOCK`` consecutive rows (a decode row alone in
+its block, the rest padding), and keys are walked in tiles of ``KEY_TILE`` positions aligned to
+position 0, in increasing order, with an online softmax. Per tile, a block's G query heads per kv
+head meet the tile's keys in matmuls of one fixed shape (``fixed_bmm``: every row of every call has
+the same kernel, and a matmul's rows do not depend on each other or on their place); the sum of
+weights is fixed-order (``tree_sum``); keys past a row's position score -inf and weigh exactly 0,
+and a tile with none of a row's keys leaves its running values untouched (so extra tiles for
+longer neighbours or graph padding change nothing). One caveat: a key masked for a row but real
+for a block-mate multiplies its weight 0 by a real value, so an output that is exactly zero can
+come out +0 or -0; nothing downstream of the attention output sees the difference.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -31,97 +33,109 @@ from minillama.layers.batch_invariant import fixed_bmm, tree_sum
 
 #: Keys per tile, per device (a fixed schedule: changing it changes results, never their invariance).
 KEY_TILE = {"cpu": 64, "cuda": 256}
-#: Query rows per pass (bounds the gathered keys' memory; rows are independent, so results do not change).
-ROW_CHUNK = {"cpu": 4096, "cuda": 1024}
+#: Query rows of one request per block (they share each key tile's gather).
+Q_BLOCK = {"cpu": 16, "cuda": 16}
+#: Blocks per pass (bounds the gathered keys' memory; blocks are independent, so results do not change).
+BLOCK_CHUNK = {"cpu": 1024, "cuda": 256}
 
 
-def _rows(q: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query row's request index in the batch and token position (both (N,) int64)."""
-    n = q.shape[0]
-    if not ctx.is_prefill:  # one query per request, the last of its context_lens keys
-        return torch.arange(n, device=q.device), ctx.context_lens.long() - 1
+def _get(table: dict[str, int], device: torch.device) -> int:
+    return table.get(device.type, table["cpu"])
+
+
+def _blocks(q: torch.Tensor, ctx: Context, tq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query blocks: ``rows`` (NB, tq) row of each slot (-1: padding), ``seq`` (NB,) their request,
+    ``pos`` (NB, tq) token positions (-1: padding), ``inv`` (N,) each row's flat slot."""
+    n, dev = q.shape[0], q.device
+    if not ctx.is_prefill:  # one query per request, the last of its context_lens keys: no host values
+        rows = torch.full((n, tq), -1, dtype=torch.long, device=dev)
+        rows[:, 0] = torch.arange(n, device=dev)
+        pos = torch.full((n, tq), -1, dtype=torch.long, device=dev)
+        pos[:, 0] = ctx.context_lens.long() - 1
+        return rows, torch.arange(n, device=dev), pos, torch.arange(n, device=dev) * tq
+    lens = list(ctx.query_lens) or (ctx.cu_seqlens_q[1:] - ctx.cu_seqlens_q[:-1]).tolist()
+    idx, seq, at = [], [], 0
+    for b, m in enumerate(lens):
+        for start in range(0, m, tq):
+            idx += [at + start + i if start + i < m else -1 for i in range(tq)]
+            seq.append(b)
+        at += m
+    rows = torch.tensor(idx, dtype=torch.long).view(-1, tq).to(dev)
+    seq_t = torch.tensor(seq, dtype=torch.long).to(dev)
     cu_q, cu_k = ctx.cu_seqlens_q.long(), ctx.cu_seqlens_k.long()
-    t = torch.arange(n, device=q.device)
-    seq = torch.searchsorted(cu_q[1:], t, right=True)
-    start = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])  # keys before each request's new tokens
-    return seq, start[seq] + (t - cu_q[seq])
-
-
-@dataclass
-class _Keys:
-    """Where each query row's keys are: through its request's block table, or in the step's flat k/v."""
-
-    rows_k: torch.Tensor  # (slots, Hk, D)
-    rows_v: torch.Tensor
-    tables: torch.Tensor | None  # (N, width) each row's request's block table (paged)
-    first: torch.Tensor | None  # (N,) each row's request's key 0 in the flat k/v
-    block_size: int
-    max_keys: int
-
-    def slots(self, rows: slice, j: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(R, T) slot of key position ``j`` for each row of ``rows`` (0 where not ``valid``)."""
-        if self.tables is not None:
-            t = self.tables[rows]
-            block = t.gather(1, (j // self.block_size).clamp(max=t.shape[1] - 1).expand(t.shape[0], -1))
-            slots = block * self.block_size + j % self.block_size
-        else:
-            slots = self.first[rows, None] + j[None, :]
-        return torch.where(valid, slots, 0)
+    before = (cu_k[1:] - cu_k[:-1]) - (cu_q[1:] - cu_q[:-1])  # keys before each request's new tokens
+    pos = torch.where(rows >= 0, before[seq_t][:, None] + rows - cu_q[seq_t][:, None], -1)
+    inv = torch.empty(n, dtype=torch.long, device=dev)
+    flat = rows.view(-1)
+    real = flat >= 0
+    inv[flat[real]] = torch.arange(flat.shape[0], device=dev)[real]
+    return rows, seq_t, pos, inv
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               ctx: Context, scale: float) -> torch.Tensor:
     """q (tokens, heads, D); k/v the step's new (tokens, kv_heads, D), already in the paged cache when
-    there is one. Returns (tokens, heads, D) in q's dtype (see the module docstring). Rows go in
-    chunks of ``ROW_CHUNK`` (rows are independent: this only bounds the memory of the gathered keys)."""
-    n, _h, d = q.shape
-    hk = k.shape[1]
-    seq, pos = _rows(q, ctx)
-    if ctx.block_tables is not None:
-        bs, width = k_cache.shape[1], ctx.block_tables.shape[1]
-        keys = _Keys(k_cache.reshape(-1, hk, d), v_cache.reshape(-1, hk, d), ctx.block_tables.long()[seq], None, bs,
-                     ctx.max_seqlen_k if ctx.max_seqlen_k > 0 else width * bs)  # graphs: the whole table
-    else:  # a prefill from position 0 with no cache reads: the keys are the step's own
-        keys = _Keys(k, v, None, ctx.cu_seqlens_k.long()[seq], 1, ctx.max_seqlen_k)
-    chunk = ROW_CHUNK.get(q.device.type, ROW_CHUNK["cpu"])
-    if n <= chunk:
-        return _attend(q, pos, slice(0, n), keys, scale)
-    return torch.cat([_attend(q[i:i + chunk], pos[i:i + chunk], slice(i, i + chunk), keys, scale)
-                      for i in range(0, n, chunk)])
-
-
-def _attend(q: torch.Tensor, pos: torch.Tensor, rows: slice, keys: _Keys, scale: float) -> torch.Tensor:
-    """Per key tile, the products go through ``fixed_bmm``: one batched-matmul item per (query row,
-    kv head), so every row meets the same kernel shape."""
+    there is one. Returns (tokens, heads, D) in q's dtype (see the module docstring)."""
     n, h, d = q.shape
-    hk = keys.rows_k.shape[1]
+    hk = k.shape[1]
+    tq = _get(Q_BLOCK, q.device)
+    rows, seq, pos, inv = _blocks(q, ctx, tq)
+    if ctx.block_tables is not None:
+        bs = k_cache.shape[1]
+        src = (k_cache.reshape(-1, hk, d), v_cache.reshape(-1, hk, d), ctx.block_tables.long()[seq], bs)
+        max_keys = ctx.max_seqlen_k if ctx.max_seqlen_k > 0 else ctx.block_tables.shape[1] * bs  # graphs: all
+    else:  # a prefill from position 0 with no cache reads: the keys are the step's own
+        src = (k, v, ctx.cu_seqlens_k.long()[seq], 0)
+        max_keys = ctx.max_seqlen_k
+    qb = torch.where(rows[..., None, None] >= 0, q[rows.clamp(min=0)], 0)  # (NB, tq, H, D)
+    chunk = _get(BLOCK_CHUNK, q.device)
+    parts = [_attend(qb[i:i + chunk], pos[i:i + chunk], slice(i, i + chunk), src, max_keys, scale)
+             for i in range(0, qb.shape[0], chunk)]
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]  # (NB, tq, H, D)
+    return out.reshape(-1, h, d)[inv].to(q.dtype)
+
+
+def _attend(qb: torch.Tensor, pos: torch.Tensor, blocks: slice, src: tuple, max_keys: int,
+            scale: float) -> torch.Tensor:
+    """One pass over key tiles for query blocks ``qb`` (NB, tq, H, D); returns (NB, tq, H, D) float32."""
+    nb, tq, h, d = qb.shape
+    rows_k, rows_v, where_k, bs = src
+    where_k = where_k[blocks]
+    hk = rows_k.shape[1]
     g = h // hk
-    half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)  # matrix units, float32 sums
-    qi = (q if half else q.float()).reshape(n * hk, g, d)  # item (row, kv head): its g query heads
-    m = torch.full((n * hk, g), float("-inf"), device=q.device)
+    half = qb.is_cuda and qb.dtype in (torch.float16, torch.bfloat16)  # matrix units, float32 sums
+    items = nb * hk
+    qi = (qb if half else qb.float()).view(nb, tq, hk, g, d).permute(0, 2, 1, 3, 4).reshape(items, tq * g, d)
+    m = torch.full((items, tq * g), float("-inf"), device=qb.device)
     l_sum = torch.zeros_like(m)
-    acc = torch.zeros(n * hk, g, d, device=q.device)
-    tile = KEY_TILE.get(q.device.type, KEY_TILE["cpu"])
-    offsets = torch.arange(tile, device=q.device)
-    for start in range(0, max(keys.max_keys, 1), tile):
+    acc = torch.zeros(items, tq * g, d, device=qb.device)
+    tile = _get(KEY_TILE, qb.device)
+    offsets = torch.arange(tile, device=qb.device)
+    last = pos.max(1).values  # (NB,) the block's last position: keys past it are read by no row
+    for start in range(0, max(max_keys, 1), tile):
         j = start + offsets  # absolute key positions of this tile
-        valid = j[None, :] <= pos[:, None]  # (N, T)
-        slots = keys.slots(rows, j, valid)
-        mask = valid[:, None, None, :].expand(n, hk, 1, tile).reshape(n * hk, 1, tile)
-        kt = keys.rows_k[slots].permute(0, 2, 3, 1).reshape(n * hk, d, tile)  # (items, D, T)
-        vt = torch.where(valid[..., None, None], keys.rows_v[slots], 0).transpose(1, 2).reshape(n * hk, tile, d)
+        if bs:  # through the block table
+            block = where_k.gather(1, (j // bs).clamp(max=where_k.shape[1] - 1).expand(nb, -1))
+            slots = block * bs + j % bs
+        else:
+            slots = where_k[:, None] + j[None, :]
+        needed = j[None, :] <= last[:, None]  # (NB, T)
+        slots = torch.where(needed, slots, 0)
+        kt = rows_k[slots].permute(0, 2, 3, 1).reshape(items, d, tile)  # (items, D, T)
+        vt = torch.where(needed[..., None, None], rows_v[slots], 0).transpose(1, 2).reshape(items, tile, d)
         if not half:
             kt, vt = kt.float(), vt.float()
-        s = fixed_bmm(qi, kt, torch.float32) * scale  # (items, G, T)
-        s = torch.where(mask, s, float("-inf"))
+        valid = j[None, None, :] <= pos[..., None]  # (NB, tq, T)
+        mask = valid[:, None, :, None, :].expand(nb, hk, tq, g, tile).reshape(items, tq * g, tile)
+        s = torch.where(mask, fixed_bmm(qi, kt, torch.float32) * scale, float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
         alpha = torch.exp(m - m_use)
         p = torch.exp(s - m_use[..., None])
-        seen = mask.any(-1)  # (items, 1): a tile without this row's keys changes nothing
+        seen = mask.any(-1)  # (items, rows): a tile without any of this row's keys changes nothing
         l_sum = torch.where(seen, l_sum * alpha + tree_sum(p, -1), l_sum)
-        pv = fixed_bmm(p.to(vt.dtype), vt, torch.float32)  # (items, G, D); half: p rounded as flash-attn does
+        pv = fixed_bmm(p.to(vt.dtype), vt, torch.float32)  # (items, rows, D); half: p rounded as flash-attn does
         acc = torch.where(seen[..., None], acc * alpha[..., None] + pv, acc)
         m = torch.where(seen, m_new, m)
-    out = torch.where(l_sum[..., None] > 0, acc / l_sum[..., None], 0.0)
-    return out.reshape(n, h, d).to(q.dtype)
+    out = torch.where(l_sum[..., None] > 0, acc / l_sum[..., None], 0.0)  # (items, tq*g, D)
+    return out.view(nb, hk, tq, g, d).permute(0, 2, 1, 3, 4).reshape(nb, tq, h, d)
