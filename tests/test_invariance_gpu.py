@@ -28,17 +28,19 @@ def _backend_or_skip(name: str) -> None:
 
 
 def _check(tmp_path, backend: str, invariant: bool):
+    from minillama.attention import get_backend
     from minillama.debug.invariance import Checker
 
+    multiple = get_backend(backend).block_size_multiple
     engine = dict(model=None, backend=backend, device="cuda", dtype="bfloat16", max_model_len=1024,
-                  kvcache_block_size=16 if backend == "torch" else 256, batch_invariant=invariant)
+                  kvcache_block_size=16 if multiple <= 16 else multiple, batch_invariant=invariant)
     checker = Checker(engine, str(tmp_path), max_tokens=8)
     tok = checker.llm().tokenizer
     ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in (SHORT, LONG)]
     return checker.check(ids, [SHORT, LONG])
 
 
-@pytest.mark.parametrize("backend", ["torch", "flash-attn"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "flash-attn"])
 def test_batch_invariant_mode_is_bit_identical_under_every_condition(tmp_path, backend):
     _backend_or_skip(backend)
     outcomes = _check(tmp_path, backend, invariant=True)
@@ -50,7 +52,7 @@ def test_batch_invariant_mode_is_bit_identical_under_every_condition(tmp_path, b
     assert not changed, f"batch-invariant mode changed: {changed}"
 
 
-@pytest.mark.parametrize("backend", ["torch", "flash-attn"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "flash-attn"])
 def test_default_mode_table(backend, capsys):
     """Not an assertion about the numbers: the table of where each condition first changes the default mode."""
     from minillama.cli import main
