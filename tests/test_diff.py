@@ -232,3 +232,30 @@ def test_shadow_diff_of_the_shipped_format_1_trace(capsys):
     assert main(["diff", "--shadow", "traces/h200-flash-attn-vs-torch"]) == 0
     out = capsys.readouterr().out
     assert "no layer over" in out and "…" not in out and "torch" in out  # piped: full values
+
+
+def test_shadow_diff_of_a_format_2_trace(llm, tmp_path, capsys):
+    """``diff --shadow`` reads format 2's per-request shadow tables and judges with ``tables.judge``."""
+    from minillama.cli import main
+    from minillama.debug.manifest import build_manifest
+    from minillama.debug.recorder import Recorder
+    from minillama.trace import diff_shadow
+    from minillama.trace.tables import judge
+    from minillama.trace.writer import BackgroundWriter, TraceWriter
+
+    fresh_cache(llm)
+    rec = Recorder(llm, shadow="reference")
+    seqs = [llm.add_request(p, PARAMS) for p in (P, Q)]
+    rec.set_sink(BackgroundWriter(TraceWriter(str(tmp_path / "s"), build_manifest(llm, rec, prompts=[P, Q],
+                                                                                   params=PARAMS, seqs=seqs))))
+    with rec:
+        while llm.has_unfinished():
+            llm.step()
+    r = TraceReader(tmp_path / "s")
+    res = diff_shadow(r)
+    assert [lay.layer for lay in res.layers] == [0, 1, 2] and all(lay.steps == r.num_steps for lay in res.layers)
+    over = {(i, int(k)) for i in range(r.num_steps) for k, m in r.shadow(i).items() if judge(m) is not None}
+    assert {(lay.first_step_over, lay.layer) for lay in res.layers if lay.over} == {
+        (min(i for i, k in over if k == layer), layer) for layer in {k for _i, k in over}}
+    assert main(["diff", "--shadow", str(tmp_path / "s")]) == res.exit_code
+    assert "err act" in capsys.readouterr().out
