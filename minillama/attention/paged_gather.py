@@ -162,7 +162,7 @@ def gather_heads(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # where the layout allows: the same bytes, a quarter of the work.
         words = _as_words(rows)
         out = words.transpose(0, 1)[:, idx]
-        return (out if words is rows else out.view(rows.dtype)).view(kv_heads * batch, length, head_dim)
+        return (out if words is rows else out.view(rows.dtype)).reshape(kv_heads * batch, length, head_dim)
     slots = rows.index_select(0, idx.view(-1)).view(batch, length, kv_heads, head_dim)
     return slots.permute(2, 0, 1, 3).reshape(kv_heads * batch, length, head_dim)
 
