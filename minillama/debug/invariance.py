@@ -160,8 +160,10 @@ class Checker:
             llm.block_manager.enable_prefix_caching = False  # recompute every position, not just the last block
             preempt = _preempter(llm, cond.position, cond.preempt_after)
         try:
-            if cond.warm:
-                llm.generate([ids], replace(self.params, max_tokens=1))
+            if cond.warm:  # the same prompt once, unrecorded: its full blocks become prefix-cache entries
+                llm.add_request(ids, replace(self.params, max_tokens=1))
+                while llm.has_unfinished():
+                    llm.step()
             seqs = record(llm, prompts, self.params, path, texts=texts, full_sites=self.full_sites, after_step=preempt)
         finally:
             llm.scheduler.max_num_batched_tokens, llm.runner.graphs, llm.config.async_scheduling = saved
