@@ -1,4 +1,4 @@
-"""``minillama generate | info | record | diff | trace``: the engine from the shell.
+"""``minillama generate | info | record | check-invariance | diff | trace``: the engine from the shell.
 
 User mistakes end in one line on stderr and exit code 2, never a traceback (set MINILLAMA_DEBUG=1
 to see the traceback anyway). Options are checked before torch is imported or a model is loaded.
@@ -79,6 +79,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=positive_int, default=4096, metavar="N",
                    help="longest prompt + answer in tokens (capped by the model's context)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="compute each request's rows independently of the batch and of chunking (slower)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
 
 
@@ -108,7 +110,7 @@ def make_llm(a: argparse.Namespace, **extra):
     from minillama import LLM
 
     return LLM(a.model, backend=a.backend, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len,
-               enforce_eager=a.enforce_eager, **extra)
+               enforce_eager=a.enforce_eager, batch_invariant=a.batch_invariant, **extra)
 
 
 def _check_text(text: str, what: str) -> None:
@@ -238,8 +240,10 @@ def build_parser(with_trace: bool = True) -> argparse.ArgumentParser:
         _engine_args(r)
         _sampling_args(r)
         r.set_defaults(fn=cmd_record)
+        from minillama.debug import invariance_cli
         from minillama.trace import cli as trace_cli
 
+        invariance_cli.add_command(sub, _engine_args)
         trace_cli.add_commands(sub)
     return parser
 

@@ -34,6 +34,8 @@ class Config:
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # overlap host work with the GPU's step; None = on for CUDA
     enable_prefix_caching: bool = True
+    # each request's rows independent of the rest of the batch and of chunking (slower; layers/batch_invariant.py)
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if not (self.model is None or isinstance(self.model, str | os.PathLike | ModelConfig)):
@@ -53,7 +55,7 @@ class Config:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, int | float) or not 0 < u <= 1:
             raise OptionError(f"gpu_memory_utilization must be in (0, 1], got {u!r}: e.g. 0.9")
-        for name in ("enforce_eager", "enable_prefix_caching"):
+        for name in ("enforce_eager", "enable_prefix_caching", "batch_invariant"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (self.async_scheduling is None or isinstance(self.async_scheduling, bool)):

@@ -37,6 +37,8 @@ class Context:
     seq_ids: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
     step: int = -1
+    # batch-invariant mode (Config.batch_invariant): layers and attention compute each row independently
+    batch_invariant: bool = False
 
 
 _CONTEXT = Context()

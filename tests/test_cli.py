@@ -31,7 +31,7 @@ def test_version_help_and_command_errors(capsys):
     assert main(["--help"]) == 0
     top = capsys.readouterr().out
     assert "``" not in top and "examples:" in top and "generate" in top and "trace" in top
-    err = one_line(capsys, main([]), "choose a command: generate, info, record, diff, trace")
+    err = one_line(capsys, main([]), "choose a command: generate, info, record, check-invariance, diff, trace")
     assert "cmd" not in err.replace("command", "")
     err = one_line(capsys, main(["trace"]), "choose a command: info, export-perfetto")
     assert "trace_cmd" not in err

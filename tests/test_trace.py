@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minillama.debug.records import content_hash, tensor_stats
-from minillama.trace import TraceError, TraceMismatchError, TraceReader, TraceWriter, diff_shadow, diff_traces
-from minillama.trace.diff import LAYER_PARTS, render_diff, render_shadow
+from minillama.trace import TraceError, TraceReader, TraceWriter, diff_shadow
 from minillama.trace.perfetto import export_perfetto
+from minillama.trace.render import LAYER_PARTS
+from minillama.trace.shadow_diff import render_shadow
 
 NUM_LAYERS = 3
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10]]
@@ -367,71 +368,7 @@ def test_opening_a_large_trace_is_fast(tmp_path):
     assert dt < 2.0, f"opening took {dt:.2f} s"
 
 
-# ---- diff -----------------------------------------------------------------------------------------
-def test_diff_identical_traces(tmp_path, capsys):
-    from minillama.cli import main
-
-    a = write_trace(tmp_path / "a", seq_ids=(10, 11))
-    b = write_trace(tmp_path / "b", seq_ids=(40, 41))  # other seq ids: requests are matched by prompt order
-    res = diff_traces(TraceReader(a), TraceReader(b))
-    assert res.exit_code == 0 and res.max_abs == 0.0 and res.first_over is None and res.divergence is None
-    assert res.steps_compared == 4 and all(d.method == "equal" for d in res.worst.values())
-    render_diff(res)
-    assert main(["diff", a, b]) == 0
-    assert "SAME" in capsys.readouterr().out
-
-
-def test_diff_names_the_planted_layer(tmp_path, capsys):
-    from minillama.cli import main
-
-    a = write_trace(tmp_path / "a")
-    b = write_trace(tmp_path / "b", seq_ids=(20, 21), plant_site="layers.2.attn.out", plant_step=1)
-    res = diff_traces(TraceReader(a), TraceReader(b), threshold=1e-3)
-    assert res.exit_code == 1
-    assert res.first_over is not None and res.first_over.site == "layers.2.attn.out"
-    assert res.first_over.step == 1 and res.first_over.method == "full"
-    assert res.first_over.max_abs == pytest.approx(0.01, rel=1e-3)
-    assert res.worst["layers.1.output"].max_abs == 0.0 and res.worst["layers.2.attn.v"].max_abs == 0.0
-    assert main(["diff", a, b]) == 1
-    out = capsys.readouterr().out
-    assert "layers.2.attn.out" in out and "DIFFERENT" in out
-    assert main(["diff", a, b, "--threshold", "0.1"]) == 0
-    # statistics only: still caught (as a lower bound), still layer 2
-    c = write_trace(tmp_path / "c", full=False)
-    d = write_trace(tmp_path / "d", full=False, plant_site="layers.2.attn.out", plant_step=1)
-    res = diff_traces(TraceReader(c), TraceReader(d))
-    assert res.first_over is not None and res.first_over.site == "layers.2.attn.out"
-    assert res.first_over.method == "stats" and res.exit_code == 1
-
-
-def test_diff_names_the_first_diverging_token(tmp_path):
-    a = write_trace(tmp_path / "a")
-    b = write_trace(tmp_path / "b", seq_ids=(30, 31), token_change=(2, 1))
-    res = diff_traces(TraceReader(a), TraceReader(b))
-    v = res.divergence
-    assert v is not None and res.exit_code == 1
-    assert (v.step, v.request, v.seq_id_a, v.seq_id_b, v.position) == (2, 1, 11, 31, 2)
-    assert (v.token_a, v.token_b) == (_token(2, 1), _token(2, 1) + 1)
-    assert v.text_a == f" t{_token(2, 1)}" and v.text_b == f" t{_token(2, 1) + 1}"
-    assert res.steps_compared == 3  # later steps are not compared
-    render_diff(res)
-
-
-def test_diff_refuses_different_prompts(tmp_path, capsys):
-    from minillama.cli import main
-
-    a = write_trace(tmp_path / "a")
-    b = write_trace(tmp_path / "b", prompts=[[1, 5, 6, 7, 8], [1, 9, 11]])
-    with pytest.raises(TraceMismatchError) as e:
-        diff_traces(TraceReader(a), TraceReader(b))
-    assert "prompt 1 differs" in one_line(e)
-    assert main(["diff", a, b]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "same prompts" in err
-    assert main(["diff", a]) == 2 and main(["diff", "--shadow", a, b]) == 2
-    assert main(["diff", a, str(tmp_path / "nope")]) == 2
-
-
+# ---- diff: request-aligned diffs are tested in tests/test_diff.py on traces the engine records -------
 def test_diff_shadow_table(tmp_path, capsys):
     from minillama.cli import main
 
@@ -546,7 +483,7 @@ def test_record_then_read_back(recorded, capsys):
     assert main(["trace", "info", recorded]) == 0
     out = capsys.readouterr().out
     assert "Say hi." in out and "complete" in out
-    assert main(["diff", recorded, recorded]) == 0
+    assert main(["diff", recorded, recorded]) == 0  # a trace against itself: every request bit-identical
     assert main(["trace", "export-perfetto", recorded, recorded + ".json"]) == 0
     _strict_json(recorded + ".json")
     # the folder is taken now: refused before the model loads

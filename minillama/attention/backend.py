@@ -45,6 +45,10 @@ class AttentionBackend:
     # Decode graphs read block tables at full width. A backend whose decode work grows with that
     # width (not with the keys each sequence has) caps batch size x width keys here; None: no cap.
     graph_keys: int | None = None
+    # True if, while the step context's ``batch_invariant`` is set, both functions meet the contract in
+    # ``minillama/layers/invariant_attention.py`` (a row's output depends on its request's keys only, by
+    # one fixed sequence of operations); otherwise batch-invariant mode uses that module's attention.
+    batch_invariant: bool = False
 
     def graph_decode_max_batch(self, max_keys: int) -> int:
         """The largest decode batch to replay CUDA graphs for, when the graphs' block tables hold

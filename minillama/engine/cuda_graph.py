@@ -35,6 +35,7 @@ class DecodeGraphs:
         self.sizes = [s for s in (1, 2, 4, 8) if s < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
         self.sizes = sorted(set(self.sizes))
         self.max_blocks = max_blocks
+        self.batch_invariant = cfg.batch_invariant
         dev = runner.device
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
@@ -51,7 +52,7 @@ class DecodeGraphs:
     def _context(self, bs: int) -> Context:
         return Context(is_prefill=False, slot_mapping=self.slot_mapping[:bs], context_lens=self.context_lens[:bs],
                        block_tables=self.block_tables[:bs], max_seqlen_q=1, positions=self.positions[:bs],
-                       seq_index=self.seq_index[:bs])
+                       seq_index=self.seq_index[:bs], batch_invariant=self.batch_invariant)
 
     @staticmethod
     def _key() -> int:

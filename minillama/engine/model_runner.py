@@ -96,6 +96,7 @@ class ModelRunner:
             seq_ids=[s.seq_id for s in batch.seqs],
             query_lens=list(batch.num_new_tokens),
             step=step,
+            batch_invariant=self.config.batch_invariant,
         )
         set_context(ctx)
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), logit_rows
@@ -129,6 +130,7 @@ class ModelRunner:
             seq_ids=[s.seq_id for s in seqs],
             query_lens=[1] * n,
             step=step,
+            batch_invariant=self.config.batch_invariant,
         )
         set_context(ctx)
         return longs[:n], longs[n:2 * n], list(range(n))

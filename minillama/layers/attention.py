@@ -13,7 +13,7 @@ from torch import nn
 
 from minillama import hooks
 from minillama.context import Context, get_context
-from minillama.layers import triton_ops
+from minillama.layers import invariant_attention, triton_ops
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -72,6 +72,8 @@ class Attention(nn.Module):
 def run_attention(backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, ctx: Context, scale: float) -> torch.Tensor:
     """One attention call with ``backend`` on a step's inputs (also used by the shadow debugger)."""
+    if ctx.batch_invariant and not backend.batch_invariant:
+        return invariant_attention.attention(q, k, v, k_cache, v_cache, ctx, scale)
     if ctx.is_prefill:
         if ctx.block_tables is not None:  # some keys come from the cache: read them all from there
             k, v = k_cache, v_cache

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minillama.context import get_context
+from minillama.layers import batch_invariant
+
 
 class Embedding(nn.Embedding):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -25,6 +28,9 @@ class LMHead(nn.Module):
         self.weight.weight_loader = lambda p, t, shard_id=None: p.data.copy_(t)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if get_context().batch_invariant:  # fixed-size row tiles, float32 results as below
+            half = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
+            return batch_invariant.linear(hidden, self.weight, torch.float32 if half else None).float()
         if hidden.is_cuda and hidden.dim() == 2 and hidden.dtype in (torch.float16, torch.bfloat16):
             # float32 results straight from the matrix units: one pass, and logits not rounded to
             # bf16 first (whose ties at 1/8 steps would make greedy picks flip on noise)

@@ -8,7 +8,11 @@ calls, following ``packed_modules_mapping``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from minillama.context import get_context
+from minillama.layers import batch_invariant
 
 
 class Linear(nn.Linear):
@@ -20,6 +24,11 @@ class Linear(nn.Linear):
         """No random init: every weight comes from a checkpoint (or ``init_random_weights``). Leaving
         the memory untouched until then keeps loading to one copy of the weights in RSS and saves
         drawing ~10^8 random numbers for a model that is about to be overwritten."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if get_context().batch_invariant:  # fixed-size row tiles: a row's bits do not depend on the batch
+            return batch_invariant.linear(x, self.weight)
+        return F.linear(x, self.weight)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.shape != loaded.shape:

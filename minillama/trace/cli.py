@@ -23,8 +23,12 @@ def human_bytes(n: float) -> str:
 
 # ---- diff -----------------------------------------------------------------------------------------
 def cmd_diff(a: argparse.Namespace) -> int:
-    """``diff A B`` (exit 1 when over the threshold) or ``diff --shadow A``."""
-    from minillama.trace.diff import DEFAULT_THRESHOLD, diff_shadow, diff_traces, render_diff, render_shadow
+    """``diff A B`` aligned by request (exit 1 when a request changed) or ``diff --shadow A``."""
+    import json
+
+    from minillama.trace.diff import diff_traces
+    from minillama.trace.render import render_diff
+    from minillama.trace.shadow_diff import diff_shadow, render_shadow
 
     if a.threshold is not None and not a.threshold >= 0:
         raise TraceError(f"--threshold must be a number >= 0, got {a.threshold}")
@@ -37,9 +41,11 @@ def cmd_diff(a: argparse.Namespace) -> int:
     if len(a.traces) != 2:
         raise TraceError(f"diff takes two traces, got {len(a.traces)}: use `minillama diff A B`, or "
                          "`minillama diff --shadow A` for one trace recorded with --shadow")
-    res = diff_traces(TraceReader(a.traces[0]), TraceReader(a.traces[1]),
-                      DEFAULT_THRESHOLD if a.threshold is None else a.threshold)
-    render_diff(res)
+    res = diff_traces(TraceReader(a.traces[0]), TraceReader(a.traces[1]), a.threshold)
+    if a.json:
+        print(json.dumps(res.to_json(), indent=1))
+    else:
+        render_diff(res)
     return res.exit_code
 
 
@@ -113,12 +119,15 @@ def cmd_export_perfetto(a: argparse.Namespace) -> int:
 # ---- wiring ---------------------------------------------------------------------------------------
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``diff`` and ``trace`` (``info``, ``export-perfetto``) to the main CLI."""
-    d = sub.add_parser("diff", help="compare two traces layer by layer, or one trace's shadow records")
+    d = sub.add_parser("diff", help="which layer first changed each request: two traces aligned by request "
+                                    "(or one trace's shadow records)")
     d.add_argument("traces", nargs="+", metavar="TRACE", help="two trace folders (one with --shadow)")
     d.add_argument("--shadow", action="store_true", help="per-layer table of one trace's shadow-backend records")
     d.add_argument("--threshold", type=float, default=None,
-                   help="max abs difference allowed at any site (default 1e-3; with --shadow: gate on "
-                        "max_abs instead of the error budget); exit code 1 when exceeded")
+                   help="largest max |A-B| of a request's rows that still passes (default: any bit difference "
+                        "fails; sizes from statistics are lower bounds); with --shadow: gate on max_abs instead "
+                        "of the error budget; exit code 1 when exceeded")
+    d.add_argument("--json", action="store_true", help="print the result as JSON (for CI)")
     d.set_defaults(fn=cmd_diff)
 
     t = sub.add_parser("trace", help="inspect or export a recorded trace")
