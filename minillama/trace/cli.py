@@ -50,59 +50,76 @@ def cmd_diff(a: argparse.Namespace) -> int:
 
 
 # ---- trace info / export-perfetto -----------------------------------------------------------------
-def cmd_info(a: argparse.Namespace) -> int:
-    """A rich summary of one trace."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    r = TraceReader(a.dir)
+def trace_facts(r: TraceReader) -> dict:
+    """What ``trace info`` says about a trace, as plain data."""
     m = r.manifest
-    console = Console()
-    t = Table(title=f"trace {escape(r.path)}", show_header=False)
-    model = m.get("model") or {}
+    model = m.get("model") if isinstance(m.get("model"), dict) else {"name": m.get("model")}
     cfg = m.get("model_config") or {}
-    t.add_row("status", r.status)
-    t.add_row("format", f"{m.get('format')} v{m.get('version')}, created {m.get('created', '?')}")
-    t.add_row("model", escape(f"{model.get('name', '?')} ({model.get('format', '?')})"))
-    if cfg:
-        t.add_row("architecture", f"{cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
-                                  f"{cfg.get('num_attention_heads')} heads, {cfg.get('num_key_value_heads')} kv heads, "
-                                  f"vocab {cfg.get('vocab_size')}")
-    shadow = m.get("shadow")
-    t.add_row("engine", f"backend {m.get('backend', '?')}" + (f", shadow {shadow}" if shadow else "")
-              + f", {m.get('device', '?')}, {m.get('dtype', '?')}")
-    if m.get("sampling"):
-        s = m["sampling"]
-        t.add_row("sampling", ", ".join(f"{k} {v}" for k, v in s.items() if v is not None))
-    rec = m.get("recording") or {}
-    t.add_row("recording", "stats for every site" + (f"; full tensors for {', '.join(rec['full_sites'])}"
-                                                      if rec.get("full_sites") else "")
-              + (f"; cap {human_bytes(rec['max_bytes'])}" if rec.get("max_bytes") else ""))
     phases: Counter[str] = Counter()
-    elapsed, full_steps, missing = 0.0, 0, 0
+    elapsed, with_data, missing = 0.0, 0, 0
     for ev in r.steps():
-        phases[ev.get("phase", "?")] += 1
+        phases[str(ev.get("phase", "?"))] += 1
         elapsed += float(ev.get("elapsed_ms") or 0.0)
-        full_steps += bool(ev.get("tensor_file") or ev.get("data"))
+        with_data += bool(ev.get("tensor_file") or ev.get("data"))
         missing += bool(ev.get("missing_sites"))
-    t.add_row("steps", f"{r.num_steps} (" + ", ".join(f"{n} {p}" for p, n in phases.items()) + f"), "
-              f"{elapsed:.1f} ms recorded; {full_steps} with full tensors")
-    if missing:
-        t.add_row("missing sites", f"[red]{missing} steps missed some hook sites[/] (see missing_sites)")
-    t.add_row("size", human_bytes(r.size_bytes))
-    versions = m.get("versions") or {}
-    t.add_row("versions", escape(", ".join(f"{k} {v}" for k, v in versions.items())))
+    rec = m.get("recording") if isinstance(m.get("recording"), dict) else {}
+    return {
+        "path": r.path, "status": r.status, "format": m.get("format"), "version": m.get("version"),
+        "created": m.get("created"), "model": model.get("name"), "model_format": model.get("format"),
+        "layers": cfg.get("num_hidden_layers"), "hidden": cfg.get("hidden_size"),
+        "heads": cfg.get("num_attention_heads"), "kv_heads": cfg.get("num_key_value_heads"),
+        "vocab": cfg.get("vocab_size"), "backend": m.get("backend"), "shadow": m.get("shadow"),
+        "device": m.get("device"), "dtype": m.get("dtype"), "sampling": m.get("sampling"),
+        "full_sites": rec.get("full_sites") or [], "max_bytes": rec.get("max_bytes"), "steps": r.num_steps,
+        "phases": dict(phases), "recorded_ms": round(elapsed, 3), "steps_with_tensors": with_data,
+        "steps_missing_sites": missing, "size_bytes": r.size_bytes, "versions": m.get("versions") or {},
+        "requests": [{"seq_id": sid, "prompt": q["prompt"], "tokens": len(q["token_ids"]),
+                      "finish": q["finish_reason"], "text": q["text"]} for sid, q in r.requests().items()],
+    }
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    """A summary of one trace: a table on a terminal, every value whole when piped, or ``--json``."""
+    import json
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    f = trace_facts(TraceReader(a.dir))
+    if getattr(a, "json", False):
+        print(json.dumps(f, ensure_ascii=False, default=str))
+        return 0
+    console = Console() if sys.stdout.isatty() else Console(width=100_000, no_color=True)
+    t = Table(title=Text(f"trace {f['path']}"), show_header=False)
+    arch = (f"{f['layers']} layers, hidden {f['hidden']}, {f['heads']} heads, {f['kv_heads']} kv heads, "
+            f"vocab {f['vocab']}") if f["layers"] is not None else "?"
+    engine = f"backend {f['backend']}" + (f", shadow {f['shadow']}" if f["shadow"] else "") + \
+        f", {f['device']}, {f['dtype']}"
+    rows = [("status", f["status"]), ("format", f"{f['format']} v{f['version']}, created {f['created']}"),
+            ("model", f"{f['model']} ({f['model_format']})"), ("architecture", arch), ("engine", engine),
+            ("sampling", ", ".join(f"{k} {v}" for k, v in (f["sampling"] or {}).items() if v is not None) or "-"),
+            ("recording", "per-request statistics for every site" + (
+                f"; full tensors for {', '.join(map(str, f['full_sites']))}" if f["full_sites"] else "")
+             + (f"; cap {human_bytes(f['max_bytes'])}" if isinstance(f["max_bytes"], int) else "")),
+            ("steps", f"{f['steps']} (" + ", ".join(f"{n} {p}" for p, n in f["phases"].items())
+             + f"), {f['recorded_ms']:.1f} ms recorded; {f['steps_with_tensors']} with tensors"),
+            ("size", human_bytes(f["size_bytes"])),
+            ("versions", ", ".join(f"{k} {v}" for k, v in f["versions"].items()))]
+    if f["steps_missing_sites"]:
+        rows.insert(8, ("missing sites", f"{f['steps_missing_sites']} steps missed some hook sites (see missing_sites)"))
+    for key, value in rows:  # trace strings are text, never markup
+        t.add_row(key, Text(str(value)))
     console.print(t)
-    reqs = r.requests()
-    if reqs:
+    if f["requests"]:
         rt = Table(title="requests")
         for col in ("#", "seq", "prompt", "tokens", "finish", "text"):
             rt.add_column(col, overflow="fold")
-        for k, (sid, q) in enumerate(reqs.items()):
+        for k, q in enumerate(f["requests"]):
             prompt = str(q["prompt"] if q["prompt"] is not None else "?")
-            rt.add_row(str(k), str(sid), escape(prompt[:60] + ("..." if len(prompt) > 60 else "")),
-                       str(len(q["token_ids"])), str(q["finish_reason"] or "-"), escape(q["text"]))
+            rt.add_row(str(k), str(q["seq_id"]), Text(prompt[:60] + ("..." if len(prompt) > 60 else "")),
+                       str(q["tokens"]), Text(str(q["finish"] or "-")), Text(q["text"]))
         console.print(rt)
     return 0
 
@@ -133,7 +150,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("trace", help="inspect or export a recorded trace")
     tsub = t.add_subparsers(dest="trace_cmd", required=True)
     i = tsub.add_parser("info", help="model, prompts, steps, status, size and answers of a trace")
-    i.add_argument("dir", metavar="DIR")
+    i.add_argument("dir", metavar="DIR", help="a trace folder")
+    i.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
     i.set_defaults(fn=cmd_info)
     e = tsub.add_parser("export-perfetto", help="write Chrome trace-event JSON for ui.perfetto.dev")
     e.add_argument("dir", metavar="DIR")

@@ -154,7 +154,7 @@ def build_trace_events(reader: TraceReader) -> dict[str, Any]:
         for sid in batch.get("preempted") or []:
             events.append({"ph": "i", "s": "t", "pid": PID, "tid": request_tid(int(sid)), "name": "preempted",
                            "ts": t0})
-        if "num_blocks" in batch and "num_free_blocks" in batch:
+        if batch.get("num_blocks") is not None and batch.get("num_free_blocks") is not None:
             total, free = int(batch["num_blocks"]), int(batch["num_free_blocks"])
             cached = sum(1 for blk in (batch.get("blocks") or {}).values() if isinstance(blk, dict) and blk.get("cached"))
             events.append({"ph": "C", "pid": PID, "name": "KV blocks", "ts": t0,

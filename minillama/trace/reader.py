@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minillama.trace import schema
 from minillama.trace import tables as _tables
 from minillama.trace.batch import SEQ_COLUMNS, T_BLOCKS, T_SEQS, T_TABLES, summary
 from minillama.trace.format import (
@@ -81,8 +82,18 @@ class TraceReader:
             raise TraceError(f"{self.path} is a file, not a trace folder: pass the folder that holds manifest.json "
                              "and events.jsonl")
 
+    def _inside(self, name: str) -> str:
+        """The path of ``name`` in the trace, refusing links (or ``..``) that lead outside the folder."""
+        path = os.path.join(self.path, name)
+        root = os.path.realpath(self.path)
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise TraceError(f"{path} leads outside the trace folder (to {_clip(real, 60)}): a trace never links "
+                             "out; copy the real file in, or record the trace again")
+        return path
+
     def _read_manifest(self) -> dict[str, Any]:
-        path = os.path.join(self.path, MANIFEST)
+        path = self._inside(MANIFEST)
         if not os.path.isfile(path):
             what = "is empty" if not os.listdir(self.path) else "has no manifest.json"
             raise TraceError(f"{self.path} is not a minillama trace ({what}): pass a folder written by "
@@ -104,10 +115,11 @@ class TraceReader:
         if version > FORMAT_VERSION:
             raise TraceError(f"{self.path} uses trace format version {version} but this minillama reads up to "
                              f"version {FORMAT_VERSION}: upgrade minillama to read it")
+        schema.check_manifest(manifest, path)
         return manifest
 
     def _scan_events(self) -> None:
-        path = os.path.join(self.path, EVENTS)
+        path = self._inside(EVENTS)
         if not os.path.isfile(path):
             raise TraceError(f"{self.path} has a manifest but no {EVENTS}: the recording never started; "
                              "record the trace again")
@@ -173,6 +185,7 @@ class TraceReader:
             self._cache.move_to_end(i)
             return self._cache[i]
         event = self._parse_at(os.path.join(self.path, EVENTS), self._offsets[i])
+        schema.check_step(event, f"step {i} of {self.path}", self.version)
         if self.version >= 2 and "batch" not in event:
             event["batch"] = self._batch(i, event)
         self._cache[i] = event
@@ -192,7 +205,9 @@ class TraceReader:
         get = lambda name, cols: blob.get(name).numpy() if blob is not None and name in blob \
             else np.zeros((0, cols), np.int64)  # noqa: E731
         kv = ev.get("kv") if isinstance(ev.get("kv"), dict) else {}
-        return summary(get(T_SEQS, len(SEQ_COLUMNS)), get(T_TABLES, 0), get(T_BLOCKS, 3), kv,
+        seqs, tables, blocks = get(T_SEQS, len(SEQ_COLUMNS)), get(T_TABLES, 0), get(T_BLOCKS, 3)
+        schema.check_batch_tables(seqs, tables, blocks, kv, f"step {i} of {self.path}")
+        return summary(seqs, tables, blocks, kv,
                        str(ev.get("phase", "?")), list(ev.get("preempted") or []), list(ev.get("waiting") or []))
 
     # ---- statistics -----------------------------------------------------------------------------
@@ -231,6 +246,9 @@ class TraceReader:
         out = {"stats": get(T_STATS), "bad": get(T_BAD), "hash": get(T_HASH), "shadow": get(T_SHADOW)}
         if out["bad"] is None:
             out["bad"] = np.zeros((0, 4), np.int32)
+        seqs = self.step(i)["batch"]["seqs"]
+        rows = max(sum(s["num_new"] for s in seqs), sum(1 for s in seqs if s["samples"]))
+        schema.check_stat_tables(out, len(self.catalog), len(seqs), rows, f"step {i} of {self.path}")
         self._tables_cache[i] = out
         if len(self._tables_cache) > 16:
             self._tables_cache.popitem(last=False)
@@ -301,7 +319,7 @@ class TraceReader:
             raise TraceError(f"step {i} names its data as {_clip(repr(span), 40)}: the trace is damaged; record "
                              "it again")
         if self._data is None:
-            path = os.path.join(self.path, DATA)
+            path = self._inside(DATA)
             if not os.path.isfile(path) or os.path.getsize(path) == 0:
                 raise TraceError(f"{self.path} has no {DATA} but its steps name data in it: the trace is incomplete; "
                                  "copy it again or record it again")
@@ -317,7 +335,7 @@ class TraceReader:
         if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"):
             raise TraceError(f"step {i} names the tensor file {_clip(rel, 60)} outside the trace folder: "
                              "the trace is damaged or foreign; record it again")
-        return os.path.join(self.path, rel)
+        return self._inside(rel)
 
     def tensor_keys(self, i: int) -> list[str]:
         """Names of the tensors saved at step ``i`` (sites, ``site@shadow``, ``batch.*``, tables)."""

@@ -135,7 +135,7 @@ def render_shadow(res: ShadowDiff, console=None) -> None:
     console = console or console_for()
     t = Table(title=f"shadow vs active backend, {escape(res.path)} ({res.steps} steps); over = {escape(res.gate)}")
     f = lambda x, spec=".2e": "-" if x is None else format(x, spec)
-    cols = [("layer", lambda lay: str(lay.layer)), ("shadow", lambda lay: lay.backend),
+    cols = [("layer", lambda lay: str(lay.layer)), ("shadow", lambda lay: escape(str(lay.backend))),
             ("max|a-s|", lambda lay: f(lay.max_abs)), ("rel", lambda lay: f(lay.rel)),
             ("err act", lambda lay: f(lay.err_active)), ("err shd", lambda lay: f(lay.err_shadow)),
             ("ratio", lambda lay: f(lay.budget_ratio, ".2f")), ("ratio shd", lambda lay: f(lay.budget_ratio_shadow, ".2f")),

@@ -74,13 +74,13 @@ def site_stats(tables: dict[str, np.ndarray], spec: dict[str, Any], slot: int, b
 def _pool(counts: list[int], means: list[float], stds: list[float]) -> tuple[float, float]:
     """Mean and sample std of the union of groups given each group's count, mean and std."""
     n = sum(counts)
-    if n == 0:
+    if n <= 0:  # (negative only in damaged tables)
         return math.nan, math.nan
     mean = sum(c * m for c, m in zip(counts, means, strict=True) if c) / n
     if n == 1:
         return mean, 0.0
     ss = sum((c - 1) * s * s + c * (m - mean) ** 2 for c, m, s in zip(counts, means, stds, strict=True) if c)
-    return mean, math.sqrt(max(ss, 0.0) / (n - 1))
+    return mean, _root(max(ss, 0.0) / (n - 1))
 
 
 def layer_metrics(shadow: np.ndarray, batch: dict[str, Any], layer: int, elements_per_row: int, dtype: str,
@@ -95,19 +95,24 @@ def layer_metrics(shadow: np.ndarray, batch: dict[str, Any], layer: int, element
     unit = _EPS.get(dtype, 2.0**-23) * float(v[:, _F["ref_absmax"]].max())
     out: dict[str, Any] = {"elements": n, "unit": unit}
     budget = max(float(v[:, _F["budget_max"]].max()), unit, 1e-30)
-    budget_rms = max(math.sqrt(v[:, _F["budget_sq"]].sum() / n), unit / 4, 1e-30)
+    budget_rms = max(_root(v[:, _F["budget_sq"]].sum() / n), unit / 4, 1e-30)
     who = [("", "err_active")] + ([("_shadow", "err_shadow")] if has_backend else [])
     for suffix, field in who:
         err = float(v[:, _F[field + "_max"]].max())
-        rms = math.sqrt(v[:, _F[field + "_sq"]].sum() / n)
+        rms = _root(v[:, _F[field + "_sq"]].sum() / n)
         out[field], out[field + "_rms"] = err, rms
         out["budget_ratio" + suffix] = err / budget
         out["budget_ratio_rms" + suffix] = rms / budget_rms
     out["budget"], out["budget_rms"] = budget, budget_rms
     if has_backend:
         out["max_abs"] = float(v[:, _F["diff_max"]].max())
-        out["rms"] = math.sqrt(v[:, _F["diff_sq"]].sum() / n)
+        out["rms"] = _root(v[:, _F["diff_sq"]].sum() / n)
     return out
+
+
+def _root(x: float) -> float:
+    """sqrt of a mean square (NaN for what no real square sum is, e.g. damaged data)."""
+    return math.sqrt(x) if x >= 0 else math.nan
 
 
 def judge(metrics: dict[str, Any], ratio: float = BUDGET_RATIO) -> str | None:
