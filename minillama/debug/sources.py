@@ -1,0 +1,205 @@
+"""What a debugger front end opens: a recorded trace, or a live session it can submit to and restart.
+
+``check_options`` rejects a bad ``--backend`` / ``--shadow`` / ``--device`` in one line before any
+model is loaded. ``LiveRun`` owns a ``DebugSession`` on an engine and survives its errors: the
+request that broke a step is failed alone (``recover``), a new session goes on with the others on
+the same engine, and ``ChainTimeline`` keeps every session's history as one timeline.
+``submit_check`` refuses a prompt that cannot run (empty, too long, more KV blocks than exist).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from minillama.debug.chain import ChainTimeline
+
+DEFAULT_PROMPTS = ("What is the capital of France?", "What is the capital of Italy?",
+                   "Write a haiku about a paged KV cache.")
+#: Full tensors a live session keeps (and records), so the attention and inspector views have values.
+DEFAULT_FULL_SITES = ("layers.*.attn.q", "layers.*.attn.k", "layers.*.attn.out", "layers.*.attn.out@*",
+                      "logits")
+
+
+class OptionError(ValueError):
+    """A command-line choice that cannot work here; the message names it and the fix."""
+
+
+@dataclass
+class LiveOptions:
+    """What a live session starts with."""
+
+    model: str | None = None
+    backend: str = "torch"
+    device: str = "auto"
+    shadow: str | None = None
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    max_tokens: int = 32
+    temperature: float = 0.0
+    max_num_batched_tokens: int = 64
+    num_kvcache_blocks: int = 64
+    max_model_len: int = 1024
+    full_sites: tuple[str, ...] = DEFAULT_FULL_SITES
+
+
+def check_options(opts: LiveOptions) -> None:
+    """Raise ``OptionError`` for a device, backend or shadow that cannot run here (before loading a model)."""
+    import torch
+
+    from minillama.attention import BackendError, get_backend
+    from minillama.engine.llm_engine import resolve_device, resolve_dtype
+
+    for name in ("max_tokens", "max_num_batched_tokens", "num_kvcache_blocks", "max_model_len"):
+        if getattr(opts, name) <= 0:
+            raise OptionError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(opts, name)}")
+    try:
+        device = resolve_device(opts.device)
+    except (ValueError, RuntimeError) as e:
+        raise OptionError(f"--device {opts.device}: {e}") from None
+    dtype = resolve_dtype("auto", device)
+    for flag, name in (("--backend", opts.backend), ("--shadow", opts.shadow)):
+        if name is None or (flag == "--shadow" and name == "reference"):
+            continue
+        try:
+            get_backend(name).check(64, dtype, device)
+        except BackendError as e:
+            if str(e).startswith("unknown attention backend"):
+                raise OptionError(f"{flag} {name}: {e}") from None
+            reason = str(e).rsplit(": ", 1)[0]  # "problem: fix" -> the problem; the fix names this flag
+            fix = ("use --backend torch" if flag == "--backend" else
+                   "use --shadow torch, or --shadow alone for the float64 reference")
+            where = ", or run on a CUDA GPU (--device cuda)" if device.type != "cuda" and (
+                "CUDA" in reason or "flash" in reason) else ""
+            raise OptionError(f"{flag} {name}: {reason}: {fix}{where}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():  # resolve_device already says so; be sure
+        raise OptionError("--device cuda: no CUDA GPU is usable here: use --device cpu")
+
+
+def submit_check(llm: Any, token_ids: list[int]) -> None:
+    """Raise ``RequestError`` (one line) for a prompt the engine could never run, before it is queued."""
+    from minillama.engine.llm_engine import RequestError
+
+    llm.check_prompt(token_ids)
+    bs = llm.block_manager.block_size
+    need = -(-(len(token_ids) + 1) // bs)
+    have = len(llm.block_manager.blocks)
+    if need > have:
+        raise RequestError(f"the prompt needs {need} KV blocks of {bs} tokens but the cache has {have}: shorten it "
+                           "or start with more --num-kvcache-blocks")
+
+
+def open_trace(path: str):
+    """A ``TraceTimeline`` over ``path`` (raises ``TraceError`` with a one-line reason)."""
+    from minillama.debug.timeline import TraceTimeline
+    from minillama.trace.reader import TraceReader
+
+    return TraceTimeline(TraceReader(path))
+
+
+def load_engine(opts: LiveOptions):
+    """The engine ``opts`` asks for (blocking: seconds; call it from a worker thread)."""
+    from minillama import LLM
+
+    check_options(opts)
+    return LLM(opts.model, backend=opts.backend, device=opts.device, max_model_len=opts.max_model_len,
+               max_num_batched_tokens=opts.max_num_batched_tokens, num_kvcache_blocks=opts.num_kvcache_blocks)
+
+
+class LiveRun:
+    """A restartable live session over one engine; ``timeline`` spans every session it ran."""
+
+    def __init__(self, llm: Any, opts: LiveOptions) -> None:
+        self.llm, self.opts = llm, opts
+        self.session = self._new_session()
+        self.timeline = ChainTimeline(self.session)
+
+    def _new_session(self):
+        from minillama.debug.session import DebugSession
+
+        return DebugSession(self.llm, shadow=self.opts.shadow, full_sites=self.opts.full_sites, pause_at_start=True)
+
+    def params(self):
+        from minillama import SamplingParams
+
+        return SamplingParams(temperature=self.opts.temperature, max_tokens=self.opts.max_tokens)
+
+    def submit(self, prompt: str | list[int]) -> list[int]:
+        """Check and queue a prompt (chat template for text); returns its token ids. ``RequestError`` if refused."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                from minillama.engine.llm_engine import RequestError
+
+                raise RequestError("the prompt is empty: type some text first")
+            ids = self.llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        else:
+            ids = list(prompt)
+        submit_check(self.llm, ids)
+        self.session.submit(ids, self.params())
+        return ids
+
+    def restart(self, fail: dict[int, str] | None = None):
+        """Stop the current session, fail the requests in ``fail`` (seq id -> reason) alone, and start a new
+        session that goes on with the others, paused at its first step. Returns the new session."""
+        old = self.session
+        old.on_pause = old.on_event = None
+        old.stop()
+        for sid, why in (fail or {}).items():
+            abort_request(self.llm, sid, why)
+        self.llm._pending = None  # an overlapped step in flight died with the old session
+        self.session = self._new_session()
+        self.timeline.add(self.session, fail or {})
+        return self.session
+
+
+def culprits(session: Any, error: BaseException) -> dict[int, str]:
+    """The requests to fail for an engine error: those the message names, else those that joined the failing
+    step, else every request of that step (seq id -> one-line reason)."""
+    why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    why = f"{type(error).__name__}: {why}"
+    running = {s.seq_id for s in (*session.llm.scheduler.running, *session.llm.scheduler.waiting)}
+    named = {int(m) for m in re.findall(r"request (\d+)", str(error))} & running
+    if named:
+        return {sid: why for sid in named}
+    open_steps = list(session.recorder._open.values())
+    seqs = open_steps[-1].raw["seqs"] if open_steps else []
+    joined = [s[0] for s in seqs if s[3] == 0 or s[3] == s[5]]  # num_computed == 0 or == prefix-cache hit
+    return {sid: why for sid in (joined or [s[0] for s in seqs])}
+
+
+def abort_request(llm: Any, seq_id: int, reason: str) -> bool:
+    """Take request ``seq_id`` out of the engine (its blocks freed); False if it is not there."""
+    from minillama.engine.sequence import SequenceStatus
+
+    sched = llm.scheduler
+    for queue in (sched.running, sched.waiting):
+        for seq in list(queue):
+            if seq.seq_id == seq_id:
+                queue.remove(seq)
+                if seq.block_table:
+                    llm.block_manager.deallocate(seq)
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = f"error ({reason})"
+                return True
+    return False
+
+
+class Locked:
+    """A timeline whose every call holds one lock (``.lock``): trace readers keep caches that are not
+    thread-safe, and views read from worker threads too."""
+
+    def __init__(self, tl: Any) -> None:
+        self.inner = tl
+        self.lock = threading.RLock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                return attr(*args, **kwargs)
+
+        return call
