@@ -11,7 +11,7 @@ import os
 import time
 from typing import Any
 
-from textual import on, work
+from textual import work
 from textual.message import Message
 from textual.widgets import Input
 
@@ -308,10 +308,12 @@ class LiveControl:
     def action_prompt(self) -> None:
         self.query_one("#prompt", Input).focus()
 
-    @on(Input.Submitted, "#prompt")
-    def submitted(self, event: Input.Submitted) -> None:
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        """A typed prompt: checked, then queued; refused alone (a toast) when the engine cannot run it."""
         from minillama.engine.llm_engine import RequestError
 
+        if event.input.id != "prompt":
+            return
         text = event.value
         event.input.value = ""
         self.set_focus(None)

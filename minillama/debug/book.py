@@ -25,7 +25,9 @@ class RequestBook:
         self._checkpoints: dict[int, RequestFold] = {-1: RequestFold(manifest_requests)}
         self._last: tuple[int, RequestFold] | None = None
         self._lock = threading.Lock()
-        self.failed: dict[int, str] = {}
+        #: seq id -> what is known of a request failed by an engine error: ``reason``, ``at`` (the first step
+        #: index after it), ``prompt_token_ids`` and ``prompt`` (it may never have finished a step)
+        self.failed: dict[int, dict[str, Any]] = {}
 
     def after(self, i: int) -> dict[int, dict[str, Any]]:
         """Requests as they stood after step ``i`` (``i < 0``: only what the manifest lists)."""
@@ -45,9 +47,14 @@ class RequestBook:
                 at = k
             self._last = (at, fold)
             out = fold.snapshot()
-        for sid, why in self.failed.items():
-            if sid in out and out[sid]["finish_reason"] is None and (out[sid]["first_step"] or 0) <= i:
-                out[sid] = {**out[sid], "finish_reason": f"error ({why})"}
+        for sid, f in self.failed.items():
+            if i < f["at"]:
+                continue
+            r = out.get(sid) or {"seq_id": sid, "index": None, "prompt": f.get("prompt"), "token_ids": [], "text": "",
+                                 "prompt_token_ids": f.get("prompt_token_ids"), "first_step": f["at"]}
+            if r.get("finish_reason"):
+                continue
+            out[sid] = {**r, "finish_reason": f"error ({f['reason']})"}
         return out
 
     def _start(self, i: int) -> tuple[RequestFold, int]:

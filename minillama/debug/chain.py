@@ -25,13 +25,15 @@ class ChainTimeline:
         cur = self._segments[0][1]
         self.num_layers, self.dtype, self.llm, self.catalog = cur.num_layers, cur.dtype, cur.llm, cur.catalog
 
-    def add(self, session: Any, failed: dict[int, str]) -> None:
-        """Freeze the current session's steps and append ``session``'s."""
+    def add(self, session: Any, failed: dict[int, dict[str, Any]]) -> None:
+        """Freeze the current session's steps and append ``session``'s (``failed``: ``RequestBook.failed`` entries
+        without their ``at``)."""
         off, tl, _ = self._segments[-1]
         n = tl.num_steps()
         self._segments[-1] = (off, tl, n)
         self._segments.append((off + n, LiveTimeline(session), None))
-        self.book.failed.update(failed)
+        for sid, f in failed.items():
+            self.book.failed[sid] = {**f, "at": off + n}
 
     # ---- which session holds index i ------------------------------------------------------------
     @property

@@ -145,11 +145,16 @@ class LiveRun:
         old = self.session
         old.on_pause = old.on_event = None
         old.stop()
+        known = {}
         for sid, why in (fail or {}).items():
-            abort_request(self.llm, sid, why)
+            seq = abort_request(self.llm, sid, why)
+            if seq is not None:
+                ids = seq.token_ids[: seq.num_prompt_tokens]
+                known[sid] = {"reason": why, "prompt_token_ids": ids,
+                              "prompt": self.llm.tokenizer.decode(ids, skip_special_tokens=False) or None}
         self.llm._pending = None  # an overlapped step in flight died with the old session
         self.session = self._new_session()
-        self.timeline.add(self.session, fail or {})
+        self.timeline.add(self.session, known)
         return self.session
 
 
@@ -168,8 +173,8 @@ def culprits(session: Any, error: BaseException) -> dict[int, str]:
     return {sid: why for sid in (joined or [s[0] for s in seqs])}
 
 
-def abort_request(llm: Any, seq_id: int, reason: str) -> bool:
-    """Take request ``seq_id`` out of the engine (its blocks freed); False if it is not there."""
+def abort_request(llm: Any, seq_id: int, reason: str) -> Any:
+    """Take request ``seq_id`` out of the engine (its blocks freed); returns its ``Sequence`` (None: not there)."""
     from minillama.engine.sequence import SequenceStatus
 
     sched = llm.scheduler
@@ -181,8 +186,8 @@ def abort_request(llm: Any, seq_id: int, reason: str) -> bool:
                     llm.block_manager.deallocate(seq)
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = f"error ({reason})"
-                return True
-    return False
+                return seq
+    return None
 
 
 class Locked:
