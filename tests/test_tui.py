@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from minillama.debug.navigation import BEGIN, Pos
+from minillama_tui.app import DebuggerApp, main
+from minillama_tui.screens.error import ErrorScreen
 from tests.tui_pilot import SHIPPED, anyio_backend, clean, planted, preempted, press, settle, table_text, text
 from tests.tui_traces import DELTA, DIM, HEAD, LAYER
-from tui.app import DebuggerApp, main
-from tui.screens.error import ErrorScreen
 
 __all__ = ["anyio_backend", "clean", "planted", "preempted"]  # fixtures
 pytestmark = pytest.mark.anyio
@@ -257,7 +257,7 @@ def test_cli_checks_before_loading(tmp_path, capsys):
 
 
 async def test_help_and_palette(planted):
-    from tui.screens.help import HelpScreen
+    from minillama_tui.screens.help import HelpScreen
 
     app = DebuggerApp(trace=planted)
     async with app.run_test(size=SIZE) as pilot:

@@ -11,8 +11,8 @@ import torch
 from minillama import hooks
 from minillama.debug.navigation import BEGIN, Pos
 from minillama.trace.reader import TraceReader
+from minillama_tui.app import DebuggerApp
 from tests.tui_pilot import anyio_backend, live, press, settle, table_text, text, tiny_llm
-from tui.app import DebuggerApp
 
 __all__ = ["anyio_backend", "live", "tiny_llm"]  # fixtures
 pytestmark = pytest.mark.anyio

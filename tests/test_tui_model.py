@@ -22,9 +22,9 @@ from minillama.debug.sources import open_trace
 from minillama.trace.format import SHADOW_FIELDS
 from minillama.trace.requests import RequestFold
 from minillama.trace.tables import judge, layer_metrics
+from minillama_tui.format import SEQ_COLOURS, bars, plural
 from tests.tui_pilot import SHIPPED, clean, planted
 from tests.tui_traces import LAYER, PROMPTS
-from tui.format import SEQ_COLOURS, bars, plural
 
 __all__ = ["clean", "planted"]  # fixtures
 
@@ -177,7 +177,7 @@ def test_fixed_scale_bars_and_wording():
     D17: plurals and a request #1 colour that reads on a dark background."""
     one, pair = bars([1.0], 0.1, 100.0), bars([1.0, 0.71], 0.1, 100.0)
     assert one.plain[0] == pair.plain[0] and pair.plain[0] != "█"
-    from tui.format import BARS
+    from minillama_tui.format import BARS
 
     assert abs(BARS.index(pair.plain[0]) - BARS.index(pair.plain[1])) <= 1
     assert plural(1, "token") == "1 token" and plural(2, "layer") == "2 layers"

@@ -9,8 +9,8 @@ import pytest
 from rich.console import Console
 
 from minillama.debug.sources import LiveOptions
+from minillama_tui.app import DebuggerApp
 from tests.tui_traces import PROMPTS, one_thread, record
-from tui.app import DebuggerApp
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "traces", "h200-flash-attn-vs-torch")
 COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tui-planted")

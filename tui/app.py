@@ -19,7 +19,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from minillama.debug.sources import LiveOptions
-from tui.screen import DebugScreen
+
+from .screen import DebugScreen
 
 
 class DebuggerApp(App[None]):
@@ -42,7 +43,7 @@ class DebuggerApp(App[None]):
         self.push_screen(self.main)
 
     def action_help(self) -> None:
-        from tui.screens.help import HelpScreen
+        from .screens.help import HelpScreen
 
         self.push_screen(HelpScreen())
 

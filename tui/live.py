@@ -110,7 +110,7 @@ class LiveControl:
                                       tokens=TokenText(tokenizer=llm.tokenizer), book=tl.book), run))
 
     def on_loaded(self, msg: Loaded) -> None:
-        from tui.cursor import Driver
+        from .cursor import Driver
 
         self.set_ctx(**msg.ctx)
         self.query_one("#where").border_title = title_of(msg.ctx["timeline"], msg.ctx.get("compare"))
@@ -141,7 +141,7 @@ class LiveControl:
         self.app.call_from_thread(lambda: setattr(self, "tick", self.tick + 1))
 
     def on_load_failed(self, msg: LoadFailed) -> None:
-        from tui.screens.error import ErrorScreen
+        from .screens.error import ErrorScreen
 
         self.set_ctx(mode="failed")
         self.query_one("#where").border_title = msg.title.lower()

@@ -20,18 +20,19 @@ from textual.widgets import DataTable, Input
 
 from minillama.debug import navigation as nav
 from minillama.debug.navigation import Pos
-from tui.cursor import Driver, Move
-from tui.footer import DebugFooter
-from tui.live import LiveControl
-from tui.widgets.attention import AttentionView
-from tui.widgets.base import Choose, Context, Jump, View
-from tui.widgets.compare import CompareView
-from tui.widgets.diff import DiffView
-from tui.widgets.heatmap import HeatGrid, HeatmapView
-from tui.widgets.inspector import InspectorView
-from tui.widgets.kvcache import KVCacheView
-from tui.widgets.requests import RequestsView
-from tui.widgets.where import WhereView
+
+from .cursor import Driver, Move
+from .footer import DebugFooter
+from .live import LiveControl
+from .widgets.attention import AttentionView
+from .widgets.base import Choose, Context, Jump, View
+from .widgets.compare import CompareView
+from .widgets.diff import DiffView
+from .widgets.heatmap import HeatGrid, HeatmapView
+from .widgets.inspector import InspectorView
+from .widgets.kvcache import KVCacheView
+from .widgets.requests import RequestsView
+from .widgets.where import WhereView
 
 #: In DOM order: in the split layout the left view comes first, then attention, then the inspector.
 VIEWS = {"kv": KVCacheView, "diff": DiffView, "requests": RequestsView, "heatmap": HeatmapView,

@@ -20,10 +20,11 @@ from minillama import hooks
 from minillama.debug.keys import Keys, attention_weights, host, largest_difference, rows_of
 from minillama.debug.tokens import sequence_ids
 from minillama.trace.tables import judge
-from tui.format import diff_colour, flat, head, heat_colour, num, seq_label
-from tui.widgets.base import Choose, View
-from tui.widgets.inspector import request_of_row
-from tui.widgets.slices import locus_line, value_table
+
+from ..format import diff_colour, flat, head, heat_colour, num, seq_label
+from .base import Choose, View
+from .inspector import request_of_row
+from .slices import locus_line, value_table
 
 DIFF_THRESHOLD = 1e-3
 

@@ -17,8 +17,9 @@ from textual.widgets import DataTable, Static
 
 from minillama.debug.compare import THRESHOLD
 from minillama.debug.navigation import Pos
-from tui.format import flat, num, seq_label
-from tui.widgets.base import Jump, View
+
+from ..format import flat, num, seq_label
+from .base import Jump, View
 
 
 class CompareView(View):

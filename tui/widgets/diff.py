@@ -16,8 +16,9 @@ from textual.widgets import DataTable, Static
 
 from minillama.debug.navigation import Pos
 from minillama.trace.tables import BUDGET_RATIO, judge
-from tui.format import bars, num, plural
-from tui.widgets.base import Jump, View
+
+from ..format import bars, num, plural
+from .base import Jump, View
 
 COLUMNS = (("layer", "layer"), ("max_abs", "max|a-s|"), ("err_active", "err active"), ("err_shadow", "err shadow"),
            ("budget_ratio", "ratio"), ("budget_ratio_rms", "ratio rms"), ("budget_ratio_shadow", "ratio shadow"),

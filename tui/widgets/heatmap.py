@@ -26,8 +26,9 @@ from textual.strip import Strip
 from textual.widgets import Static
 
 from minillama.debug.navigation import Pos
-from tui.format import diff_colour, ratio_colour
-from tui.widgets.base import Jump, View
+
+from ..format import diff_colour, ratio_colour
+from .base import Jump, View
 
 LABEL = 7  # "  1234 " step labels
 DIFF_THRESHOLD = 1e-3

@@ -17,9 +17,10 @@ from rich.text import Text
 from minillama import hooks
 from minillama.debug.keys import host, largest_difference, largest_value, rows_of
 from minillama.trace.tables import request_rows
-from tui.format import num, plural, seq_label
-from tui.widgets.base import Choose, View
-from tui.widgets.slices import locus_line, value_table
+
+from ..format import num, plural, seq_label
+from .base import Choose, View
+from .slices import locus_line, value_table
 
 
 def request_of_row(batch: dict[str, Any], row: int, samples: bool) -> tuple[int, int] | None:

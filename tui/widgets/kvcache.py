@@ -12,8 +12,8 @@ from typing import Any
 from rich.console import Group, RenderableType
 from rich.text import Text
 
-from tui.format import plural, seq_colour, seq_label
-from tui.widgets.base import View
+from ..format import plural, seq_colour, seq_label
+from .base import View
 
 WRITTEN = "#af5f00"
 

@@ -8,9 +8,9 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from tui.format import flat, head, plural, seq_label, tail, user_part
-from tui.widgets.base import Choose, View
-from tui.widgets.where import seq_role
+from ..format import flat, head, plural, seq_label, tail, user_part
+from .base import Choose, View
+from .where import seq_role
 
 
 class RequestsView(View):

@@ -11,7 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from minillama.debug.keys import Locus
-from tui.format import num
+
+from ..format import num
 
 
 def pick(t: torch.Tensor, row: int, head: int) -> torch.Tensor:

@@ -8,8 +8,9 @@ from rich.console import Group, RenderableType
 from rich.text import Text
 
 from minillama.debug.navigation import BEGIN
-from tui.format import plural, seq_colour, seq_label, tail
-from tui.widgets.base import View
+
+from ..format import plural, seq_colour, seq_label, tail
+from .base import View
 
 MODE_STYLE = {"live head": "bold black on #5fd75f", "history": "bold black on #ffd75f",
               "replay": "bold black on #87d7ff", "A/B replay": "bold black on #87d7ff",
