@@ -87,26 +87,42 @@ async def test_attention_weights_rebuilt_live_reproduce_the_engine(live):
         assert "strongest keys" in text(app, "attention")
 
 
-async def test_typed_prompts_are_checked_and_refused_alone(live):
-    """D1: an empty prompt and one longer than max_model_len are refused with a toast when submitted; the engine
-    and its requests go on (nothing is queued that would kill the next step)."""
-    app = live()
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot, app)
-        await press(pilot, app, "slash")
-        assert app.screen.focused.id == "prompt"
-        await press(pilot, app, "enter")  # empty
-        await press(pilot, app, "slash")
-        app.main.query_one("#prompt").value = "w5 " * 300  # pasted
-        await press(pilot, app, "enter")
-        notes = [n.message for n in app._notifications]
-        assert any(n.startswith("Prompt refused: the prompt is empty") for n in notes)
-        assert any(n.startswith("Prompt refused: the prompt has") and "max_model_len is 256" in n for n in notes)
-        assert not app.main.run.session._pending
-        await press(pilot, app, "s", "s")
-        assert app.main.pos == Pos(2, BEGIN) and app.main.run.session.error is None
-        await press(pilot, app, "slash", *"w7", "space", *"w8", "enter")
-        assert any(n.startswith("Queued (") for n in (n.message for n in app._notifications))
+@pytest.fixture(scope="module")
+def builtin_small():
+    """The built-in model (a real tokenizer for typed prompts) with a short max_model_len."""
+    from minillama import LLM
+
+    return LLM(None, device="cpu", max_model_len=128, num_kvcache_blocks=16, max_num_batched_tokens=64)
+
+
+async def test_typed_prompts_are_checked_and_refused_alone(builtin_small, tmp_path):
+    """D1: an empty prompt and one longer than max_model_len are refused with a toast when submitted; nothing
+    that would kill the next step is queued, and the engine and its requests go on."""
+    from minillama.debug.sources import LiveOptions
+    from tests.tui_pilot import drain
+
+    app = DebuggerApp(options=LiveOptions(prompts=["Hi"], max_tokens=2), llm=builtin_small, record_dir=str(tmp_path))
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot, app)
+            await press(pilot, app, "slash")
+            assert app.screen.focused.id == "prompt"
+            await press(pilot, app, "enter")  # empty
+            await press(pilot, app, "slash")
+            app.main.query_one("#prompt").value = "word " * 200  # pasted
+            await press(pilot, app, "enter")
+            notes = [n.message for n in app._notifications]
+            assert any(n.startswith("Prompt refused: the prompt is empty") for n in notes), notes
+            assert any(n.startswith("Prompt refused: the prompt has") and "max_model_len is 128" in n for n in notes)
+            assert not app.main.run.session._pending
+            await press(pilot, app, "slash", *"Hello", "enter")
+            assert any(n.startswith("Queued (") for n in (n.message for n in app._notifications))
+            await press(pilot, app, "s", "s")
+            assert app.main.pos == Pos(2, BEGIN) and app.main.run.session.error is None
+            assert len(app.main.ctx.timeline.event(1)["batch"]["seqs"]) >= 1
+    finally:
+        app.shutdown()
+        drain(builtin_small)
 
 
 async def test_footer_while_typing_shows_no_debugger_keys(live):

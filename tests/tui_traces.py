@@ -6,8 +6,8 @@
 * ``clean``: the same prompts on the plain torch backend (B of the A/B pair).
 * ``preempted``: three requests in a cache too small for all of them (a preemption, then a recompute).
 
-``tests/data/tui-planted`` is a committed copy of ``planted`` (fixed content for the SVG snapshots on
-every machine); regenerate it with ``python -m tests.tui_traces`` after a trace format change.
+``tests/data/tui-planted`` and ``tests/data/tui-clean`` are committed copies (fixed content for the SVG
+snapshots on every machine); regenerate them with ``python -m tests.tui_traces`` after a format change.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ if __name__ == "__main__":  # regenerate the committed copy
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_llama(os.path.join(tmp, "tiny"))
-        out = os.path.join(DATA, "tui-planted")
-        shutil.rmtree(out, ignore_errors=True)
-        record(out, model, "planted")
-        print(f"wrote {out}")
+        for kind in ("planted", "clean"):
+            out = os.path.join(DATA, f"tui-{kind}")
+            shutil.rmtree(out, ignore_errors=True)
+            record(out, model, kind)
+            print(f"wrote {out}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container
@@ -18,14 +17,16 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Input
 
-from minillama.debug import navigation as nav
 from minillama.debug.navigation import Pos
 
+from .breaks import Breaks
 from .cursor import Driver, Move
 from .footer import DebugFooter
 from .live import LiveControl
+from .opening import Opening
+from .selection import Selection
 from .widgets.attention import AttentionView
-from .widgets.base import Choose, Context, Jump, View
+from .widgets.base import Context, Jump, View
 from .widgets.compare import CompareView
 from .widgets.diff import DiffView
 from .widgets.heatmap import HeatGrid, HeatmapView
@@ -42,7 +43,7 @@ _DEBUGGER = {"help", "quit", "step", "next_layer", "next_site", "continue", "bre
              "first", "last", "find", "record", "view", "seq", "head", "row", "col", "locate", "toggle", "restart"}
 
 
-class DebugScreen(LiveControl, Screen):
+class DebugScreen(Opening, LiveControl, Breaks, Selection, Screen):
     """One screen for live and replay; ``source`` opens the timeline (see ``app.DebuggerApp``)."""
 
     BINDINGS = [
@@ -218,14 +219,6 @@ class DebugScreen(LiveControl, Screen):
         self.pos = msg.pos
         self.status(msg.why)
 
-    def on_choose(self, msg: Choose) -> None:
-        msg.stop()
-        for name in ("seq_id", "head", "col"):
-            if getattr(msg, name) is not None:
-                setattr(self, name, getattr(msg, name))
-        if msg.row is not None:
-            self.row = msg.row
-
     def action_view(self, name: str) -> None:
         """Show one of the views."""
         self.view = name
@@ -239,97 +232,3 @@ class DebugScreen(LiveControl, Screen):
     async def action_quit(self) -> None:
         await self.app.action_quit()
 
-    def action_seq(self, delta: int) -> None:
-        """Choose the request the views show."""
-        ev = self.ctx.timeline.event(self.pos.step) if self.pos else None
-        ids = [s["seq_id"] for s in ((ev or {}).get("batch") or {}).get("seqs", [])]
-        if ids:
-            k = ids.index(self.seq_id) if self.seq_id in ids else 0
-            self.seq_id = ids[(k + delta) % len(ids)]
-
-    def action_head(self, delta: int) -> None:
-        """Choose the attention head."""
-        t = self.ctx.timeline.tensor(self.pos.step, f"layers.{self.pos.layer or 0}.attn.q") if self.pos else None
-        heads = t.shape[1] if t is not None and t.dim() == 3 else 64
-        self.head = (self.head + delta) % max(heads, 1)
-
-    def action_row(self, delta: int) -> None:
-        """Choose the token row of the chosen request (inspector, attention)."""
-        self.row = max(-1, self.row + delta) if self.row >= 0 or delta < 0 else -1
-        if self.row == -1 and delta < 0:
-            self.row = 0 if self._rows() <= 1 else self._rows() - 2
-        self.row = min(self.row, max(self._rows() - 1, 0)) if self.row >= 0 else -1
-
-    def _rows(self) -> int:
-        ev = self.ctx.timeline.event(self.pos.step) if self.pos else None
-        seq = next((s for s in ((ev or {}).get("batch") or {}).get("seqs", []) if s["seq_id"] == self.seq_id), None)
-        return int(seq["num_new"]) if seq else 0
-
-    def action_col(self, delta: int) -> None:
-        """Shift the columns (dimensions) shown."""
-        self.col = max(0, self.col + delta * 8)
-
-    def action_locate(self) -> None:
-        """Move the slice to the largest difference (or value) of the visible view."""
-        for name in (self.view, "attention", "inspector"):
-            view = self.query_one(f"#{name}")
-            if view.display and hasattr(view, "locate"):
-                got = view.locate()
-                if got is not None:
-                    self.on_choose(got)
-                    return
-        self.toast("Nothing to locate here: move to a site kept in full (attention output, or a --full site).")
-
-    def action_toggle(self) -> None:
-        self.query_one(HeatmapView).toggle()
-
-    def action_find(self) -> None:
-        """Jump to the first (step, layer) over the judging rule after the cursor (A/B: the first divergence)."""
-        self.status("searching…")
-        self._find(self.pos)
-
-    @work(thread=True, exclusive=True, group="find")
-    def _find(self, pos: Pos | None) -> None:
-        ctx = self.ctx
-        if ctx.compare is not None:
-            hit = ctx.compare.first_divergence()
-            move = Move(pos=Pos(hit[0], hit[1].site)) if hit else Move(note="A and B agree at every site.")
-            why = f"first divergence: |A-B| {hit[1].max_abs:.3g} ({hit[1].method})" if hit else ""
-        else:
-            m = ctx.budget.build()
-            after = (pos.step, pos.layer if pos.layer is not None else -1) if pos is not None else None
-            got = m.first_over(after) or m.first_over(None)
-            move = Move(pos=Pos(got[0], f"layers.{got[1]}.attn.out")) if got else \
-                Move(note="No layer is over the error budget." if m.index and not bool(m.ratio.size == 0) else
-                     "No shadow records: f needs a run with --shadow.")
-            why = f"over the budget: {got[2]}" if got else ""
-        self.app.call_from_thread(self._found, move, why)
-
-    def _found(self, move: Move, why: str) -> None:
-        if move.pos is not None and self.driver is not None and self.driver.live:
-            self.driver.following = move.pos == self.driver.head
-        self.goto(move, why)
-
-    def action_continue(self) -> None:
-        """Run to the next breakpoint (over history and traces: search the recorded steps)."""
-        if self.driver is None or self.pos is None:
-            return
-        if self.driver.live and self.driver.following and not self.driver.stopped:
-            self.continue_engine()
-            return
-        self.status("searching…")
-        self._search(self.pos, self.driver.head if self.driver.live else None)
-
-    @work(thread=True, exclusive=True, group="search")
-    def _search(self, start: Pos, limit: Pos | None) -> None:
-        bps = list(self.ctx.breakpoints)
-        hit = nav.find_breakpoint(self.ctx.timeline, start, bps, limit)
-        if hit is not None:
-            move, why = Move(pos=hit[0]), hit[1]
-        elif self.driver.live and not self.driver.stopped:
-            move, why = self.driver.to_head("No breakpoint in the history: back at the live head."), ""
-        else:
-            move = Move(pos=nav.last_pos(self.ctx.timeline), note="No breakpoint ahead: at the end of the trace." if bps
-                        else "No breakpoints set (b sets one on the current site): at the end of the trace.")
-            why = "end of trace"
-        self.app.call_from_thread(self.goto, move, why)

@@ -45,7 +45,9 @@ class CompareView(View):
             self._summarise()
         i = self.pos.step if self.pos is not None else 0
         out = Text()
-        out.append(f"A {comp.a.title()}\nB {comp.b.title()}\n", style="dim")
+        from ..opening import title_of
+
+        out.append(f"A {title_of(comp.a)}\nB {title_of(comp.b)}\n", style="dim")
         pairs = ", ".join(f"#{a}↔#{b}" for a, b in comp.pairs.items())
         out.append(f"requests matched by prompt token ids: {pairs}")
         if comp.unmatched:

@@ -20,9 +20,10 @@ from minillama.trace.tables import BUDGET_RATIO, judge
 from ..format import bars, num, plural
 from .base import Jump, View
 
-COLUMNS = (("layer", "layer"), ("max_abs", "max|a-s|"), ("err_active", "err active"), ("err_shadow", "err shadow"),
-           ("budget_ratio", "ratio"), ("budget_ratio_rms", "ratio rms"), ("budget_ratio_shadow", "ratio shadow"),
-           ("verdict", "verdict"))
+#: The verdict and the ratios first: on a narrow pane the table scrolls sideways, the verdict stays in view.
+COLUMNS = (("layer", "layer"), ("verdict", "verdict"), ("budget_ratio", "ratio"), ("budget_ratio_rms", "ratio rms"),
+           ("max_abs", "max|a-s|"), ("err_active", "err active"), ("err_shadow", "err shadow"),
+           ("budget_ratio_shadow", "ratio shadow"))
 
 
 class DiffView(View):

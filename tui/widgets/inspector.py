@@ -102,29 +102,39 @@ class InspectorView(View):
         return t
 
     def _stats_table(self, whole: dict[str, Any]) -> RenderableType:
+        """Per-request and whole-batch statistics; on a narrow pane the least needed columns go first, so
+        request ids and numbers stay whole."""
+        width = self.size.width or 120
+        cols = ["request", "rows", "mean", "std", "min", "max", "absmax", "nan/inf", "hash"]
+        if width < 104:
+            cols = [c for c in cols if c not in ("min", "max", "hash")]
+        if width < 64:
+            cols = [c for c in cols if c not in ("rows", "std")]
         t = Table(box=None, pad_edge=False, header_style="bold", padding=(0, 1))
-        for col in ("request", "rows", "mean", "std", "min", "max", "absmax", "nan/inf", "hash"):
-            t.add_column(col, justify="right" if col not in ("request", "hash") else "left", no_wrap=True,
-                         min_width=len(col) if col != "hash" else 6)
+        for col in cols:
+            t.add_column(col, justify="left" if col in ("request", "hash") else "right", no_wrap=True)
         rows = []
-        per_request = False
-        for s in self.step_batch.get("seqs") or []:
+        seqs = self.step_batch.get("seqs") or []
+        shown = seqs if len(seqs) <= 12 else [s for k, s in enumerate(seqs) if k < 8 or s["seq_id"] == self.seq_id]
+        for s in shown:
             st = self.tl.stats(self.pos.step, self.pos.site, s["seq_id"])
             if st is not None:
-                per_request = True
                 rows.append((seq_label(s["seq_id"]), st))
+        per_request = bool(rows)
         rows.append((Text("batch", style="bold"), whole))
         for label, st in rows:
             spans = st.get("rows") or []
-            span = ", ".join(f"{r[-2]}-{r[-1]}" for r in spans[:3]) if spans else "-"
             bad = f"{st.get('nan', 0)}/{st.get('inf', 0)}"
-            t.add_row(label, span, num(st.get("mean")), num(st.get("std")), num(st.get("min")), num(st.get("max")),
-                      num(st.get("absmax")), Text(bad, style="bold #ff5f5f" if bad != "0/0" else ""),
-                      Text(str(st.get("hash") or "-"), style="dim"))
+            cell = {"request": label, "rows": ", ".join(f"{r[-2]}-{r[-1]}" for r in spans[:2]) if spans else "-",
+                    "nan/inf": Text(bad, style="bold #ff5f5f" if bad != "0/0" else ""),
+                    "hash": Text(str(st.get("hash") or "-"), style="dim")}
+            t.add_row(*[cell[c] if c in cell else num(st.get(c), 4 if width >= 104 else 3) for c in cols])
+        notes = []
+        if len(shown) < len(seqs):
+            notes.append(f"{len(seqs) - len(shown)} more requests in this step ([ ] picks one)")
         if not per_request:
-            return Group(t, Text("per-request statistics are not in this trace (format 1 keeps whole-batch ones "
-                                 "only)", style="dim italic"))
-        return t
+            notes.append("per-request statistics are not in this trace (format 1 keeps whole-batch ones only)")
+        return Group(t, *[Text(n, style="dim italic") for n in notes]) if notes else t
 
     def _values(self, t: torch.Tensor) -> RenderableType:
         seq = self.chosen()

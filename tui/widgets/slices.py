@@ -24,16 +24,18 @@ def pick(t: torch.Tensor, row: int, head: int) -> torch.Tensor:
 
 
 def window(width: int, col: int, n_cols: int) -> range:
-    """The columns shown: ``n_cols`` of them starting near ``col`` (kept inside ``0..width``)."""
-    start = max(0, min(col, width - n_cols))
+    """The columns shown: ``n_cols`` of them around the chosen column ``col`` (kept inside ``0..width``)."""
+    start = max(0, min(col - n_cols // 2, width - n_cols))
     return range(start, min(width, start + n_cols))
 
 
 def value_table(rows: list[tuple[str, torch.Tensor]], row: int, head: int, col: int, room: int,
-                mark: int | None = None, diff_style: str = "bold #ff5f5f") -> Table:
+                diff_style: str = "bold #ff5f5f") -> Table:
     """One line per named tensor: its values at ``row``/``head`` over a window of columns fitting ``room``
-    characters; the column ``mark`` (the locator's) is highlighted; a row named ``difference`` is red."""
+    characters around the chosen column ``col`` (highlighted); a row named ``difference`` is red."""
     width = pick(rows[0][1], row, head).shape[0]
+    col = min(max(col, 0), width - 1)
+    mark = col
     n_cols = max(2, (room - 12) // 10)
     cols = window(width, col, n_cols)
     t = Table(box=None, pad_edge=False, show_edge=False, header_style="bold", padding=(0, 1))
