@@ -73,8 +73,12 @@ def test_bad_trace(snap_compare):
 ])
 def test_live(snap_compare, tiny_llm, tmp_path, name, presses, size):
     """Live at states whose content does not depend on the random weights' values (step starts)."""
+    import itertools
+
+    from minillama.engine.sequence import Sequence
     from tests.tui_pilot import drain
 
+    Sequence._ids = itertools.count()  # the same request ids (and colours) whichever tests ran before
     opts = LiveOptions(prompts=[list(p) for p in PROMPTS], max_tokens=3, shadow="torch")
     app = DebuggerApp(options=opts, llm=tiny_llm, record_dir=str(tmp_path))
     try:

@@ -123,8 +123,10 @@ class AttentionView(View):
             parts.append(line)
         active, name, other = self.outputs()
         if active is None:
-            return Group(*parts, Text(f"\nlayers.{layer}.attn.out has not run yet at this step or was not kept in "
-                                      "full (record with --full 'layers.*.attn.out').", style="#ffd75f"))
+            ran = hooks.layer_site(layer, "attn.out") in self.tl.site_names(self.pos.step)
+            why = ("was not kept in full at this step (record with --full 'layers.*.attn.out')" if ran else
+                   "has not run yet at this step (n runs the next layer)")
+            return Group(*parts, Text(f"\nlayers.{layer}.attn.out {why}.", style="#ffd75f" if ran else "dim"))
         if other is None:
             parts.append(Text("\nNo second attention to compare with: start with --shadow (a backend, or alone for "
                               "the float64 reference).", style="#ffd75f"))

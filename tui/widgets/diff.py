@@ -35,6 +35,14 @@ class DiffView(View):
         yield Static(classes="view-body")
         yield DataTable(cursor_type="row", zebra_stripes=False, id="diff-table")
 
+    def has_shadow(self) -> bool:
+        """Whether this run compares attention at all (live: the session's shadow; a trace: its manifest)."""
+        reader = getattr(self.tl, "reader", None)
+        if reader is not None:
+            return bool(reader.manifest.get("shadow"))
+        recorder = getattr(self.tl, "recorder", None)
+        return recorder is not None and recorder.shadow is not None
+
     def records(self) -> tuple[int, dict[str, Any], str]:
         """The step whose records are shown, its records, and a note when it is not the cursor's step."""
         i = self.pos.step
@@ -53,9 +61,12 @@ class DiffView(View):
         i, recs, note = self.records()
         if not recs:
             table.display = False
+            if self.has_shadow():
+                return Text(f"Step {(self.event or {}).get('step', i)} has not run its attention yet: n runs the next "
+                            "layer, s the whole step.", style="dim")
             how = "start live with --shadow (a backend, or alone for the float64 reference)" if self.ctx.live else \
                 "record with `minillama record --shadow ...` (or live with --shadow)"
-            return Text(f"No shadow comparison at this step: {how}.", style="#ffd75f")
+            return Text(f"No shadow comparison in this run: {how}.", style="#ffd75f")
         layers = sorted(recs, key=int)
         verdicts = {k: judge(recs[k]) for k in layers}
         over = [k for k in layers if verdicts[k]]
@@ -75,11 +86,11 @@ class DiffView(View):
                    f"{BUDGET_RATIO:g}x plain attention's (max-abs or RMS, floored at one rounding unit)", style="dim")
         by_layer = [max((x for x in (recs[k].get("budget_ratio"), recs[k].get("budget_ratio_shadow"))
                          if x is not None), default=None) if k in recs else None for k in map(str, range(total))]
-        spark = Text("ratio by layer (log 0.1…100, red over 2): ")
+        spark = Text("ratio by layer, log 0.1…100, red over 2: ".rjust(42))
         spark.append_text(bars(by_layer, 0.1, 100.0, BUDGET_RATIO))
         parts: list[Any] = [head, sub, spark]
         if any(recs[k].get("max_abs") is not None for k in layers):
-            spark2 = Text("\nmax|active-shadow| (log 1e-8…1):        ")
+            spark2 = Text("max|active-shadow| by layer, log 1e-8…1: ".rjust(42))
             spark2.append_text(bars([recs.get(str(k), {}).get("max_abs") for k in range(total)], 1e-8, 1.0,
                                     style="#d787ff", hot="#d787ff"))
             parts.append(spark2)

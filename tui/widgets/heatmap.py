@@ -170,7 +170,11 @@ class HeatmapView(View):
             why = m.why.get((m.index[min(r, len(m.index) - 1)], c))
             if why:
                 here.append(f"  OVER: {why}", style="#ff5f5f")
-        return Text("\n").join([head, legend, here])
+        axis = Text(" " * (LABEL - 5) + "step ", style="dim")
+        for c in range(m.num_layers):
+            axis.append(f"{c:<2}"[:2] if c % 5 == 0 else "  ", style="bold" if c == grid.cursor[1] else "dim")
+        axis.append(" ← layer", style="dim")
+        return Text("\n").join([head, legend, here, axis])
 
     def on_heat_grid_moved(self, _msg: Any) -> None:
         self.schedule()
