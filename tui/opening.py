@@ -106,6 +106,7 @@ class Opening:
             if msg.ctx["compare"] is not None:
                 self.view = "compare"
             self._load_tokens()
+            self._warm_book()
             self.status("")
             return
         self.run = msg.run
@@ -115,6 +116,11 @@ class Opening:
         self.set_ctx(breakpoints=msg.run.session.breakpoints)
         msg.run.session.start()
         self.status("starting…")
+
+    @work(thread=True, group="book")
+    def _warm_book(self) -> None:
+        """Fold every request once in the background (checkpoints), so that G on a long trace is instant."""
+        self.ctx.book.after(self.ctx.timeline.num_steps() - 1)
 
     @work(thread=True, group="tokens")
     def _load_tokens(self) -> None:
