@@ -9,7 +9,7 @@ from minillama.debug.navigation import BEGIN, Pos
 from minillama_tui.app import DebuggerApp, main
 from minillama_tui.screens.error import ErrorScreen
 from tests.tui_pilot import SHIPPED, anyio_backend, clean, planted, preempted, press, settle, table_text, text
-from tests.tui_traces import DELTA, DIM, HEAD, LAYER
+from tests.tui_traces import DELTA, DIM, HEAD, LAYER, PROMPTS
 
 __all__ = ["anyio_backend", "clean", "planted", "preempted"]  # fixtures
 pytestmark = pytest.mark.anyio
@@ -114,7 +114,8 @@ async def test_locator_finds_the_planted_element(planted):
         m = app.main
         assert (m.seq_id, m.head, m.col, m.row) == (last["seq_id"], HEAD, DIM, last["num_new"] - 1)
         shown = text(app, "attention")
-        assert f"token {last['chunk'][1] - 1} (row {last['num_new']} of {last['num_new']}), head {HEAD}" in shown
+        assert f"token {last['chunk'][1] - 1} 'w{PROMPTS[1][-1]}' (row {last['num_new']} of {last['num_new']}), " \
+               f"head {HEAD}" in shown  # the token's text, from the tokenizer of the model the trace names
         assert f"{DELTA:g}" in shown.split("difference")[1].splitlines()[0]
         assert "weights of head" in shown and "strongest keys" in shown
 

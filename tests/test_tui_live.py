@@ -197,6 +197,7 @@ async def test_record_mid_run_then_replay_keeps_prompts_and_keys(live, tmp_path)
     replay = DebuggerApp(trace=path)
     async with replay.run_test(size=SIZE) as pilot:
         await settle(pilot, replay)
+        assert "(no tokens yet)" not in text(replay, "where")  # the text generated before the recording began
         await press(pilot, replay, "w")
         assert "(prompt not recorded)" not in table_text(replay, "requests")
         await press(pilot, replay, "n", "a")

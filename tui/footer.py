@@ -14,14 +14,7 @@ PINNED = ("help", "quit", "app.help", "app.quit", "command_palette", "app.comman
 class DebugFooter(Footer):
     """Bindings left to right as they fit; ``? help  q quit  ^p palette`` in one group docked right."""
 
-    DEFAULT_CSS = """
-    DebugFooter HorizontalGroup.-pinned {
-        dock: right;
-        width: auto;
-        background: $footer-background;
-        border-left: vkey $foreground 20%;
-    }
-    """
+    # styled in app.tcss ("DebugFooter .-pinned"): docked right, so it stays when the rest is cut off
 
     def __init__(self) -> None:
         super().__init__(show_command_palette=False)

@@ -112,7 +112,14 @@ class LiveControl:
         old = self.run.session
         if old.recording:
             self.toast(f"Recording stopped: {self.ctx.recording}")
-        session = self.run.restart(failed)
+        try:
+            session = self.run.restart(failed)
+        except Exception as e:  # the engine cannot go on: history stays browsable, R tries again
+            self.driver.stopped, self.driver.running = one_line(e), None
+            self.driver.queue.clear()
+            self.toast(f"{why}The engine could not restart ({one_line(e)}): R tries again.", "error", 10)
+            self.status(f"engine stopped: {one_line(e)}")
+            return
         for bp in old.breakpoints:
             session.add_breakpoint(bp)
         self.driver.session, self.driver.head, self.driver.running = session, None, None

@@ -57,6 +57,28 @@ class RequestBook:
             out[sid] = {**r, "finish_reason": f"error ({f['reason']})"}
         return out
 
+    def before(self, i: int) -> dict[int, dict[str, Any]]:
+        """Requests as they stood when step ``i`` began: after step ``i - 1``, plus what step ``i`` says about
+        requests it lists first (their prompts, and for a recording begun mid-run, the text generated so far),
+        but not the tokens it samples."""
+        out = self.after(i - 1)
+        ev = self.tl.event(i) if i >= 0 else None
+        if not ev or not ev.get("prompts"):
+            return out
+        with self._lock:
+            fold = self._fold_of(out)
+            fold.add({"batch": ev.get("batch") or {}, "prompts": ev["prompts"]}, i)
+            return {**out, **fold.snapshot()}
+
+    def _fold_of(self, snapshot: dict[int, dict[str, Any]]) -> RequestFold:
+        """A fold holding ``snapshot``'s requests (to fold a partial event on top of them)."""
+        from minillama.trace.requests import Request
+
+        fold = RequestFold()
+        for sid, r in snapshot.items():
+            fold.requests[sid] = Request(**{k: (list(v) if isinstance(v, list) else v) for k, v in r.items()})
+        return fold
+
     def _start(self, i: int) -> tuple[RequestFold, int]:
         """A fold to continue from: the last one if it is not past ``i``, else the nearest checkpoint."""
         at = max(k for k in self._checkpoints if k <= i)

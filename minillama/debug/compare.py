@@ -105,16 +105,19 @@ class Comparison:
         return bool(sa) and sa == sb
 
     def site(self, i: int, site: str, seq_a: int | None = None) -> SiteDiff:
-        """``site`` at step ``i`` for A's request ``seq_a`` (None: the whole batch)."""
+        """``site`` at step ``i`` for A's request ``seq_a`` (None: the whole batch). Without per-request
+        statistics on one side (format 1) a request is compared through the whole batch when both batches match."""
+        seq_b = self.pairs.get(seq_a) if seq_a is not None else None
         if seq_a is not None:
-            seq_b = self.pairs.get(seq_a)
             if seq_b is None or (seq_a, seq_b) not in self.aligned(i):
                 return SiteDiff(site, None, None, None, "unaligned")
-        elif not self.same_batch(i):
-            return SiteDiff(site, None, None, None, "unaligned")
-        else:
-            seq_b = None
-        sa, sb = self.a.stats(i, site, seq_a), self.b.stats(i, site, seq_b)
+            sa, sb = self.a.stats(i, site, seq_a), self.b.stats(i, site, seq_b)
+            if (sa is None or sb is None) and self.same_batch(i) and self.a.stats(i, site) is not None:
+                seq_a = seq_b = None  # per-request statistics missing on one side: the batch is the same
+        if seq_a is None:
+            if not self.same_batch(i):
+                return SiteDiff(site, None, None, None, "unaligned")
+            sa, sb = self.a.stats(i, site), self.b.stats(i, site)
         if sa is None or sb is None:
             return SiteDiff(site, sa, sb, None, "missing")
         if sa.get("hash") and sa.get("hash") == sb.get("hash") and sa.get("dtype") == sb.get("dtype"):

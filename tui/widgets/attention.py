@@ -155,7 +155,11 @@ class AttentionView(View):
             oth = other[span[0]:span[1]]
             d = (act.double() - oth.double()).abs()
             shown += [(name, oth), ("difference", act.double() - oth.double())]
-        sub = Text(f"\ntoken {seq['chunk'][0] + r} (row {r + 1} of {act.shape[0]}), head {h}:", style="bold")
+        ids = sequence_ids(self.requests(self.pos.step).get(seq["seq_id"]))
+        pos_r = seq["chunk"][0] + r
+        piece = self.ctx.tokens.piece(ids[pos_r]) if self.ctx.tokens is not None and pos_r < len(ids) else ""
+        sub = Text(f"\ntoken {pos_r}" + (f" {flat(piece)!r}" if piece else "") +
+                   f" (row {r + 1} of {act.shape[0]}), head {h}:", style="bold")
         out: list[RenderableType] = [sub, value_table(shown, r, h, self.col, self.size.width)]
         caption, weights = self._weights(seq, layer, span, r, h)
         out.append(caption)

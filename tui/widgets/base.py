@@ -168,6 +168,12 @@ class View(VerticalScroll):
         """Every request as of the end of step ``upto`` (the one request fold, with checkpoints)."""
         return self.ctx.book.after(upto) if self.ctx.book is not None else self.tl.requests(upto)
 
+    def requests_now(self) -> dict[int, dict[str, Any]]:
+        """Every request as the cursor sees it: after its step at ``sampled``, else as the step began."""
+        if self.pos.site == "sampled" or self.ctx.book is None:
+            return self.requests(self.pos.step if self.pos.site == "sampled" else self.pos.step - 1)
+        return self.ctx.book.before(self.pos.step)
+
     @property
     def cur_layer(self) -> int | None:
         return self.pos.layer if self.pos is not None else None

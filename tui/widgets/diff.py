@@ -76,8 +76,9 @@ class DiffView(View):
             head.append(f" first layer over the budget: layer {over[0]} ", style="bold white on #d70000")
             head.append(f"  {verdicts[over[0]]}; {len(over)} of {plural(len(layers), 'layer')} over", style="#ff5f5f")
         elif len(layers) < total:
-            head.append(f"the {plural(len(layers), 'layer')} computed so far (of {total}) are within the error budget",
-                        style="bold #5fd75f")
+            verb = "is" if len(layers) == 1 else "are"
+            head.append(f"the {plural(len(layers), 'layer')} computed so far (of {total}) {verb} within the error "
+                        "budget", style="bold #5fd75f")
         else:
             head.append("the only layer is within the error budget" if total == 1 else
                         f"all {total} layers within the error budget", style="bold #5fd75f")

@@ -147,8 +147,13 @@ class HeatmapView(View):
             self._synced = self.pos  # the cell cursor follows the debugger's cursor (not the other way round)
             grid.cursor = (m.index.index(self.pos.step), self.cur_layer or 0)
         head = Text(f"{what}, step × layer: {len(m.index)} steps, {m.num_layers} layers; ", style="bold")
-        head.append(f"{m.num_over} cells over the budget" if m.num_over else "every cell within the budget",
-                    style="#ff5f5f" if m.num_over else "#5fd75f")
+        if kind == "ratio":
+            head.append(f"{m.num_over} cells over the budget" if m.num_over else "every cell within the budget",
+                        style="#ff5f5f" if m.num_over else "#5fd75f")
+        else:
+            big = int(np.nansum(values > DIFF_THRESHOLD))
+            head.append(f"{big} of {int(np.isfinite(values).sum())} cells differ by more than {DIFF_THRESHOLD:g}",
+                        style="#ff5f5f" if big else "#5fd75f")
         head.append("   ↑↓←→ move  Enter jump  f first over  t ratio/difference", style="dim")
         legend = Text("scale: ")
         if kind == "ratio":

@@ -27,8 +27,7 @@ class RequestsView(View):
         if self.pos is None:
             return Text("No request has run yet.", style="dim")
         i = self.pos.step
-        now = self.requests(i if self.pos.site == "sampled" else i - 1)
-        known = self.requests(i)  # this step lists the prompts of requests it sees first
+        now = known = self.requests_now()
         in_batch = {s["seq_id"]: s for s in self.step_batch.get("seqs") or []}
         waiting = set(self.step_batch.get("waiting") or [])
         ids = list(dict.fromkeys([*known, *in_batch, *waiting]))

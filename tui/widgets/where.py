@@ -85,7 +85,7 @@ class WhereView(View):
         bps = [bp.describe() for bp in self.ctx.breakpoints if bp.enabled]
         if bps:
             rows.append(Text("breakpoints: " + ", ".join(bps), style="#d787ff"))
-        reqs = self.requests(self.pos.step if self.pos.site == "sampled" else self.pos.step - 1)
+        reqs = self.requests_now()
         role_w = max((len(seq_role(s)) for s in seqs), default=0)
         for s in seqs:
             r = reqs.get(s["seq_id"], {})
