@@ -35,7 +35,7 @@ def keys(*presses: str):
     return run
 
 
-@pytest.mark.parametrize("name,presses,size", [
+REPLAY = [
     ("inspector_located", (*TO_LAYER_1, "l"), WIDE),
     ("kv", ("s", "k"), WIDE),
     ("attention_located", (*TO_LAYER_1, "a", "l"), WIDE),
@@ -48,15 +48,24 @@ def keys(*presses: str):
     ("small_diff", (*TO_LAYER_1, "d"), SMALL),
     ("small_kv", ("s", "k"), SMALL),
     ("small_heatmap", ("f", "h"), SMALL),
+    ("small_requests", ("s", "w"), SMALL),
     ("split_diff_attention_inspector", (*TO_LAYER_1, "l"), SPLIT),
     ("split_heatmap", ("h", "f"), SPLIT),
     ("tiny_inspector", ("n",), TINY),
-])
+]
+LIVE = [
+    ("kv_step_0", ("k",), WIDE),
+    ("requests_step_0", ("w",), SMALL),
+    ("split_step_0", (), SPLIT),
+]
+
+
+@pytest.mark.parametrize("name,presses,size", REPLAY, ids=[c[0] for c in REPLAY])
 def test_replay(snap_compare, name, presses, size):
     assert snap_compare(DebuggerApp(trace=PLANTED), run_before=keys(*presses), terminal_size=size)
 
 
-@pytest.mark.parametrize("size", [WIDE, SPLIT])
+@pytest.mark.parametrize("size", [SMALL, WIDE, SPLIT], ids=["80x24", "120x40", "160x48"])
 def test_ab(snap_compare, size):
     assert snap_compare(DebuggerApp(trace=PLANTED, compare=CLEAN), run_before=keys(), terminal_size=size)
 
@@ -66,11 +75,7 @@ def test_bad_trace(snap_compare):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,presses,size", [
-    ("kv_step_0", ("k",), WIDE),
-    ("requests_step_0", ("w",), SMALL),
-    ("split_step_0", (), SPLIT),
-])
+@pytest.mark.parametrize("name,presses,size", LIVE, ids=[c[0] for c in LIVE])
 def test_live(snap_compare, tiny_llm, tmp_path, name, presses, size):
     """Live at states whose content does not depend on the random weights' values (step starts)."""
     import itertools

@@ -118,7 +118,9 @@ class LiveRun:
     def _new_session(self):
         from minillama.debug.session import DebugSession
 
-        return DebugSession(self.llm, shadow=self.opts.shadow, full_sites=self.opts.full_sites, pause_at_start=True)
+        session = DebugSession(self.llm, shadow=self.opts.shadow, full_sites=self.opts.full_sites, pause_at_start=True)
+        graph_copies(session.recorder)
+        return session
 
     def params(self):
         from minillama import SamplingParams
@@ -156,6 +158,24 @@ class LiveRun:
         self.session = self._new_session()
         self.timeline.add(self.session, known)
         return self.session
+
+
+def graph_copies(recorder: Any) -> None:
+    """Give ``recorder`` the buffers its copies of full sites write to inside CUDA graphs.
+
+    ``Recorder.attach`` makes them before capturing the decode graphs; a ``DebugSession`` attaches
+    itself instead (and captures the graphs when it starts), so without these a decode step that
+    replays a graph keeps none of its full tensors (attention q, k, out) for the views.
+    """
+    import torch
+
+    graphs = getattr(recorder.llm.runner, "graphs", None)
+    if graphs is None:
+        return
+    for spec in recorder.catalog:
+        if spec.rows == "tokens" and recorder.is_full(spec.name) and spec.name not in recorder._static:
+            recorder._static[spec.name] = torch.empty((graphs.sizes[-1], *spec.shape), dtype=getattr(torch, spec.dtype),
+                                                      device=recorder.llm.device)
 
 
 def culprits(session: Any, error: BaseException) -> dict[int, str]:

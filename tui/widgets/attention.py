@@ -122,12 +122,21 @@ class AttentionView(View):
                         style="bold #ff5f5f" if why else "#5fd75f")
             parts.append(line)
         active, name, other = self.outputs()
+        graphed = bool((self.event or {}).get("graphed"))
         if active is None:
             ran = hooks.layer_site(layer, "attn.out") in self.tl.site_names(self.pos.step)
             why = ("was not kept in full at this step (record with --full 'layers.*.attn.out')" if ran else
                    "has not run yet at this step (n runs the next layer)")
+            if ran and graphed:
+                why = ("was not kept in full: this step replayed a CUDA graph (its statistics are complete; pause "
+                       "inside a step with n to keep every tensor)")
             return Group(*parts, Text(f"\nlayers.{layer}.attn.out {why}.", style="#ffd75f" if ran else "dim"))
-        if other is None:
+        if other is None and m:
+            parts.append(Text("\nThe shadow's output was compared on the device but not kept in full at this step"
+                              + (" (it replayed a CUDA graph; pause inside a step with n to keep it)" if graphed else
+                                 " (keep it with --full 'layers.*.attn.out@*')") + "; its numbers are in the diff view.",
+                              style="dim"))
+        elif other is None:
             parts.append(Text("\nNo second attention to compare with: start with --shadow (a backend, or alone for "
                               "the float64 reference).", style="#ffd75f"))
         elif other.shape == active.shape:
