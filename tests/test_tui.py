@@ -4,6 +4,7 @@ locator, A/B, the KV map at real sizes, and the defects of issue 11 (each named 
 from __future__ import annotations
 
 import pytest
+from rich.text import Text
 
 from minillama.debug.navigation import BEGIN, Pos
 from minillama_tui.app import DebuggerApp, main
@@ -226,6 +227,26 @@ async def test_small_terminals_keep_help_and_quit(planted, size):
         shown = text(app, "inspector", width=size[0] - 4)
         for s in app.main.ctx.timeline.event(0)["batch"]["seqs"]:
             assert f"#{s['seq_id']} " in shown  # whole ids (columns were dropped instead)
+
+
+async def test_trace_strings_are_text_not_markup(planted, tmp_path):
+    """A folder name and a prompt with Rich markup in them are shown as they are, never parsed."""
+    import json
+    import shutil
+
+    odd = tmp_path / "odd[bold]name[red]"
+    shutil.copytree(planted, odd)
+    manifest = json.loads((odd / "manifest.json").read_text())
+    manifest["requests"][0]["prompt"] = "[/red] [bold]not bold[/bold] [link=x]"
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    app = DebuggerApp(trace=str(odd))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await press(pilot, app, "w")
+        assert "[/red] [bold]not bold[/bold] [link=x]" in table_text(app, "requests")
+        assert "[/red] [bold]not bold" in text(app, "requests")
+        title = app.main.query_one("#where").border_title
+        assert "odd[bold]name[red]" in str(Text.from_markup(title))
 
 
 async def test_bad_trace_opens_as_one_line_error(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from rich.markup import escape
 from textual import work
 from textual.message import Message
 
@@ -94,7 +95,7 @@ class Opening:
         from .cursor import Driver
 
         self.set_ctx(**msg.ctx)
-        self.query_one("#where").border_title = title_of(msg.ctx["timeline"], msg.ctx.get("compare"))
+        self.query_one("#where").border_title = escape(title_of(msg.ctx["timeline"], msg.ctx.get("compare")))
         if msg.run is None:
             self.driver = Driver(msg.ctx["timeline"])
             self.loaded = True
