@@ -25,6 +25,8 @@ async def test_steps_layers_and_history_both_ways(live):
         await settle(pilot, app)
         m = app.main
         assert m.pos == Pos(0, BEGIN) and m.ctx.mode == "live head"
+        await press(pilot, app, "w")  # D2 live: the prompts of the step in progress, before it is written
+        assert "(prompt not recorded)" not in table_text(app, "requests") and "w5 w6 w7" in table_text(app, "requests")
         await press(pilot, app, "n")
         assert m.pos == Pos(0, "layers.0.output") and m.run.session.position.site == "layers.0.output"
         ev = m.ctx.timeline.event(0)

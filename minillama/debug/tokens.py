@@ -21,6 +21,7 @@ class TokenText:
         self.manifest = manifest or {}
         self.note = "" if tokenizer is not None else "no tokenizer yet: token ids shown as #id"
         self._piece = lru_cache(maxsize=8192)(self._decode)
+        self._text = lru_cache(maxsize=1024)(self._decode_text)
 
     @property
     def ready(self) -> bool:
@@ -52,6 +53,19 @@ class TokenText:
             return self.tokenizer.decode([int(token_id)], skip_special_tokens=False)
         except Exception:
             return f"#{token_id}"
+
+    def text(self, token_ids: list[int]) -> str | None:
+        """The text of a whole prompt (None without a tokenizer): a live step in progress lists its new
+        requests' prompt ids before their text is decoded on the writer's thread."""
+        if self.tokenizer is None or not token_ids:
+            return None
+        return self._text(tuple(token_ids))
+
+    def _decode_text(self, ids: tuple[int, ...]) -> str | None:
+        try:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=False) or None
+        except Exception:
+            return None
 
     def piece(self, token_id: int | None) -> str:
         """The text of one token (``#id`` without a tokenizer)."""

@@ -169,10 +169,30 @@ class View(VerticalScroll):
         return self.ctx.book.after(upto) if self.ctx.book is not None else self.tl.requests(upto)
 
     def requests_now(self) -> dict[int, dict[str, Any]]:
-        """Every request as the cursor sees it: after its step at ``sampled``, else as the step began."""
+        """Every request as the cursor sees it: after its step at ``sampled``, else as the step began (prompts
+        known only by their ids, in a live step still running, are decoded here)."""
         if self.pos.site == "sampled" or self.ctx.book is None:
-            return self.requests(self.pos.step if self.pos.site == "sampled" else self.pos.step - 1)
-        return self.ctx.book.before(self.pos.step)
+            out = self.requests(self.pos.step if self.pos.site == "sampled" else self.pos.step - 1)
+        else:
+            out = self.ctx.book.before(self.pos.step)
+        tok = self.ctx.tokens
+        if tok is not None and tok.ready:
+            for sid, r in out.items():
+                if not r.get("prompt") and r.get("prompt_token_ids"):
+                    out[sid] = {**r, "prompt": tok.text(r["prompt_token_ids"])}
+        return out
+
+    def prompt_of(self, sid: int, known: dict[int, dict[str, Any]]) -> str:
+        """A request's prompt text: as recorded, else (live) from the engine's own copy of the request."""
+        r = known.get(sid) or {}
+        if r.get("prompt"):
+            return str(r["prompt"])
+        session = getattr(self.tl, "session", None)
+        seq = getattr(session, "requests", {}).get(sid) if session is not None else None
+        tok = self.ctx.tokens
+        if seq is not None and tok is not None and tok.ready:
+            return tok.text(seq.token_ids[: seq.num_prompt_tokens]) or ""
+        return ""
 
     @property
     def cur_layer(self) -> int | None:

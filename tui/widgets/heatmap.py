@@ -27,7 +27,7 @@ from textual.widgets import Static
 
 from minillama.debug.navigation import Pos
 
-from ..format import diff_colour, ratio_colour
+from ..format import diff_colour, plural, ratio_colour
 from .base import Jump, View
 
 LABEL = 7  # "  1234 " step labels
@@ -146,7 +146,8 @@ class HeatmapView(View):
         if self.pos is not None and self.pos != getattr(self, "_synced", None) and self.pos.step in m.index:
             self._synced = self.pos  # the cell cursor follows the debugger's cursor (not the other way round)
             grid.cursor = (m.index.index(self.pos.step), self.cur_layer or 0)
-        head = Text(f"{what}, step × layer: {len(m.index)} steps, {m.num_layers} layers; ", style="bold")
+        head = Text(f"{what}, step × layer: {plural(len(m.index), 'step')}, {plural(m.num_layers, 'layer')}; ",
+                    style="bold")
         if kind == "ratio":
             head.append(f"{m.num_over} cells over the budget" if m.num_over else "every cell within the budget",
                         style="#ff5f5f" if m.num_over else "#5fd75f")

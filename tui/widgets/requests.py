@@ -48,7 +48,7 @@ class RequestsView(View):
                     state = Text(f"finished: {r['finish_reason']}", style="dim")
                 else:
                     state = Text("not in this step", style="dim")
-                prompt = user_part(k.get("prompt") or "")
+                prompt = user_part(self.prompt_of(sid, known))
                 table.add_row(seq_label(sid), state, Text(str(len(r.get("token_ids") or [])), justify="right"),
                               Text(head(prompt, text_w) if prompt else "(prompt not recorded)",
                                    style="italic" if prompt else "dim"),
@@ -65,7 +65,7 @@ class RequestsView(View):
         out.append(f"  {plural(len(r.get('token_ids') or []), 'token')} generated"
                    + (f", finished: {r['finish_reason']}" if r.get("finish_reason") else ""), style="dim")
         out.append("\nprompt: ", style="bold")
-        out.append(flat(user_part(k.get("prompt") or "")) or "(not recorded)", style="italic")
+        out.append(flat(user_part(self.prompt_of(sid, known))) or "(not recorded)", style="italic")
         if k.get("prompt_token_ids"):
             out.append(f"  ({plural(len(k['prompt_token_ids']), 'prompt token')})", style="dim")
         out.append("\ntext:   ", style="bold")
