@@ -97,6 +97,7 @@ class DebuggerApp(App[None]):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of ``minillama-tui``."""
     p = argparse.ArgumentParser(prog="minillama-tui", description="Step through the minillama engine live, or "
                                 "replay a recorded trace (no model, no GPU).")
     p.add_argument("trace", nargs="?", help="a trace folder to replay (omit to run the engine live)")

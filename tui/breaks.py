@@ -54,6 +54,7 @@ class Breaks:
         self.set_ctx()
 
     def clear_breakpoints(self) -> None:
+        """Remove every breakpoint (from the command palette)."""
         if self.run is not None:
             self.run.session.clear_breakpoints()
         else:

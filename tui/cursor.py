@@ -42,6 +42,7 @@ class Driver:
         return self.session is not None
 
     def mode(self, loaded: bool, compare: bool = False) -> str:
+        """The badge of the where panel: loading, replay, A/B replay, stopped, history, running, idle, live head."""
         if not loaded:
             return "loading"
         if not self.live:
@@ -122,6 +123,7 @@ class Driver:
         return Move(pos=self.head if self.following else None)
 
     def went_idle(self) -> Move:
+        """The engine has nothing to do: the cursor (if following) goes to the end of the newest step."""
         self.queue.clear()
         self.running, self.idle, self.head = None, True, None
         return Move(pos=nav.last_pos(self.tl) if self.following else None,

@@ -83,6 +83,7 @@ class LiveControl:
 
     # ---- running the engine ---------------------------------------------------------------------
     def run_engine(self, unit: str) -> None:
+        """Tell the session to run to the next ``unit`` (step, layer, site or continue)."""
         s = self.run.session
         {"step": s.step, "layer": s.next_layer, "site": s.next_site, "continue": s.continue_}[unit]()
         self.driver.running = unit
@@ -90,6 +91,7 @@ class LiveControl:
                      "site": "running to the next site…", "continue": "running to the next breakpoint…"}[unit])
 
     def continue_engine(self) -> None:
+        """``c`` at the live head: run until a breakpoint fires or the requests finish."""
         if self.driver.idle:
             self.toast("All requests finished: press / and type a prompt to start new work.")
             return
@@ -109,6 +111,7 @@ class LiveControl:
             self.restart(failed or {}, "")
 
     def restart(self, failed: dict[int, str], why: str) -> None:
+        """A new session on the same engine, ``failed`` requests dropped with their reason; history is kept."""
         old = self.run.session
         if old.recording:
             self.toast(f"Recording stopped: {self.ctx.recording}")

@@ -109,6 +109,7 @@ class DebugScreen(Opening, LiveControl, Breaks, Selection, Screen):
         self.ctx = Context(**{**self.ctx.__dict__, **changes})
 
     def status(self, reason: str | None = None) -> None:
+        """Recompute the mode (from the driver) and, if given, set the reason the where panel shows."""
         mode = self.driver.mode(self.loaded, self.ctx.compare is not None) if self.driver else self.ctx.mode
         self.set_ctx(mode=mode, **({} if reason is None else {"reason": reason}), head=getattr(self.driver, "head", None))
 
@@ -138,6 +139,7 @@ class DebugScreen(Opening, LiveControl, Breaks, Selection, Screen):
             self.row = -1
 
     def goto(self, move: Move, reason: str | None = None) -> None:
+        """Apply a ``Move``: the new position, its notice, the reason to show."""
         if move.pos is not None:
             self.pos = move.pos
         if move.note:
@@ -202,6 +204,7 @@ class DebugScreen(Opening, LiveControl, Breaks, Selection, Screen):
         self.goto(self.driver.last()) if self.driver else None
 
     def forward(self, unit: str) -> None:
+        """A forward key: move over history, or run the live engine to the next ``unit``."""
         if self.driver is None:
             return
         move = self.driver.forward(self.pos, unit)

@@ -123,6 +123,7 @@ class LiveRun:
         return session
 
     def params(self):
+        """The sampling parameters of typed prompts."""
         from minillama import SamplingParams
 
         return SamplingParams(temperature=self.opts.temperature, max_tokens=self.opts.max_tokens)

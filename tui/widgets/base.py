@@ -107,12 +107,14 @@ class View(VerticalScroll):
         self.schedule()
 
     def schedule(self) -> None:
+        """Redraw once after the current batch of changes (several reactives often change together)."""
         if not self._scheduled and self.is_mounted:
             self._scheduled = True
             self.call_after_refresh(self.redraw)
 
     @property
     def shown(self) -> bool:
+        """True when the view and every ancestor are displayed."""
         return self.display and self.is_mounted and all(n.display for n in self.ancestors_with_self
                                                         if hasattr(n, "display"))
 

@@ -53,6 +53,7 @@ class HeatGrid(ScrollView, can_focus=True):
         self.threshold = 2.0
 
     def show(self, index: list[int], values: np.ndarray, over: np.ndarray, kind: str, threshold: float) -> None:
+        """Draw ``values`` (rows: timeline ``index``), red where ``over`` (ratio) or over ``threshold`` (difference)."""
         self.index, self.values, self.over, self.kind, self.threshold = index, values, over, kind, threshold
         self.virtual_size = Size(LABEL + 2 * values.shape[1] + 1, len(index))
         self.refresh()
@@ -180,6 +181,7 @@ class HeatmapView(View):
         for c in range(m.num_layers):
             axis.append(f"{c:<2}"[:2] if c % 5 == 0 else "  ", style="bold" if c == grid.cursor[1] else "dim")
         axis.append(" ← layer", style="dim")
+        axis.truncate(max(self.size.width - 2, 10))
         return Text("\n").join([head, legend, here, axis])
 
     def on_heat_grid_moved(self, _msg: Any) -> None:
