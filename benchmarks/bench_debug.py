@@ -9,7 +9,8 @@ Modes (each after a warm-up of the same mode):
   session           (CPU) a DebugSession with no breakpoint
 Workloads: ``small`` = N requests of P random prompt tokens with T new tokens each (default 64 x 256
 + 64); ``nanovllm`` = 256 requests, prompt and output lengths uniform in [100, 1024] (nano-vllm's
-bench.py); ``hooks`` = the CPU workload of bench_hooks.py (4 chat prompts, 24 new tokens).
+bench.py); ``hooks`` = a small CPU workload (4 chat prompts, 24 new tokens each). It also prints what the
+disabled hooks cost a plain step (no debugger attached).
 
     python benchmarks/bench_debug.py --model builtin --workload small --backend flash-attn --shadow torch
     python benchmarks/bench_debug.py --device cpu --workload hooks --modes plain,stats,session
@@ -25,13 +26,14 @@ import statistics
 import sys
 import tempfile
 import time
+import timeit
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minillama import LLM, SamplingParams  # noqa: E402
+from minillama import LLM, SamplingParams, hooks  # noqa: E402
 from minillama.debug.breakpoints import Breakpoint  # noqa: E402
 from minillama.debug.manifest import build_manifest  # noqa: E402
 from minillama.debug.recorder import Recorder  # noqa: E402
@@ -88,15 +90,19 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
         rec.attach()
     elif mode in ("nan", "session"):
         bps = [Breakpoint("*", "nan")] if mode == "nan" else []
-        session = DebugSession(llm, breakpoints=bps, pause_at_start=False, keep_steps=4)
+        session = DebugSession(llm, breakpoints=bps, pause_at_start=False, keep_steps=4).start()
+        session.wait(600)  # idle once its graphs are captured: setup, like a recorder's attach
     if llm.device.type == "cuda":
         torch.cuda.synchronize()
+    ENGINE_STEPS[mode] = -llm.num_steps
     t = time.perf_counter()
     try:
         if session is not None:
+            before = llm.num_steps
             for p, sp in zip(prompts, params, strict=True):
                 session.submit(p, sp, chat=False)
-            session.start()
+            while session.idle and llm.num_steps == before:  # until the worker has taken the work
+                time.sleep(0.0005)
             while not session.idle:
                 session.wait(600)
                 if session.paused:
@@ -108,6 +114,7 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
         if llm.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
+        ENGINE_STEPS[mode] += llm.num_steps
     finally:
         llm.runner.graphs = graphs
         if rec is not None:
@@ -148,14 +155,18 @@ def main() -> None:
     tokens = sum(p.max_tokens for p in params)
     tmp = tempfile.mkdtemp(prefix="bench-debug-")
     rows = []
+    short = [SamplingParams(temperature=0, max_tokens=min(4, p.max_tokens), ignore_eos=True) for p in params]
     for mode in modes:
-        run_mode(mode, llm, prompts[: max(4, len(prompts) // 8)], params[: max(4, len(prompts) // 8)], tmp)  # warm-up
-        times, size, steps = [], 0, 0
-        for _ in range(a.repeat):
+        run_mode(mode, llm, prompts, short, tmp)  # warm-up: every prefill shape, a few decode steps
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    sizes: dict[str, tuple[int, int]] = {}
+    for _ in range(a.repeat):  # interleaved, so a busy machine's drift hits every mode alike
+        for mode in modes:
             dt, size, steps = run_mode(mode, llm, prompts, params, tmp)
-            times.append(dt)
-        rows.append((mode, statistics.median(times), size, steps))
-        print(f"  {LABEL[mode]}: {rows[-1][1]:.3f} s", file=sys.stderr, flush=True)
+            times[mode].append(dt)
+            sizes[mode] = (size, steps)
+            print(f"  {LABEL[mode]}: {dt:.3f} s", file=sys.stderr, flush=True)
+    rows = [(m, statistics.median(times[m]), *sizes[m]) for m in modes]
     base = next((t for m, t, _, _ in rows if m == "plain"), rows[0][1])
     name = {"builtin": "SmolLM2-135M"}.get(a.model, f"Llama-3.2-{a.model}-shaped")
     print(f"\n{name}, {a.device} ({torch.cuda.get_device_name() if a.device != 'cpu' else 'cpu'}), "
@@ -163,11 +174,19 @@ def main() -> None:
     print(f"{'mode':<16}{'requests':>9}{'tokens':>9}{'seconds':>10}{'tok/s':>10}{'slowdown':>10}{'bytes/step':>12}")
     for mode, t, size, steps in rows:
         per = f"{size / steps:,.0f}" if steps else "-"
-        print(f"{LABEL[mode]:<16}{len(prompts):>9}{tokens:>9}{t:>10.3f}{tokens / t:>10.0f}{t / base:>9.2f}x{per:>12}")
+        label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
+        print(f"{label:<16}{len(prompts):>9}{tokens:>9}{t:>10.3f}{tokens / t:>10.0f}{t / base:>9.2f}x{per:>12}")
+    per_check = min(timeit.repeat("if hooks.enabled: pass", globals={"hooks": hooks}, number=200_000,
+                                  repeat=5)) / 200_000
+    checks = len(hooks.expected_sites(llm.model_config.num_hidden_layers)) + 8 * llm.model_config.num_hidden_layers
+    steps = max(ENGINE_STEPS.get(modes[0], 1), 1)
+    print(f"disabled hooks (no debugger attached): {checks} checks a step x {per_check * 1e9:.0f} ns = "
+          f"{checks * per_check * 1e6:.1f} us, {100 * checks * per_check / (base / steps):.3f}% of a plain step")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 ARGS: argparse.Namespace
+ENGINE_STEPS: dict[str, int] = {}  # engine steps of each mode's last run
 
 if __name__ == "__main__":
     main()

@@ -1,36 +1,102 @@
 """``minillama generate | info | record | diff | trace``: the engine from the shell.
 
-User mistakes end in one line on stderr and exit code 2, never a traceback
-(set MINILLAMA_DEBUG=1 to see the traceback anyway).
+User mistakes end in one line on stderr and exit code 2, never a traceback (set MINILLAMA_DEBUG=1
+to see the traceback anyway). Options are checked before torch is imported or a model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
+from minillama import __version__, progress
+from minillama.options import (
+    backend_arg,
+    device_arg,
+    dtype_arg,
+    non_negative_int,
+    positive_int,
+    probability,
+    seed,
+    temperature,
+)
+
+DESCRIPTION = "minillama: a small, readable Llama inference engine with a paged KV cache."
+EPILOG = """examples:
+  minillama generate "What is the capital of France?"      stream an answer (built-in model, greedy)
+  minillama generate "Hi" --model PATH --temperature 0.7 --seed 1
+  minillama info --json                                     model, device and backends as JSON
+  minillama record --out traces/NAME --prompt "Hi"          record every step to a trace folder
+  minillama COMMAND --help                                  the options of one command"""
+GENERATE_EPILOG = """examples:
+  minillama generate "What is the capital of France?"
+  minillama generate "Once upon a time" --raw --max-tokens 64 --temperature 0.8 --seed 1
+  minillama generate "Hi" --model ~/models/Llama-3.2-1B-Instruct --device cuda"""
+_CORE = ("generate", "info")  # commands that need no trace code (their parser builds without torch)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and shows each option's default, except None and False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.default is not None and action.default is not False
+                and action.default is not argparse.SUPPRESS
+                and action.option_strings and not isinstance(action.default, list)):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the problem and where help is."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):  # name commands, not argparse's dest
+                names = ", ".join(action.choices)
+                if re.search(rf"required: .*\b({re.escape(str(action.dest))}|COMMAND)\b", message):
+                    message = f"choose a command: {names}"
+                bad = re.match(rf"argument ({re.escape(str(action.dest))}|COMMAND): invalid choice: '(.*?)'", message)
+                if bad:
+                    message = f"unknown command '{bad.group(2)}': choose one of {names}"
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see '{self.prog} --help')\n")
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="torch", help="attention backend: torch or flash-attn")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="Hugging Face model folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", type=backend_arg, default="torch", help="attention backend: torch or flash-attn")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", type=dtype_arg, default="auto",
+                   help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16")
+    p.add_argument("--max-model-len", type=positive_int, default=4096, metavar="N",
+                   help="longest prompt + answer in tokens (capped by the model's context)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--max-tokens", type=positive_int, default=256, metavar="N", help="tokens to generate at most")
+    p.add_argument("--temperature", type=temperature, default=0.0, metavar="T",
+                   help="0 = greedy; e.g. 0.7 samples (the Python API's default is 1.0)")
+    p.add_argument("--top-p", type=probability, default=1.0, metavar="P",
+                   help="sample from the smallest set of tokens whose probability reaches P (1 = off)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
+                   help="sample from the K most likely tokens (0 = off)")
+    p.add_argument("--seed", type=seed, default=None, metavar="S",
+                   help="seed for reproducible sampling, 0 <= S < 2**63 (default: random)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
 def sampling_params(a: argparse.Namespace):
+    """The ``SamplingParams`` of parsed ``_sampling_args``."""
     from minillama.sampling_params import SamplingParams
 
     return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, max_tokens=a.max_tokens,
@@ -38,58 +104,43 @@ def sampling_params(a: argparse.Namespace):
 
 
 def make_llm(a: argparse.Namespace, **extra):
+    """An ``LLM`` from parsed ``_engine_args``."""
     from minillama import LLM
 
     return LLM(a.model, backend=a.backend, device=a.device, dtype=a.dtype, max_model_len=a.max_model_len,
                enforce_eager=a.enforce_eager, **extra)
 
 
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv that was not UTF-8 arrives with surrogate escapes
+        raise ValueError(f"the {what} is not valid UTF-8 (bad byte at character {e.start}): pass UTF-8 text") from None
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
+    """Stream one answer to stdout."""
+    _check_text(a.prompt, "prompt")
     params = sampling_params(a)
     llm = make_llm(a)
     prompt = a.prompt
     if not a.raw:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": a.prompt}])
-    start, n = time.perf_counter(), 0
+    start = time.perf_counter()
     for piece in llm.stream(prompt, params):
-        n += 1
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if a.stats:
-        dt = time.perf_counter() - start
-        print(f"[{llm.num_steps} steps, {dt:.2f} s]", file=sys.stderr)
+        print(f"[{llm.num_steps} steps, {time.perf_counter() - start:.2f} s]", file=sys.stderr)
     return 0
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
+    """Model, device and backends (see ``minillama.cli_info``)."""
+    from minillama.cli_info import print_info
 
-    from minillama.attention import available_backends
-    from minillama.engine.llm_engine import resolve_device, resolve_dtype
-    from minillama.models.loader import open_model
-
-    console = Console()
-    loaded = open_model(a.model)
-    c = loaded.config
-    device = resolve_device(a.device)
-    t = Table(title="minillama", show_header=False)
-    t.add_row("model", f"{os.path.basename(loaded.path.rstrip('/'))} ({loaded.format})")
-    t.add_row("path", loaded.path)
-    t.add_row("architecture", f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads, "
-                              f"{c.num_key_value_heads} kv heads, head_dim {c.head_dim}, vocab {c.vocab_size}")
-    t.add_row("rope", f"theta {c.rope_theta}, scaling {c.rope_scaling or 'none'}")
-    t.add_row("context", f"{c.max_position_embeddings} positions; eos ids {c.eos_token_ids}")
-    t.add_row("chat template", "yes" if loaded.tokenizer.chat_template else "no")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
-    t.add_row("device", f"{device} ({gpu}); dtype {resolve_dtype(a.dtype, device)}; torch {torch.__version__}")
-    for name, why in available_backends().items():
-        t.add_row(f"backend {name}", "[green]available[/]" if why is None else f"[red]unavailable[/]: {why}")
-    t.add_row("GPU kernels", _gpu_kernels(c.head_dim, device))
-    console.print(t)
-    return 0
+    return print_info(a)
 
 
 def cmd_record(a: argparse.Namespace) -> int:
@@ -123,9 +174,16 @@ def cmd_record(a: argparse.Namespace) -> int:
     recorder.attach()
     reason = "finished"
     start = time.perf_counter()
+    total = sum(min(params.max_tokens, llm.config.max_model_len - len(x)) for x in ids)
     try:
-        while llm.has_unfinished() and not writer.stopped:
-            llm.step()
+        with progress.task("recording", total=total, unit="tokens") as bar:
+            while llm.has_unfinished() and not writer.stopped:
+                llm.step()
+                if bar.watched:
+                    made = sum(len(s.completion_token_ids) for s in seqs)
+                    rate = made / max(time.perf_counter() - start, 1e-9)
+                    bar.update(completed=made, description=f"recording: step {llm.num_steps}, {rate:.0f} tok/s, "
+                               f"{writer.num_steps} steps written")
     except KeyboardInterrupt:
         reason = "interrupted by the user"
         raise
@@ -148,26 +206,13 @@ def cmd_record(a: argparse.Namespace) -> int:
     return 0
 
 
-def _gpu_kernels(head_dim: int, device) -> str:
-    """Which Triton kernels replace plain PyTorch on this device, or why none do."""
-    from minillama.attention import triton_decode
-    from minillama.layers import triton_ops
-
-    if device.type != "cuda":
-        return "none: plain PyTorch on CPU"
-    if triton_ops.triton is None:
-        return "none: Triton is not installed (plain PyTorch everywhere)"
-    decode = ("Triton" if triton_decode.covers(head_dim, device)
-              else "plain PyTorch (MINILLAMA_TORCH_DECODE=pytorch, or a head size Triton's dot cannot take)")
-    ops = "Triton" if triton_ops.switched_on() else "plain PyTorch (MINILLAMA_TRITON_OPS=0)"
-    return f"torch backend decode: {decode}; RMSNorm, SiLU-and-mul, rotary, K/V store, greedy argmax: {ops}"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillama", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="stream an answer from the model")
-    g.add_argument("prompt")
+def build_parser(with_trace: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; ``with_trace=False`` leaves out record/diff/trace (which import torch)."""
+    parser = Parser(prog="minillama", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"minillama {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    g = sub.add_parser("generate", help="stream an answer from the model", epilog=GENERATE_EPILOG)
+    g.add_argument("prompt", help="the question or text to continue (wrapped in the chat template unless --raw)")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     g.add_argument("--stats", action="store_true", help="print steps and time to stderr")
     _engine_args(g)
@@ -175,40 +220,66 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=cmd_generate)
     i = sub.add_parser("info", help="model, device and available attention backends")
     _engine_args(i)
+    i.add_argument("--json", action="store_true", help="print the same facts as one JSON object")
     i.set_defaults(fn=cmd_info)
-    r = sub.add_parser("record", help="generate while recording every step to a trace folder")
-    r.add_argument("--out", required=True, help="new (or empty) trace folder, e.g. traces/NAME")
-    r.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    r.add_argument("--raw", action="store_true", help="send prompts as is, without the chat template")
-    r.add_argument("--shadow", nargs="?", const="auto", default=None, metavar="BACKEND",
-                   help="redo each layer's attention with BACKEND (default: torch, or the yardstick alone, "
-                        "'reference', when the active backend is torch) and record the differences")
-    r.add_argument("--full", nargs="+", action="extend", default=[], metavar="SITE_PATTERN",
-                   help="save full tensors of matching sites (fnmatch, e.g. 'layers.2.*' 'logits' "
-                        "'layers.*.attn.out@shadow'); other sites keep per-request statistics only")
-    r.add_argument("--max-bytes", type=int, default=None, metavar="N",
-                   help="stop recording cleanly before the trace grows past N bytes")
-    _engine_args(r)
-    _sampling_args(r)
-    r.set_defaults(fn=cmd_record)
-    from minillama.trace import cli as trace_cli
+    if with_trace:
+        r = sub.add_parser("record", help="generate while recording every step to a trace folder")
+        r.add_argument("--out", required=True, help="new (or empty) trace folder, e.g. traces/NAME")
+        r.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+        r.add_argument("--raw", action="store_true", help="send prompts as is, without the chat template")
+        r.add_argument("--shadow", nargs="?", const="auto", default=None, metavar="BACKEND",
+                       help="redo each layer's attention with BACKEND (default: torch, or the yardstick alone, "
+                            "'reference', when the active backend is torch) and record the differences")
+        r.add_argument("--full", nargs="+", action="extend", default=[], metavar="SITE_PATTERN",
+                       help="save full tensors of matching sites (fnmatch, e.g. 'layers.2.*' 'logits' "
+                            "'layers.*.attn.out@shadow'); other sites keep per-request statistics only")
+        r.add_argument("--max-bytes", type=positive_int, default=None, metavar="N",
+                       help="stop recording cleanly before the trace grows past N bytes")
+        _engine_args(r)
+        _sampling_args(r)
+        r.set_defaults(fn=cmd_record)
+        from minillama.trace import cli as trace_cli
 
-    trace_cli.add_commands(sub)
+        trace_cli.add_commands(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first word that is not an option), if any."""
+    return next((w for w in argv if not w.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``minillama`` entry point."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    core = _command(argv) in _CORE
+    try:
+        if not core:  # the trace commands' parser imports torch: check the cheap things first
+            early = Parser(prog="minillama", add_help=False, allow_abbrev=False)
+            for flag, kind in (("--backend", backend_arg), ("--device", device_arg), ("--dtype", dtype_arg)):
+                early.add_argument(flag, type=kind)
+            early.parse_known_args(argv)
+        args = build_parser(with_trace=not core).parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad option (already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
+    if getattr(args, "quiet", False):
+        progress.set_quiet(True)
     try:
         return args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `minillama generate ... | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, RuntimeError, OSError) as e:
         if os.environ.get("MINILLAMA_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"minillama: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if getattr(args, "quiet", False):
+            progress.set_quiet(False)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from minillama import progress
 from minillama.config import Config
 from minillama.context import reset_context
-from minillama.engine.llm_engine import LLMEngine
+from minillama.engine.llm_engine import LLMEngine, RequestError
 from minillama.engine.scheduler import ScheduledBatch
 from minillama.engine.sequence import Sequence
 from minillama.sampling_params import SamplingParams
@@ -25,8 +26,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]  # generated ids, including a final EOS when finish_reason == "stop"
-    finish_reason: str  # "stop" or "length"
+    finish_reason: str  # "stop", "length", or "error" (the request failed alone; see ``error``)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None  # one line saying why, when finish_reason == "error"
 
 
 class LLM(LLMEngine):
@@ -40,24 +42,37 @@ class LLM(LLMEngine):
             return [SamplingParams() for _ in range(n)]
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
+        if not isinstance(sampling_params, list | tuple):
+            raise RequestError(f"sampling_params must be a SamplingParams or a list of them, got "
+                               f"{type(sampling_params).__name__}: e.g. SamplingParams(temperature=0.7)")
         if len(sampling_params) != n:
-            raise ValueError(f"got {len(sampling_params)} sampling params for {n} prompts: give one, or one per prompt")
+            raise RequestError(f"got {len(sampling_params)} sampling params for {n} prompts: give one, or one per prompt")
         return list(sampling_params)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         ids = seq.completion_token_ids
         return RequestOutput(seq.token_ids[: seq.num_prompt_tokens], self.tokenizer.decode(ids), ids,
-                             seq.finish_reason or "length", seq.num_cached_tokens)
+                             seq.finish_reason or "length", seq.num_cached_tokens, seq.error)
 
     def generate(self, prompts: Seq[str] | Seq[list[int]] | str,
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (strings or token-id lists); outputs come back in prompt order."""
+        """Generate for every prompt (strings or token-id lists); outputs come back in prompt order.
+
+        Without ``sampling_params`` each request samples at temperature 1.0 (as in vLLM); pass
+        ``SamplingParams(temperature=0)`` for greedy decoding, which the command line uses.
+        A request that fails inside a step comes back with ``finish_reason == "error"``.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         seqs = [self.add_request(p, sp) for p, sp in zip(prompts, self._params(len(prompts), sampling_params),
                                                          strict=True)]
-        while self.has_unfinished():
-            self.step()
+        # nothing streams here: a bar on a terminal says how far the batch is (free when not drawn)
+        with progress.task("generating", total=len(seqs), unit="requests") as bar:
+            while self.has_unfinished():
+                self.step()
+                if bar.watched:
+                    bar.update(completed=sum(s.is_finished for s in seqs),
+                               description=f"generating ({sum(s.num_completion_tokens for s in seqs)} tokens)")
         return [self._output(s) for s in seqs]
 
     def chat(self, messages: list[Message] | list[list[Message]],
@@ -86,6 +101,8 @@ class LLM(LLMEngine):
         # drain other requests that may share the engine
         while self.has_unfinished():
             self.step()
+        if seq.finish_reason == "error":
+            raise RequestError(f"the request failed: {seq.error}")
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -4,6 +4,7 @@
 #   scripts/dev.sh test [pytest args]         the test suite (CPU)
 #   scripts/dev.sh setup                      only set up
 #   scripts/dev.sh run CMD ...                any command inside the venv
+#   scripts/dev.sh --help                     usage (nothing is installed for it)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -27,7 +28,29 @@ setup() {
   echo "$want" > "$stamp"
 }
 
-cmd="${1:-test}"; shift || true
+usage() {
+  cat <<'USAGE'
+usage: scripts/dev.sh COMMAND [args]
+
+  tui [minillama-tui args]   set up .venv if needed, then open the debugger on the built-in model
+  test [pytest args]         set up .venv if needed, then run the test suite (CPU), e.g. test -q
+                             quick subset: scripts/dev.sh test -m "not slow"
+  setup                      only set up .venv (torch CPU build, the project with its test extras,
+                             the built-in model); later calls skip it when nothing changed
+  run CMD [args]             run any command inside .venv, e.g. run minillama info
+
+MINILLAMA_TORCH=SPEC picks another torch build, MINILLAMA_VENV=DIR another environment.
+USAGE
+}
+
+# Usage questions and typos are answered before anything is installed.
+case "${1:-}" in
+  tui|test|setup|run) ;;
+  -h|--help|help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
+  *) echo "scripts/dev.sh: unknown command '$1'" >&2; usage >&2; exit 2 ;;
+esac
+cmd="$1"; shift
 setup
 case "$cmd" in
   setup) ;;
@@ -41,5 +64,4 @@ case "$cmd" in
     if [ "$rc" = 5 ]; then echo "no tests collected"; exit 0; fi
     exit "$rc" ;;
   run) exec "$@" ;;
-  *) echo "usage: scripts/dev.sh {tui|test|setup|run} [args]" >&2; exit 2 ;;
 esac

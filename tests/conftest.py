@@ -31,16 +31,24 @@ def builtin_llm():
 
 
 @pytest.fixture(scope="session")
-def hf_builtin(builtin_path):
-    """transformers' LlamaForCausalLM and tokenizer loaded from the same GGUF (the independent reference)."""
+def hf_builtin_tokenizer(builtin_path):
+    """transformers' tokenizer read from the built-in GGUF (seconds, where the model twin takes a minute)."""
     pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder, name = os.path.split(builtin_path)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
+def hf_builtin(builtin_path, hf_builtin_tokenizer):
+    """transformers' LlamaForCausalLM and tokenizer loaded from the same GGUF (the independent reference)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(builtin_path)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return model, tok
+    return model, hf_builtin_tokenizer
 
 
 def make_tiny_llama(path: str, *, seed: int = 0, tie: bool = False, **overrides) -> str:

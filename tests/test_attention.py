@@ -1,12 +1,19 @@
-"""The torch attention backend against a plain float64 reference, plus the backend registry.
+"""The attention backends on CPU against a plain float64 reference, plus the backend registry.
 
 The reference (``ref_attention``) is deliberately naive: one sequence at a time, explicit keys,
 explicit bottom-right causal mask and GQA head mapping, in float64.
+
+The backend cases run for ``torch`` (the flash algorithm in plain PyTorch) with tile budgets
+shrunk so that every shape takes several query and key tiles (the online-softmax rescaling is
+what is under test), and for ``triton`` when ``TRITON_INTERPRET=1`` and Triton imports: the
+interpreter runs its kernels on CPU tensors, in float32 and float16 (its bfloat16 dot is
+unreliable), slowly. Without it those cases skip.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,6 +26,7 @@ from minillama.attention import (
     AttentionBackend,
     BackendError,
     available_backends,
+    flash_loop,
     get_backend,
     register_backend,
     torch_ref,
@@ -29,8 +37,62 @@ from minillama.attention.torch_ref import flash_attn_varlen_func, flash_attn_wit
 REPO = Path(__file__).resolve().parents[1]
 
 # (absolute, relative) tolerances against the float64 reference, by input dtype.
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2)}
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (4e-3, 4e-3)}
 GQA = [(4, 1), (2, 3), (2, 4)]  # (nheads_k, query heads per kv head)
+
+
+def _interpreting_triton() -> str | None:
+    """None if the triton backend can run here (Triton's interpreter), else why not."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "set TRITON_INTERPRET=1 (with triton installed) to run the triton backend's kernels on CPU"
+    reason = available_backends()["triton"]
+    if reason is None:
+        _patch_interpreter_loop_bounds()
+    return reason
+
+
+def _patch_interpreter_loop_bounds() -> None:
+    # Triton 3.6's interpreter turns a loaded scalar into a loop bound with int(array), which
+    # NumPy 2.3+ refuses for its 1-element arrays: take the element instead.
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_minillama_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._minillama_patched = True
+
+
+TRITON_REASON = _interpreting_triton()
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(TRITON_REASON is not None,
+                                                                     reason=str(TRITON_REASON)))]
+# Half precision per backend: bfloat16 for torch; float16 for the interpreter (see the docstring).
+HALF = {"torch": torch.bfloat16, "triton": torch.float16}
+
+
+def three_tiles(batch: int, n_q: int, n_keys: int, heads: int, kv_heads: int, head_dim: int, itemsize: int,
+                page: int, device: str) -> flash_loop.Plan:
+    """A plan that cuts queries and keys (in whole pages) into about three tiles each."""
+    pages = max(1, -(-n_keys // page))
+    return flash_loop.Plan(q_tile=max(1, -(-n_q // 3)), k_tile=max(1, -(-pages // 3)) * page)
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """About three query and three key tiles per call, so the online-softmax rescaling and the
+    causal skip are exercised (``test_plan_tiles`` checks the real plan), and the batched loop
+    (the GPU's) instead of the CPU's sequence-by-sequence prefill."""
+    monkeypatch.setattr(torch_ref, "plan", three_tiles)
+    monkeypatch.setattr(torch_ref, "CPU_BY_SEQUENCE", False)
+
+
+def dtype_of(backend: str, name: str) -> torch.dtype:
+    return torch.float32 if name == "fp32" else HALF[backend]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,11 +217,13 @@ VARLEN_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "half"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"hk{g[0]}x{g[1]}")
 @pytest.mark.parametrize("shape", list(VARLEN_SHAPES), ids=str)
-def test_varlen_flat(shape: str, gqa: tuple[int, int], causal: bool, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_flat(backend: str, shape: str, gqa: tuple[int, int], causal: bool, precision: str) -> None:
+    dtype = dtype_of(backend, precision)
     batch, (qlo, qhi), (plo, phi) = VARLEN_SHAPES[shape]
     Hk, group = gqa
     H, D = Hk * group, 64
@@ -169,18 +233,20 @@ def test_varlen_flat(shape: str, gqa: tuple[int, int], causal: bool, dtype: torc
     q = randn(gen, sum(q_lens), H, D, dtype=dtype)
     k = randn(gen, sum(k_lens), Hk, D, dtype=dtype)
     v = randn(gen, sum(k_lens), Hk, D, dtype=dtype)
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
-                                         causal=causal, return_attn_probs=True)
+    out, lse, _ = get_backend(backend).varlen(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
+                                              causal=causal, return_attn_probs=True)
     assert lse.shape == (H, sum(q_lens)) and lse.dtype == torch.float32
     ks, vs = k.split(k_lens), v.split(k_lens)
     check_varlen(out, q, list(ks), list(vs), q_lens, causal, None, lse)
 
 
 @pytest.mark.parametrize(
-    ("head_dim", "scale", "dtype"),
-    [(128, None, torch.float32), (128, 0.3, torch.bfloat16), (64, 0.05, torch.float32), (64, 1.0, torch.bfloat16)],
+    ("head_dim", "scale", "precision"),
+    [(128, None, "fp32"), (128, 0.3, "half"), (64, 0.05, "fp32"), (64, 1.0, "half"), (16, None, "fp32")],
 )
-def test_varlen_head_dim_and_scale(head_dim: int, scale: float | None, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_head_dim_and_scale(backend: str, head_dim: int, scale: float | None, precision: str) -> None:
+    dtype = dtype_of(backend, precision)
     gen = torch.Generator().manual_seed(7)
     Hk, group = 2, 4
     q_lens = [17, 1, 130, 5]
@@ -189,37 +255,41 @@ def test_varlen_head_dim_and_scale(head_dim: int, scale: float | None, dtype: to
     k = randn(gen, sum(k_lens), Hk, head_dim, dtype=dtype)
     v = randn(gen, sum(k_lens), Hk, head_dim, dtype=dtype)
     for causal in (True, False):
-        out = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
-                                     softmax_scale=scale, causal=causal)
+        out = get_backend(backend).varlen(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
+                                          softmax_scale=scale, causal=causal)
         check_varlen(out, q, list(k.split(k_lens)), list(v.split(k_lens)), q_lens, causal, scale)
 
 
-def test_varlen_max_seqlen_larger_than_needed() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_max_seqlen_larger_than_needed(backend: str) -> None:
     # max_seqlen_* are only bounds: padding further must not change anything.
+    fn = get_backend(backend).varlen
     gen = torch.Generator().manual_seed(3)
     q_lens, k_lens = [4, 9], [10, 9]
     q, k, v = randn(gen, 13, 4, 64), randn(gen, 19, 2, 64), randn(gen, 19, 2, 64)
-    tight = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), 9, 10, causal=True)
-    loose = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), 50, 70, causal=True)
+    tight = fn(q, k, v, cu(q_lens), cu(k_lens), 9, 10, causal=True)
+    loose = fn(q, k, v, cu(q_lens), cu(k_lens), 50, 70, causal=True)
     torch.testing.assert_close(tight, loose, atol=1e-6, rtol=0)
 
 
-def test_varlen_empty_sequences() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_empty_sequences(backend: str) -> None:
     gen = torch.Generator().manual_seed(11)
     q_lens = [3, 0, 5, 0]
     k_lens = [7, 4, 5, 0]  # one empty sequence with cached keys, one with nothing at all
     q = randn(gen, sum(q_lens), 6, 64)
     k, v = randn(gen, sum(k_lens), 2, 64), randn(gen, sum(k_lens), 2, 64)
-    out = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal=True)
+    out = get_backend(backend).varlen(q, k, v, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), causal=True)
     assert out.shape == (8, 6, 64)
     check_varlen(out, q, list(k.split(k_lens)), list(v.split(k_lens)), q_lens, True, None)
 
 
-def test_varlen_no_tokens_at_all() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_no_tokens_at_all(backend: str) -> None:
     q = torch.zeros(0, 4, 64)
     k = v = torch.zeros(0, 4, 64)
     zeros = torch.zeros(3, dtype=torch.int32)
-    out, lse, _ = flash_attn_varlen_func(q, k, v, zeros, zeros, 0, 0, causal=True, return_attn_probs=True)
+    out, lse, _ = get_backend(backend).varlen(q, k, v, zeros, zeros, 0, 0, causal=True, return_attn_probs=True)
     assert out.shape == (0, 4, 64) and lse.shape == (4, 0)
 
 
@@ -229,10 +299,12 @@ def test_varlen_no_tokens_at_all() -> None:
 
 
 @pytest.mark.parametrize("pad_entry", [-1, 10**6], ids=["pad-minus1", "pad-huge"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "half"])
 @pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"hk{g[0]}x{g[1]}")
 @pytest.mark.parametrize("block_size", [16, 256])
-def test_varlen_paged(block_size: int, gqa: tuple[int, int], dtype: torch.dtype, pad_entry: int) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_varlen_paged(backend: str, block_size: int, gqa: tuple[int, int], precision: str, pad_entry: int) -> None:
+    dtype = dtype_of(backend, precision)
     Hk, group = gqa
     H, D = Hk * group, 64
     gen = torch.Generator().manual_seed(block_size * 100 + Hk * 10 + group)
@@ -245,8 +317,9 @@ def test_varlen_paged(block_size: int, gqa: tuple[int, int], dtype: torch.dtype,
     vs = [randn(gen, n, Hk, D, dtype=dtype) for n in k_lens]
     k_cache, v_cache, table = build_paged(gen, ks, vs, block_size, pad_entry)
     for causal in (True, False):
-        out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens),
-                                             causal=causal, return_attn_probs=True, block_table=table)
+        out, lse, _ = get_backend(backend).varlen(q, k_cache, v_cache, cu(q_lens), cu(k_lens), max(q_lens),
+                                                  max(k_lens), causal=causal, return_attn_probs=True,
+                                                  block_table=table)
         assert not out.isnan().any()
         check_varlen(out, q, ks, vs, q_lens, causal, None, lse)
 
@@ -256,13 +329,15 @@ def test_varlen_paged(block_size: int, gqa: tuple[int, int], dtype: torch.dtype,
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "half"])
 @pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"hk{g[0]}x{g[1]}")
 @pytest.mark.parametrize(("batch", "seqlen_q"), [(1, 1), (7, 1), (32, 1), (5, 4)])
 @pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kvcache_paged_append(
-    block_size: int, batch: int, seqlen_q: int, gqa: tuple[int, int], dtype: torch.dtype
+    backend: str, block_size: int, batch: int, seqlen_q: int, gqa: tuple[int, int], precision: str
 ) -> None:
+    dtype = dtype_of(backend, precision)
     Hk, group = gqa
     H, D = Hk * group, 64
     gen = torch.Generator().manual_seed(block_size + batch * 7 + seqlen_q * 131 + Hk * 3 + group)
@@ -279,9 +354,9 @@ def test_kvcache_paged_append(
     k_new = torch.stack([x[c:] for x, c in zip(ks, cached, strict=True)])
     v_new = torch.stack([x[c:] for x, c in zip(vs, cached, strict=True)])
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new,
-                                       cache_seqlens=torch.tensor(cached, dtype=torch.int32), block_table=table,
-                                       causal=True, return_softmax_lse=True)
+    out, lse = get_backend(backend).with_kvcache(q, k_cache, v_cache, k_new, v_new,
+                                                 cache_seqlens=torch.tensor(cached, dtype=torch.int32),
+                                                 block_table=table, causal=True, return_softmax_lse=True)
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (batch, H, seqlen_q)
 
     # The cache now holds the new rows at positions cached..cached+seqlen_q-1, and nothing else changed.
@@ -344,7 +419,8 @@ def test_kvcache_int_and_default_seqlens() -> None:
         torch.testing.assert_close(out[b].double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_kvcache_paged_without_append_reads_only_cached_slots() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_paged_without_append_reads_only_cached_slots(backend: str) -> None:
     gen = torch.Generator().manual_seed(9)
     block_size, Hk, H, D = 16, 1, 4, 64
     cached = [1, 16, 45, 0]
@@ -352,8 +428,9 @@ def test_kvcache_paged_without_append_reads_only_cached_slots() -> None:
     vs = [randn(gen, n, Hk, D) for n in cached]
     k_cache, v_cache, table = build_paged(gen, ks, vs, block_size, -1)
     q = randn(gen, len(cached), 1, H, D)
-    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(cached, dtype=torch.int32),
-                                       block_table=table, causal=True, return_softmax_lse=True)
+    out, lse = get_backend(backend).with_kvcache(q, k_cache, v_cache,
+                                                 cache_seqlens=torch.tensor(cached, dtype=torch.int32),
+                                                 block_table=table, causal=True, return_softmax_lse=True)
     for b in range(len(cached)):
         ref_out, _ = ref_attention(q[b], ks[b], vs[b], True)
         torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=1e-5)
@@ -365,9 +442,12 @@ def test_kvcache_paged_without_append_reads_only_cached_slots() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_query_chunking_matches_single_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("by_sequence", [False, True], ids=["batched", "by-sequence"])
+def test_tiles_match_one_tile(monkeypatch: pytest.MonkeyPatch, by_sequence: bool) -> None:
+    """Many query and key tiles (the autouse budgets), CPU sequence by sequence or not, and one tile
+    for everything compute the same attention (and the reference's)."""
     gen = torch.Generator().manual_seed(21)
-    q_lens, prefix = [70, 1, 33, 0, 5], [0, 40, 16, 3, 100]
+    q_lens, prefix = [70, 1, 33, 0, 5, 130], [0, 40, 16, 3, 100, 7]
     k_lens = [n + p for n, p in zip(q_lens, prefix, strict=True)]
     Hk, H, D = 2, 6, 64
     q = randn(gen, sum(q_lens), H, D)
@@ -375,15 +455,89 @@ def test_query_chunking_matches_single_pass(monkeypatch: pytest.MonkeyPatch) -> 
     vs = [randn(gen, n, Hk, D) for n in k_lens]
     k_cache, v_cache, table = build_paged(gen, ks, vs, 16, -1)
     args = (q, k_cache, v_cache, cu(q_lens), cu(k_lens), max(q_lens), max(k_lens))
+    monkeypatch.setattr(torch_ref, "CPU_BY_SEQUENCE", by_sequence)
+    tiled, tiled_lse, _ = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
+    monkeypatch.setattr(torch_ref, "plan", lambda *a: flash_loop.Plan(1 << 20, 1 << 20))
     whole, whole_lse, _ = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
-    # Budget for ~3 query rows per chunk: the loop over chunks must give the same answer.
-    from minillama.attention import dense
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tiled_lse, whole_lse, atol=1e-6, rtol=0)
+    check_varlen(tiled, q, ks, vs, q_lens, True, None, tiled_lse)
 
-    monkeypatch.setattr(dense, "MAX_SCORE_ELEMENTS", len(q_lens) * H * max(k_lens) * 3)
-    chunked, chunked_lse, _ = flash_attn_varlen_func(*args, causal=True, return_attn_probs=True, block_table=table)
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
-    torch.testing.assert_close(chunked_lse, whole_lse, atol=1e-6, rtol=0)
-    check_varlen(chunked, q, ks, vs, q_lens, True, None, chunked_lse)
+
+def test_causal_tiles_no_query_sees_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted back from each end, query r sees key u iff u >= r: key tiles wholly below a query
+    tile's first r are never gathered, whatever the lengths."""
+    gathered = []
+    real = flash_loop.gather_heads
+    monkeypatch.setattr(flash_loop, "gather_heads", lambda rows, idx: gathered.append(idx.shape[1]) or real(rows, idx))
+    gen = torch.Generator().manual_seed(5)
+    n, H, Hk, D = 96, 4, 2, 64
+    q, k, v = randn(gen, 2 * n, H, D), randn(gen, 2 * n, Hk, D), randn(gen, 2 * n, Hk, D)
+    plan = three_tiles(2, n, n, H, Hk, D, 4, 1, "cpu")
+    nq, nk = -(-n // plan.q_tile), -(-n // plan.k_tile)
+    out = flash_attn_varlen_func(q, k, v, cu([n, n]), cu([n, n]), n, n, causal=True)
+    check_varlen(out, q, list(k.split([n, n])), list(v.split([n, n])), [n, n], True, None)
+    seen = sum(nk - (r0 // plan.k_tile) for r0 in range(0, n, plan.q_tile))  # tiles from the one holding u = r0
+    assert len(gathered) == 2 * seen < 2 * nq * nk  # keys and values
+    gathered.clear()
+    flash_attn_varlen_func(q, k, v, cu([n, n]), cu([n, n]), n, n, causal=False)
+    assert len(gathered) == 2 * nq * nk
+
+
+def test_decode_over_many_key_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode call whose keys span many tiles and a table with padding entries; ragged lengths."""
+    gen = torch.Generator().manual_seed(8)
+    cached = [0, 1, 15, 16, 17, 200, 333]
+    H, Hk, D = 8, 2, 64
+    ks = [randn(gen, c + 1, Hk, D) for c in cached]
+    vs = [randn(gen, c + 1, Hk, D) for c in cached]
+    k_cache, v_cache, table = build_paged(gen, [x[:c] for x, c in zip(ks, cached, strict=True)],
+                                          [x[:c] for x, c in zip(vs, cached, strict=True)], 16, 10**6,
+                                          capacity=[c + 1 for c in cached])
+    monkeypatch.setattr(torch_ref, "plan", lambda *a: flash_loop.Plan(1, 32))  # 11 key tiles of two pages
+    q = randn(gen, len(cached), 1, H, D)
+    new_k = torch.stack([x[c:] for x, c in zip(ks, cached, strict=True)])
+    new_v = torch.stack([x[c:] for x, c in zip(vs, cached, strict=True)])
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, new_k, new_v,
+                                       cache_seqlens=torch.tensor(cached, dtype=torch.int32), block_table=table,
+                                       causal=True, return_softmax_lse=True)
+    for b in range(len(cached)):
+        ref_out, ref_lse = ref_attention(q[b], ks[b], vs[b], True)
+        torch.testing.assert_close(out[b].double(), ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[b].double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_plan_tiles(device: str) -> None:
+    """Key tiles are whole pages within the budget (one page at least), query tiles keep the
+    scores within theirs, and a decode has one query tile."""
+    kv, sc = flash_loop.KV_TILE_BYTES[device], flash_loop.SCORE_TILE_BYTES[device]
+    for batch, n_q, n_keys, page in [(256, 1, 4096, 256), (1, 1, 4096, 256), (4, 2048, 2048, 256), (16, 300, 300, 16),
+                                     (2, 4096, 6144, 256), (300, 1, 1 << 16, 256)]:
+        p = flash_loop.plan(batch, n_q, n_keys, 32, 8, 64, 2, page, device)
+        assert p.k_tile % page == 0 and p.k_tile >= page and p.q_tile >= 1
+        assert batch * p.k_tile * 8 * 64 * 2 <= max(kv, batch * page * 8 * 64 * 2)
+        assert p.q_tile == 1 or batch * 32 * p.q_tile * p.k_tile * 4 <= sc
+        if n_q == 1:
+            assert p.q_tile == 1
+    assert flash_loop.plan(1, 1, 4096, 32, 8, 64, 2, 256, device).k_tile == 4096  # a small batch: one tile
+
+
+def test_torch_backend_is_plain_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fused SDPA and no Triton behind the torch backend."""
+    import torch.nn.functional as F
+
+    def banned(*a, **k):
+        raise AssertionError("the torch backend called scaled_dot_product_attention")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", banned)
+    monkeypatch.setattr(torch_ref, "CPU_BY_SEQUENCE", True)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = randn(gen, 9, 4, 64), randn(gen, 9, 2, 64), randn(gen, 9, 2, 64)
+    out = flash_attn_varlen_func(q, k, v, cu([4, 5]), cu([4, 5]), 5, 5, causal=True)
+    check_varlen(out, q, list(k.split([4, 5])), list(v.split([4, 5])), [4, 5], True, None)
+    flash_attn_with_kvcache(q[:2, None], k[None].expand(2, 9, 2, 64).contiguous(),
+                            v[None].expand(2, 9, 2, 64).contiguous(), cache_seqlens=5)
 
 
 def test_no_data_dependent_ops() -> None:
@@ -421,14 +575,15 @@ def test_no_data_dependent_ops() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fully_masked_rows_are_zero() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_are_zero(backend: str) -> None:
     gen = torch.Generator().manual_seed(1)
+    be = get_backend(backend)
     # Causal with more queries than keys: the first sq - sk queries see nothing.
     q_lens, k_lens = [5, 3, 2], [2, 0, 4]
     q = randn(gen, sum(q_lens), 4, 64)
     k, v = randn(gen, sum(k_lens), 2, 64), randn(gen, sum(k_lens), 2, 64)
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu(q_lens), cu(k_lens), 5, 4, causal=True,
-                                         return_attn_probs=True)
+    out, lse, _ = be.varlen(q, k, v, cu(q_lens), cu(k_lens), 5, 4, causal=True, return_attn_probs=True)
     assert not out.isnan().any() and not lse.isnan().any()
     dead = [0, 1, 2, 5, 6, 7]  # rows 0-2 of sequence 0 and all of sequence 1 (no keys)
     assert torch.all(out[dead] == 0)
@@ -438,7 +593,7 @@ def test_fully_masked_rows_are_zero() -> None:
     # Same through the KV-cache entry point: 1 cached key, 4 queries.
     kc, vc = randn(gen, 2, 8, 2, 64), randn(gen, 2, 8, 2, 64)
     qd = randn(gen, 2, 4, 4, 64)
-    out = flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=torch.tensor([1, 0], dtype=torch.int32), causal=True)
+    out = be.with_kvcache(qd, kc, vc, cache_seqlens=torch.tensor([1, 0], dtype=torch.int32), causal=True)
     assert not out.isnan().any()
     assert torch.all(out[0, :3] == 0) and torch.all(out[1] == 0) and torch.any(out[0, 3] != 0)
 
@@ -545,7 +700,7 @@ def test_get_backend_torch() -> None:
 
 
 def test_get_backend_unknown() -> None:
-    with pytest.raises(BackendError, match=r"^unknown attention backend 'nope': choose one of torch, flash-attn$"):
+    with pytest.raises(BackendError, match=r"^unknown attention backend 'nope': choose one of torch, triton, flash-attn$"):
         get_backend("nope")
 
 
@@ -559,11 +714,44 @@ def test_get_backend_flash_missing(name: str) -> None:
 
 def test_available_backends() -> None:
     available = available_backends()
-    assert list(available)[:2] == ["torch", "flash-attn"]
+    assert list(available)[:3] == ["torch", "triton", "flash-attn"]
     assert available["torch"] is None
     if not (torch.cuda.is_available() and _flash_importable()):
         reason = available["flash-attn"]
         assert isinstance(reason, str) and reason and "\n" not in reason
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = available["triton"]  # no triton package, or no CUDA device
+        assert isinstance(reason, str) and ("triton package" in reason or "only on CUDA" in reason)
+        assert "\n" not in reason
+
+
+def test_triton_backend_check() -> None:
+    """Unavailable with one clear line where it cannot run; the engine attributes it declares."""
+    try:
+        triton = get_backend("triton")
+    except BackendError as e:
+        assert str(e) == ("attention backend 'triton' needs the triton package, which is not importable here: "
+                          "install triton on a CUDA machine or use --backend torch")
+        return
+    assert not triton.pads_queries and triton.graph_decode_max_batch(1 << 20) >= 512
+    with pytest.raises(BackendError, match="power-of-two head_dim from 16 to 256, this model has 96"):
+        triton.check(96, torch.bfloat16, torch.device("cuda"))
+    with pytest.raises(BackendError, match="supports float16/bfloat16/float32, got torch.float64"):
+        triton.check(64, torch.float64, torch.device("cuda"))
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(BackendError, match="runs only on CUDA devices, got device 'cpu'"):
+            triton.check(64, torch.bfloat16, torch.device("cpu"))
+
+
+def test_engine_attributes() -> None:
+    """What the engine reads instead of backend names: padded queries and the graph batch cap."""
+    torch_backend = get_backend("torch")
+    assert torch_backend.pads_queries
+    assert torch_backend.graph_decode_max_batch(4096) == torch_ref.GRAPH_KEYS // 4096 >= 256
+    assert torch_backend.graph_decode_max_batch(1 << 40) == 1
+    flash = FlashAttnBackend(name="flash-attn", varlen=flash_attn_varlen_func,
+                             with_kvcache=flash_attn_with_kvcache, block_size_multiple=256)
+    assert not flash.pads_queries and flash.graph_decode_max_batch(1 << 20) >= 512
 
 
 def test_register_backend() -> None:
@@ -589,15 +777,15 @@ def test_flash_backend_check_rejects() -> None:
         flash.check(60, torch.float16, cuda)
 
 
-def test_import_does_not_import_flash_attn() -> None:
-    # A meta-path hook records any attempt to import flash_attn while minillama.attention and
-    # the torch backend load. The minillama package is stubbed so only the attention package runs.
+def test_import_does_not_import_flash_attn_or_triton() -> None:
+    # A meta-path hook records any attempt to import flash_attn or triton while minillama.attention
+    # and the torch backend load. The minillama package is stubbed so only the attention package runs.
     script = textwrap.dedent(f"""
         import sys, types
         attempts = []
         class Spy:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "flash_attn":
+                if name.split(".")[0] in ("flash_attn", "triton"):
                     attempts.append(name)
                 return None
         sys.meta_path.insert(0, Spy())
@@ -610,70 +798,3 @@ def test_import_does_not_import_flash_attn() -> None:
         assert not attempts, attempts
     """)
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=120)
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_cpu_fused_and_plain_paths_agree_with_reference(monkeypatch, fused):
-    """The CPU fast path (fused SDPA) and the op-by-op path compute the same attention."""
-
-    monkeypatch.setattr(torch_ref, "CPU_FUSED_DECODE", fused)
-    g = torch.Generator().manual_seed(7)
-    H, Hk, D, bs = 12, 4, 64, 16
-    q_lens, k_lens = [1, 5, 40, 1], [1, 37, 40, 90]  # decode-like, cached prefix, fresh prompt
-    nblocks = sum(-(-n // bs) for n in k_lens)
-    perm = torch.randperm(nblocks, generator=g)
-    kc = torch.randn(nblocks, bs, Hk, D, generator=g, dtype=torch.float64)
-    vc = torch.randn(nblocks, bs, Hk, D, generator=g, dtype=torch.float64)
-    width = max(-(-n // bs) for n in k_lens)
-    table, start = torch.zeros(len(k_lens), width, dtype=torch.int32), 0
-    for b, n in enumerate(k_lens):
-        m = -(-n // bs)
-        table[b, :m] = perm[start:start + m].int()
-        start += m
-    q = torch.randn(sum(q_lens), H, D, generator=g, dtype=torch.float64)
-    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
-    out = torch_ref.flash_attn_varlen_func(q.float(), kc.float(), vc.float(), cu_q, cu_k, max(q_lens), max(k_lens),
-                                           causal=True, block_table=table)
-    for b, (sq, sk) in enumerate(zip(q_lens, k_lens, strict=True)):
-        keys = kc[table[b].long()].reshape(-1, Hk, D)[:sk]
-        vals = vc[table[b].long()].reshape(-1, Hk, D)[:sk]
-        qb = q[cu_q[b]:cu_q[b + 1]]
-        kh, vh = keys.repeat_interleave(H // Hk, 1), vals.repeat_interleave(H // Hk, 1)
-        s = torch.einsum("qhd,khd->hqk", qb, kh) / D**0.5
-        mask = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + sk - sq
-        ref = torch.einsum("hqk,khd->qhd", s.masked_fill(~mask, float("-inf")).softmax(-1), vh)
-        assert (out[cu_q[b]:cu_q[b + 1]].double() - ref).abs().max() < 1e-5
-    dec = torch_ref.flash_attn_with_kvcache(q[:4].float().view(4, 1, H, D), kc.float(), vc.float(),
-                                            cache_seqlens=torch.tensor(k_lens, dtype=torch.int32),
-                                            block_table=table, causal=True)
-    for b, sk in enumerate(k_lens):
-        keys = kc[table[b].long()].reshape(-1, Hk, D)[:sk].repeat_interleave(H // Hk, 1)
-        vals = vc[table[b].long()].reshape(-1, Hk, D)[:sk].repeat_interleave(H // Hk, 1)
-        s = torch.einsum("hd,khd->hk", q[b], keys) / D**0.5
-        ref = torch.einsum("hk,khd->hd", s.softmax(-1), vals)
-        assert (dec[b, 0].double() - ref).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_cpu_whole_prompts_agree_with_reference(monkeypatch, fused):
-    """Prompts with no cached prefix take the CPU causal fast path (no mask tensor); same attention."""
-
-    monkeypatch.setattr(torch_ref, "CPU_FUSED_DECODE", fused)
-    used = []
-    real = torch_ref.prompt_sdpa
-    monkeypatch.setattr(torch_ref, "prompt_sdpa", lambda *a: used.append(1) or real(*a))
-    g = torch.Generator().manual_seed(11)
-    H, Hk, D = 9, 3, 64
-    lens = [1, 5, 300, 17]
-    q = torch.randn(sum(lens), H, D, generator=g, dtype=torch.float64)
-    k = torch.randn(sum(lens), Hk, D, generator=g, dtype=torch.float64)
-    v = torch.randn(sum(lens), Hk, D, generator=g, dtype=torch.float64)
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    out = torch_ref.flash_attn_varlen_func(q.float(), k.float(), v.float(), cu, cu.clone(), max(lens), max(lens),
-                                           causal=True)
-    assert used == ([1] if fused else [])
-    for b, n in enumerate(lens):
-        s0 = cu[b].item()
-        ref, _ = ref_attention(q[s0:s0 + n], k[s0:s0 + n], v[s0:s0 + n], True)
-        assert (out[s0:s0 + n].double() - ref).abs().max() < 1e-5

@@ -1,10 +1,11 @@
-"""Attention backends on a CUDA GPU: flash-attn and the torch backend against a float64 reference.
+"""Attention backends on a CUDA GPU: torch, triton and flash-attn against a float64 reference.
 
 Each backend's bf16 error is judged against the error budget of plain bf16 attention (the naive
 ``softmax(q @ k.T) @ v`` with bf16 matmuls): ``max|fast - ref| <= 2 * max|plain - ref| + eps``.
-Also checks that the torch backend never synchronises with the host and that its decode call
-can be captured in a CUDA graph. Everything skips cleanly without CUDA (and the flash-attn cases
-without the flash_attn package).
+Also checks that the torch and triton backends never synchronise with the host, that their decode
+call can be captured in a CUDA graph, which kernels each one runs, and that the torch backend's
+calls stay within their memory bound (``benchmarks/mem_attention.py`` prints the numbers).
+Everything skips cleanly without CUDA (and the triton / flash-attn cases without their package).
 """
 
 from __future__ import annotations
@@ -16,30 +17,27 @@ import torch
 
 from minillama.attention import available_backends, get_backend
 
-# why flash-attn cannot run here (no GPU, compute capability < 8.0, package missing), or None
-FLASH_REASON = available_backends()["flash-attn"]
+# why triton / flash-attn cannot run here (no GPU, package missing, ...), or None
+REASONS = available_backends()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
 ]
-BACKENDS = [
-    "torch",
-    pytest.param("flash-attn", marks=pytest.mark.skipif(FLASH_REASON is not None, reason=str(FLASH_REASON))),
-]
-# The torch backend's decode on CUDA runs a Triton kernel when Triton imports; "torch:pytorch"
-# is the same backend with MINILLAMA_TORCH_DECODE=pytorch (plain PyTorch everywhere).
-DECODE_BACKENDS = [BACKENDS[0], "torch:pytorch", BACKENDS[1]]
+
+
+def _backend(name: str):
+    return pytest.param(name, marks=pytest.mark.skipif(REASONS[name] is not None, reason=str(REASONS[name])))
+
+
+BACKENDS = ["torch", _backend("triton"), _backend("flash-attn")]
+OURS = ["torch", _backend("triton")]  # the two re-implementations
 DTYPE = torch.bfloat16
 BLOCK = 256  # flash-attn's paged KV needs blocks of a multiple of 256
 EPS = 2e-3
 
 
 def pick(name: str, monkeypatch: pytest.MonkeyPatch):
-    """The backend called ``name``; ``torch:pytorch`` is the torch backend kept to plain PyTorch."""
-    if name == "torch:pytorch":
-        monkeypatch.setenv("MINILLAMA_TORCH_DECODE", "pytorch")
-        return get_backend("torch")
-    monkeypatch.delenv("MINILLAMA_TORCH_DECODE", raising=False)
+    """The backend called ``name`` (``monkeypatch`` is kept for the tests' signatures)."""
     return get_backend(name)
 
 
@@ -166,7 +164,7 @@ def test_varlen_paged(backend: str, shape: str, gqa: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize(("batch", "seqlen_q"), [(1, 1), (32, 1), (8, 4)])
 @pytest.mark.parametrize("gqa", GQA, ids=lambda g: f"hk{g[0]}x{g[1]}")
-@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kvcache_paged_decode(backend: str, gqa: tuple[int, int], batch: int, seqlen_q: int, monkeypatch) -> None:
     fn = pick(backend, monkeypatch).with_kvcache
     Hk, group = gqa
@@ -190,7 +188,7 @@ def test_kvcache_paged_decode(backend: str, gqa: tuple[int, int], batch: int, se
     assert_within_bf16_budget(list(out), list(q), ks, vs, causal=True)
 
 
-@pytest.mark.parametrize("backend", DECODE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_uninitialised_cache_slots_do_not_leak(backend: str, monkeypatch) -> None:
     """NaN in unused slots of a sequence's last block (e.g. a cache from torch.empty) must not reach the output."""
     fn = pick(backend, monkeypatch).with_kvcache
@@ -212,8 +210,8 @@ def test_uninitialised_cache_slots_do_not_leak(backend: str, monkeypatch) -> Non
     assert_within_bf16_budget(list(out), list(q), ks, vs, causal=True)
 
 
-@pytest.mark.parametrize("backend", DECODE_BACKENDS[:2])
-def test_torch_backend_does_not_sync(backend: str, monkeypatch) -> None:
+@pytest.mark.parametrize("backend", OURS)
+def test_backend_does_not_sync(backend: str, monkeypatch) -> None:
     """torch.cuda's sync debug mode turns any host synchronisation inside the calls into an error."""
     backend = pick(backend, monkeypatch)
     gen = torch.Generator().manual_seed(1)
@@ -225,19 +223,24 @@ def test_torch_backend_does_not_sync(backend: str, monkeypatch) -> None:
     q_dec, new = rand(gen, 3, 1, 8, 64), rand(gen, 3, 1, 2, 64)
     seqlens = torch.tensor(k_lens, dtype=torch.int32).cuda()
     k_flat, v_flat = torch.cat(ks), torch.cat(vs)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def calls() -> None:
         backend.varlen(q, k_cache, v_cache, cu_q, cu_k, max(q_lens), max(k_lens), causal=True, block_table=table)
         backend.varlen(q, k_flat, v_flat, cu_q, cu_k, max(q_lens), max(k_lens), causal=True)
         backend.with_kvcache(q_dec, k_cache, v_cache, new, new, cache_seqlens=seqlens, block_table=table,
                              causal=True, return_softmax_lse=True)
+
+    calls()  # first calls compile the Triton kernels (not what is checked here)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calls()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("backend", DECODE_BACKENDS[:2])
-def test_torch_backend_decode_in_cuda_graph(backend: str, monkeypatch) -> None:
+@pytest.mark.parametrize("backend", OURS)
+def test_backend_decode_in_cuda_graph(backend: str, monkeypatch) -> None:
     """Capture one paged decode step (with in-place append) in a CUDA graph, replay it on new inputs."""
     backend = pick(backend, monkeypatch)
     gen = torch.Generator().manual_seed(2)
@@ -281,7 +284,7 @@ def test_torch_backend_decode_in_cuda_graph(backend: str, monkeypatch) -> None:
         torch.testing.assert_close(v_cache, v_eager, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", DECODE_BACKENDS[:2])
+@pytest.mark.parametrize("backend", OURS)
 def test_strided_block_table_and_lengths(backend: str, monkeypatch) -> None:
     """A block table or length vector that is a strided view reads the same keys as a contiguous one."""
     fn = pick(backend, monkeypatch).with_kvcache
@@ -299,22 +302,57 @@ def test_strided_block_table_and_lengths(backend: str, monkeypatch) -> None:
     torch.testing.assert_close(strided, plain, atol=0, rtol=0)
 
 
-def test_torch_backend_decode_uses_triton_kernel_on_cuda(monkeypatch) -> None:
-    """Where Triton imports, a paged decode call of the torch backend goes to the kernel (and only then)."""
-    pytest.importorskip("triton", reason="Triton is not installed: the torch backend decodes in plain PyTorch")
-    from minillama.attention import torch_ref, triton_decode
+def test_which_kernels_run(monkeypatch) -> None:
+    """The triton backend's prefill and paged decode go to its kernels; the torch backend never does."""
+    from minillama.attention import triton_decode, triton_prefill
 
     calls = []
-    real = triton_decode.paged_decode
-    monkeypatch.setattr(triton_decode, "paged_decode", lambda *a: calls.append(1) or real(*a))
+    for mod, name in ((triton_decode, "paged_decode"), (triton_prefill, "varlen_prefill")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
     gen = torch.Generator().manual_seed(3)
     ks, vs = [rand(gen, 40, 2, 64)], [rand(gen, 40, 2, 64)]
     k_cache, v_cache, table = paged(ks, vs, [40], gen)
-    q = rand(gen, 1, 1, 8, 64)
+    q, qp = rand(gen, 1, 1, 8, 64), rand(gen, 40, 8, 64)
     seqlens = torch.tensor([40], dtype=torch.int32, device="cuda")
-    fast = torch_ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
-    assert calls == [1]
-    monkeypatch.setenv("MINILLAMA_TORCH_DECODE", "pytorch")
-    plain = torch_ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
-    assert calls == [1]
-    assert_within_bf16_budget([fast[0], plain[0]], [q[0], q[0]], ks * 2, vs * 2, causal=True)
+    cu40 = cu([40])
+    outs = {}
+    for name in ("torch", "triton"):
+        if REASONS[name] is not None:
+            continue
+        be = get_backend(name)
+        calls.clear()
+        dec = be.with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
+        pre = be.varlen(qp, k_cache, v_cache, cu40, cu40, 40, 40, causal=True, block_table=table)
+        assert calls == ([] if name == "torch" else ["paged_decode", "varlen_prefill"]), (name, calls)
+        outs[name] = (dec, pre)
+        assert_within_bf16_budget([dec[0]], [q[0]], ks, vs, causal=True)
+        assert_within_bf16_budget([pre], [qp], ks, vs, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of the torch backend's calls
+# ---------------------------------------------------------------------------------------------
+
+
+def _mem_probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mem_attention.py"
+    spec = importlib.util.spec_from_file_location("mem_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("case", ["prefill 4x2048", "prefill 4x2048 paged", "prefill 4x2048 on 2048 cached",
+                                  "prefill 2x4096", "prefill 2x4096 on 4096 cached", "prefill 512 on 2048 cached",
+                                  "decode 256 x 1024", "decode 256 x 4096"])
+def test_torch_backend_memory_bound(case: str) -> None:
+    """Peak memory of one call beyond its inputs and output stays within 2x the output plus one tile."""
+    probe = _mem_probe()
+    row = probe.measure("torch", probe.CASES[case])
+    print(f"\n{case}: extra {row['extra'] / 2**20:.1f} MiB, output {row['out'] / 2**20:.1f} MiB, "
+          f"tile {row['tile'] / 2**20:.1f} MiB, bound {row['bound'] / 2**20:.1f} MiB")
+    assert row["extra"] <= row["bound"], row

@@ -38,14 +38,15 @@ def hf_tokens(hf_builtin, chat_prompts):
     return [_hf_greedy(hf_builtin, p, NEW_TOKENS) for p in chat_prompts]
 
 
-def test_chat_prompt_matches_hf_template(builtin_llm, hf_builtin, chat_prompts):
-    _, tok = hf_builtin
+def test_chat_prompt_matches_hf_template(builtin_llm, hf_builtin_tokenizer, chat_prompts):
+    tok = hf_builtin_tokenizer
     for q, ids in zip(QUESTIONS, chat_prompts, strict=True):
         ref = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         ref = ref["input_ids"] if isinstance(ref, dict) or hasattr(ref, "keys") else ref
         assert ids == list(ref)
 
 
+@pytest.mark.slow
 def test_greedy_tokens_equal_transformers(builtin_llm, chat_prompts, hf_tokens):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = builtin_llm.generate(chat_prompts, params)
@@ -54,6 +55,7 @@ def test_greedy_tokens_equal_transformers(builtin_llm, chat_prompts, hf_tokens):
         assert out.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_first_logits_close_to_transformers(builtin_llm, hf_builtin, chat_prompts):
     model, _ = hf_builtin
     ids = chat_prompts[0]
@@ -63,6 +65,7 @@ def test_first_logits_close_to_transformers(builtin_llm, hf_builtin, chat_prompt
     assert (ours - ref).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow
 def test_batch_of_16_equals_each_alone(builtin_llm):
     tok = builtin_llm.tokenizer
     topics = ["cats", "rain", "Rome", "music", "trees", "rivers", "bread", "chess", "the moon", "glass",

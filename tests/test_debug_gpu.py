@@ -63,6 +63,42 @@ def _gpu_llm(backend: str = "torch") -> LLM:
                max_num_batched_tokens=256, num_kvcache_blocks=64)
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_gpu_yardstick_equals_the_torch_yardstick(decode):
+    """The Triton op-by-op kernels give the torch yardstick's reference, and a budget of the same size."""
+    from minillama.context import Context
+    from minillama.debug import yardstick, yardstick_gpu
+    from minillama.layers.attention import AttentionCall
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    lens = [37, 300, 5, 129]
+    qlens = [1] * 4 if decode else [37, 40, 5, 1]
+    rows = sum(qlens)
+    dev = "cuda"
+    q = torch.randn(rows, heads, d, generator=g, device=dev).bfloat16()
+    kc = torch.randn(200, bs, kv_heads, d, generator=g, device=dev).bfloat16()
+    vc = torch.randn(200, bs, kv_heads, d, generator=g, device=dev).bfloat16()
+    width = max(lens)
+    bt = torch.randperm(199, generator=torch.Generator().manual_seed(0))[: 4 * (-(-width // bs))]
+    bt = bt.view(4, -1).int().to(dev)
+    seq = torch.tensor([i for i, n in enumerate(qlens) for _ in range(n)], dtype=torch.int32, device=dev)
+    pos = torch.tensor([l_ - n + k for l_, n in zip(lens, qlens, strict=True) for k in range(n)], device=dev)
+    cu_q = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    ctx = Context(is_prefill=not decode, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(qlens),
+                  max_seqlen_k=width, block_tables=bt, context_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                  positions=pos, seq_index=seq)
+    call = AttentionCall(0, q, q[:, :kv_heads], q[:, :kv_heads], kc, vc, ctx, d**-0.5)
+    ref_t, plain_t = yardstick.judge(call, torch.bfloat16, width)
+    ref_g, plain_g = yardstick_gpu.judge(call, torch.bfloat16, width)
+    torch.testing.assert_close(ref_g, ref_t.float(), rtol=1e-5, atol=1e-6)
+    budget_t = (plain_t.float() - ref_t.float()).abs()
+    budget_g = (plain_g.float() - ref_g).abs()
+    assert budget_g.max() <= 2 * budget_t.max() and budget_g.pow(2).mean() <= 2 * budget_t.pow(2).mean()
+    assert budget_g.max() > 0
+
+
 @pytest.fixture(scope="module")
 def llm():
     return _gpu_llm()
@@ -99,7 +135,7 @@ def test_bf16_step_stats_match_the_host(llm):
         rec.detach()
         hooks.detach(spy)
     last = rec.history[-1]
-    event, _ = rec.finished(last)
+    event = rec.event_of(last)
     tables = last.tables(rec.catalog, False)
     catalog = [s.to_json() for s in rec.catalog]
     for slot, spec in enumerate(catalog):
@@ -138,8 +174,8 @@ def test_graph_recording_equals_eager_recording(llm):
     assert llm.runner.graphs.num_replays > replays, "recording must replay CUDA graphs"
     e_rec, e_tok = _record(llm, prompts, False)
     assert g_tok == e_tok
-    g = [g_rec.finished(r)[0] for r in g_rec.history]
-    e = [e_rec.finished(r)[0] for r in e_rec.history]
+    g = [g_rec.event_of(r) for r in g_rec.history]
+    e = [e_rec.event_of(r) for r in e_rec.history]
     assert [x["phase"] for x in g] == [x["phase"] for x in e]
     assert any(x["graphed"] for x in g) and not any(x["graphed"] for x in e)
     catalog = [s.to_json() for s in g_rec.catalog]
@@ -176,7 +212,7 @@ def test_no_host_sync_at_hook_sites_while_recording(active, shadow, request):
             llm.step()
     finally:
         rec.detach()
-    events = [rec.finished(r)[0] for r in rec.history]
+    events = [rec.event_of(r) for r in rec.history]
     assert any(e["graphed"] for e in events), "decode steps must replay graphs with the shadow inside"
     assert all(not e["missing_sites"] for e in events)
 
@@ -193,7 +229,7 @@ def test_shadow_metrics_on_the_gpu(flash_llm):
         rec.detach()
     per_row = 9 * 64
     for r in rec.history:
-        ev, _ = rec.finished(r)
+        ev = rec.event_of(r)
         t = r.tables(rec.catalog, True)
         for layer in range(30):
             m = layer_metrics(t["shadow"], ev["batch"], layer, per_row, "bfloat16", True)

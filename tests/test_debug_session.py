@@ -95,6 +95,8 @@ def test_nan_breakpoint_fires_where_planted(llm, eager):
     finally:
         s.stop()
         hooks.detach(_plant_nan)
+    while llm.has_unfinished():  # the poisoned request runs out here, not in the next test
+        llm.step()
 
 
 def test_absmax_breakpoint(llm):
@@ -135,7 +137,7 @@ def test_recorded_batches_match_the_engine(llm):
     finally:
         hooks.detach(spy)
         rec.detach()
-    events = [rec.finished(r)[0] for r in rec.history]
+    events = [rec.event_of(r) for r in rec.history]
     assert len(events) == llm.num_steps - steps_before == len(seen)
     assert any(e["phase"] == "mixed" for e in events), "token budget 48 forces chunked prefill"
     for ev, (step, slots, tables, qlens) in zip(events, seen, strict=True):
@@ -224,7 +226,7 @@ def test_missing_hook_site_is_reported(llm, monkeypatch):
         llm.generate(["Where did layer 4 go?"], SamplingParams(temperature=0, max_tokens=1))
     finally:
         rec.detach()
-    missing = rec.finished(rec.history[0])[0]["missing_sites"]
+    missing = rec.event_of(rec.history[0])["missing_sites"]
     assert "layers.4.output" in missing and "layers.4.attn.q" in missing
     assert not any(m.startswith("layers.3.") or m.startswith("layers.5.") for m in missing)
 

@@ -112,7 +112,7 @@ def test_per_request_stats_and_hashes_match_the_host(llm):
     catalog = [s.to_json() for s in rec.catalog]
     checked_rows = 0
     for k, r in enumerate(rec.history):
-        event, _ = rec.finished(r)
+        event = rec.event_of(r)
         tables = r.tables(rec.catalog, False)
         seen = spy_steps[k]
         assert not event["missing_sites"]
@@ -153,7 +153,7 @@ def test_one_flipped_bit_changes_only_that_requests_hash(llm):
         rec, _ = _mixed_step(llm, plant)
         out = []
         for r in rec.history:
-            ev, _ = rec.finished(r)
+            ev = rec.event_of(r)
             out.append((ev, r.tables(rec.catalog, False)))
         return rec, out
 
@@ -193,7 +193,7 @@ def test_nan_and_inf_are_counted_per_request(llm):
     rec, _ = _mixed_step(llm, plant)
     catalog = [s.to_json() for s in rec.catalog]
     slot = next(k for k, s in enumerate(catalog) if s["name"] == "layers.2.attn.v")
-    ev, _ = rec.finished(rec.history[0])
+    ev = rec.event_of(rec.history[0])
     t = rec.history[0].tables(rec.catalog, False)
     got = site_stats(t, catalog[slot], slot, ev["batch"], 0)
     assert (got["nan"], got["inf"]) == (1, 2)

@@ -61,6 +61,7 @@ def reference_tokens(builtin_llm):
     return prompts, params, [o.token_ids for o in builtin_llm.generate(prompts, params)]
 
 
+@pytest.mark.slow
 def test_preemption_gives_same_tokens(reference_tokens):
     prompts, params, ref = reference_tokens
     # 6 sequences of ~30-60 tokens need ~30 blocks of 16 at the end; give 14
@@ -71,6 +72,7 @@ def test_preemption_gives_same_tokens(reference_tokens):
     small.block_manager.check_invariants([])
 
 
+@pytest.mark.slow
 def test_chunked_prefill_gives_same_tokens(reference_tokens):
     prompts, params, ref = reference_tokens
     chunked = LLM(None, device="cpu", max_num_batched_tokens=24, num_kvcache_blocks=128, max_model_len=512)
@@ -82,6 +84,7 @@ def test_chunked_prefill_gives_same_tokens(reference_tokens):
     assert any(max(n) == 24 for phase, n, _ in batches if phase != "decode")
 
 
+@pytest.mark.slow
 def test_seed_reproducible_and_batch_independent(builtin_llm):
     prompts = _prompts(builtin_llm, 3)
     p = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, max_tokens=16, seed=1234, ignore_eos=True)

@@ -95,7 +95,7 @@ def test_prompt_longer_than_context(capsys):
 @pytest.mark.parametrize("n", ["0", "-3"])
 def test_bad_max_tokens(capsys, n):
     rc, err = run_cli(capsys, "generate", "hi", "--max-tokens", n)
-    assert_one_line(rc, err, "max_tokens")
+    assert_one_line(rc, err, "--max-tokens", "positive integer")
 
 
 def test_generate_streams_an_answer(capsys):

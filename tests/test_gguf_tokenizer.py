@@ -72,10 +72,10 @@ def loaded(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def hf_tok(hf_builtin, builtin_path, gguf_path):
+def hf_tok(hf_builtin_tokenizer, builtin_path, gguf_path):
     """transformers' tokenizer from the same GGUF (conftest's session fixture: loaded once per run)."""
     assert os.path.samefile(builtin_path, gguf_path)
-    return hf_builtin[1]
+    return hf_builtin_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -152,20 +152,27 @@ def test_unpermute_round_trip():
     np.testing.assert_array_equal(_unpermute(permuted, n_head), w)
 
 
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 def test_config_from_hf_dict_variants():
     base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, intermediate_size=128, vocab_size=100)
     cfg = ModelConfig.from_hf_dict({**base, "eos_token_id": 2, "bos_token_id": 1}, None)
     assert (cfg.head_dim, cfg.num_key_value_heads, cfg.eos_token_ids, cfg.rope_scaling) == (8, 8, [2], None)
     cfg = ModelConfig.from_hf_dict(
         {**base, "head_dim": None, "num_key_value_heads": 2, "eos_token_id": [2, 3], "dtype": "bfloat16",
-         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}},
+         "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3}},
         {"eos_token_id": [4, 2]},
     )
     assert cfg.eos_token_ids == [4, 2, 3] and cfg.head_dim == 8 and cfg.num_key_value_heads == 2
-    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == {"rope_type": "llama3", "factor": 8.0}
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == {"rope_type": "llama3", **LLAMA3}
     assert cfg.torch_dtype == "bfloat16"
-    cfg = ModelConfig.from_hf_dict({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}, None)
-    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0} and cfg.rope_theta == 10000.0
+    cfg = ModelConfig.from_hf_dict({**base, "rope_scaling": {"type": "llama3", **LLAMA3}}, None)
+    assert cfg.rope_scaling == {"rope_type": "llama3", **LLAMA3} and cfg.rope_theta == 10000.0
+    with pytest.raises(ModelLoadError, match="'linear'"):  # the rotary layer runs llama3 scaling only
+        ModelConfig.from_hf_dict({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}, None)
+    with pytest.raises(ModelLoadError, match="without low_freq_factor"):
+        ModelConfig.from_hf_dict({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, None)
     assert ModelConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "default"}}).rope_scaling is None
     with pytest.raises(ModelLoadError, match="hidden_size"):
         ModelConfig.from_hf_dict({"num_attention_heads": 8}, None)

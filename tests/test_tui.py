@@ -261,22 +261,29 @@ async def test_bad_trace_opens_as_one_line_error(tmp_path):
 
 
 def test_cli_checks_before_loading(tmp_path, capsys):
-    """D16: a bad trace path and a shadow/backend/device that cannot run here exit 2 with one line."""
+    """D16: a bad trace path and a shadow/backend/device that cannot run here exit 2 with one line, before
+    any model loads."""
     assert main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2  # a folder, but not a trace
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a minillama trace" in err
     assert main(["--max-tokens", "0"]) == 2
-    assert "--max-tokens must be a positive integer" in capsys.readouterr().err
+    assert "--max-tokens: must be a positive integer" in capsys.readouterr().err
     import torch
 
     if not torch.cuda.is_available():
         assert main(["--shadow", "flash-attn", "--device", "cpu"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("minillama-tui: --shadow flash-attn") and "--backend" not in err
+        assert err.startswith("minillama-tui: error: --shadow flash-attn") and "--backend" not in err
+        assert err.count("\n") == 1
         assert main(["--backend", "flash-attn", "--device", "cpu"]) == 2
         assert "--backend flash-attn" in capsys.readouterr().err
         assert main(["--device", "cuda"]) == 2
         assert "--device cuda" in capsys.readouterr().err
+    assert main([str(tmp_path / "empty"), "--compare", str(tmp_path / "nope")]) == 2
     assert main(["--compare", str(tmp_path)]) == 2
 
 

@@ -189,10 +189,11 @@ async def test_record_mid_run_then_replay_keeps_prompts_and_keys(live, tmp_path)
         await settle(pilot, app)
         await press(pilot, app, "s", "s", "s", "r")
         path = app.main.ctx.recording
-        assert path and os.path.isfile(os.path.join(path, "kv_start.safetensors"))
+        assert path and os.path.isfile(os.path.join(path, "manifest.json"))
         await press(pilot, app, "n", "s", "s", "r")
         assert app.main.ctx.recording is None
     reader = TraceReader(path)
+    assert "catchup.k" in reader.tensor_keys(0)  # the step open when recording began holds the cached keys
     reqs = reader.requests()
     assert len(reqs) == 2 and all(r["prompt"] and r["prompt_token_ids"] for r in reqs.values())
     assert all(r["text"] for r in reqs.values())  # what was generated before the recording is there too

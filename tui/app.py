@@ -3,13 +3,12 @@
     minillama-tui [--model PATH] [--backend torch|flash-attn] [--shadow [BACKEND]] [--prompt "..."]...
     minillama-tui traces/NAME [--compare traces/OTHER]
 
-A bad trace path, or a backend / shadow / device that cannot run here, ends in one line and exit
-code 2 before anything loads. The app holds one ``DebugScreen`` (``screen.py``).
+The command line is ``cli.py`` (checked before anything heavy is imported). The app holds one
+``DebugScreen`` (``screen.py``) and the command palette's debugger commands.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -41,6 +40,11 @@ class DebuggerApp(App[None]):
     def on_mount(self) -> None:
         self.main = DebugScreen(self.source)
         self.push_screen(self.main)
+
+    @property
+    def failed(self) -> bool:
+        """True when the trace or the engine failed to load (``cli.main`` exits 1 then)."""
+        return self.main is not None and self.main.ctx.mode == "failed"
 
     def action_help(self) -> None:
         from .screens.help import HelpScreen
@@ -96,58 +100,11 @@ class DebuggerApp(App[None]):
                 yield SystemCommand(f"View: {what}", f"Show the {what} view", lambda n=name: main.action_view(n))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line of ``minillama-tui``."""
-    p = argparse.ArgumentParser(prog="minillama-tui", description="Step through the minillama engine live, or "
-                                "replay a recorded trace (no model, no GPU).")
-    p.add_argument("trace", nargs="?", help="a trace folder to replay (omit to run the engine live)")
-    p.add_argument("--compare", metavar="TRACE_B", help="a second trace of the same prompts, replayed in lockstep")
-    p.add_argument("--model", default=None, help="model folder or .gguf (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="torch", help="attention backend: torch or flash-attn")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--shadow", nargs="?", const="reference", default=None, metavar="BACKEND",
-                   help="run a second attention beside the active one at every layer (default: the float64 "
-                        "reference) to fill the diff and attention views")
-    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three demos)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per request")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=64,
-                   help="the step's token budget (small, so chunked prefill is visible)")
-    p.add_argument("--num-kvcache-blocks", type=int, default=64, help="KV cache blocks (small values preempt)")
-    p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--full", action="append", default=None, metavar="PATTERN",
-                   help="sites kept in full (default: attention q, k, outputs and the logits)")
-    p.add_argument("--record-dir", default="traces", help="where r writes recordings (default: traces)")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """The ``minillama-tui`` entry point: checks its arguments (exit 2, one line), then runs the app."""
-    a = parse_args(argv)
-    from minillama.debug.sources import OptionError, check_options, open_trace
-    from minillama.trace.format import TraceError
+    """The ``minillama-tui`` entry point (``cli.main``: the options are checked before anything loads)."""
+    from .cli import main as cli_main
 
-    opts = LiveOptions(model=a.model, backend=a.backend, device=a.device, shadow=a.shadow, max_tokens=a.max_tokens,
-                       temperature=a.temperature, max_num_batched_tokens=a.max_num_batched_tokens,
-                       num_kvcache_blocks=a.num_kvcache_blocks, max_model_len=a.max_model_len)
-    if a.prompt:
-        opts.prompts = list(a.prompt)
-    if a.full:
-        opts.full_sites = tuple(a.full)
-    try:
-        if a.trace is not None:
-            for path in (a.trace, a.compare):
-                if path is not None:
-                    open_trace(path)
-        elif a.compare is not None:
-            raise OptionError("--compare needs a trace to compare with: minillama-tui TRACE_A --compare TRACE_B")
-        else:
-            check_options(opts)
-    except (TraceError, OptionError) as e:
-        print(f"minillama-tui: {e}", file=sys.stderr)
-        return 2
-    DebuggerApp(trace=a.trace, compare=a.compare, options=opts, record_dir=a.record_dir).run()
-    return 0
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

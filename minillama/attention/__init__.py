@@ -1,8 +1,8 @@
-"""Attention backends: a pure-PyTorch one that runs anywhere and an adapter for flash-attn.
+"""Attention backends: the flash algorithm in plain PyTorch (runs anywhere), Triton kernels, and flash-attn.
 
-Both expose flash-attn 2.8's ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache``
-signatures; pick one with ``get_backend("torch" | "flash-attn")``. Importing this package does
-not import ``flash_attn``.
+All expose flash-attn 2.8's ``flash_attn_varlen_func`` / ``flash_attn_with_kvcache``
+signatures; pick one with ``get_backend("torch" | "triton" | "flash-attn")``. Importing this
+package imports neither ``flash_attn`` nor ``triton``.
 """
 
 from minillama.attention.backend import (

@@ -4,7 +4,12 @@ A backend is two functions with exactly the signatures of flash-attn 2.8's
 ``flash_attn_varlen_func`` (prefill: ragged batches of queries, keys flat or in a paged cache)
 and ``flash_attn_with_kvcache`` (decode: fixed ``seqlen_q`` per sequence, optional in-place
 append of the new keys/values), plus what the engine must know to use them: the paged-KV block
-size granularity and a ``check`` of head size / dtype / device.
+size granularity, a ``check`` of head size / dtype / device, whether its prefill pads queries,
+and how large a decode batch it replays CUDA graphs for. The engine reads these attributes and
+never a backend's name.
+
+Built-in: ``torch`` (the flash algorithm in plain PyTorch, runs anywhere), ``triton`` (Triton
+prefill and decode kernels, CUDA) and ``flash-attn`` (the real package, CUDA).
 
 Built-in backends are loaded on first use, so importing this module never imports
 ``flash_attn`` (which is slow to import and absent on CPU machines).
@@ -34,6 +39,19 @@ class AttentionBackend:
     block_size_multiple: int  # paged-KV block size must be a multiple of this
     # Entered by the model runner around each forward pass (all layers see the same step metadata).
     forward_scope: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    # The prefill pads every sequence's queries to the batch's longest: an engine on a GPU then
+    # runs the decodes of a batch that mixes them with prompt chunks as a pass of their own.
+    pads_queries: bool = False
+    # Decode graphs read block tables at full width. A backend whose decode work grows with that
+    # width (not with the keys each sequence has) caps batch size x width keys here; None: no cap.
+    graph_keys: int | None = None
+
+    def graph_decode_max_batch(self, max_keys: int) -> int:
+        """The largest decode batch to replay CUDA graphs for, when the graphs' block tables hold
+        ``max_keys`` keys per sequence (at least 1)."""
+        if self.graph_keys is None:
+            return 1 << 30
+        return max(1, self.graph_keys // max(1, max_keys))
 
     def check(self, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         """Raise ``BackendError`` if this backend cannot run heads of ``head_dim`` in ``dtype`` on ``device``.
@@ -56,6 +74,12 @@ def _load_torch() -> AttentionBackend:
     return torch_ref.BACKEND
 
 
+def _load_triton() -> AttentionBackend:
+    from minillama.attention import triton_backend
+
+    return triton_backend.load()
+
+
 def _load_flash() -> AttentionBackend:
     from minillama.attention import flash
 
@@ -65,7 +89,8 @@ def _load_flash() -> AttentionBackend:
 # Backends already built, by canonical name.
 _registry: dict[str, AttentionBackend] = {}
 # Built-in backends that are only built when first asked for (importing them may be slow or fail).
-_lazy: dict[str, Callable[[], AttentionBackend]] = {"torch": _load_torch, "flash-attn": _load_flash}
+_lazy: dict[str, Callable[[], AttentionBackend]] = {"torch": _load_torch, "triton": _load_triton,
+                                                    "flash-attn": _load_flash}
 
 
 def _canonical(name: str) -> str:
@@ -87,7 +112,7 @@ def register_backend(backend: AttentionBackend) -> None:
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """The backend called ``name`` ("torch" or "flash-attn"), loading it on first use."""
+    """The backend called ``name`` ("torch", "triton" or "flash-attn"), loading it on first use."""
     key = _canonical(name)
     if key in _registry:
         return _registry[key]

@@ -1,9 +1,18 @@
-"""How the torch backend finds each sequence's keys: index tensors into flat or paged K/V, and gathers.
+"""Where the torch backend finds each tile's queries and keys: row indices, masks and gathers.
 
-Ragged keys become padded tensors through an index of rows: position ``j`` of sequence ``b``
-reads row ``idx[b, j]`` of the flat keys or of the flattened paged cache. Positions past a
-sequence's end read that sequence's own first key (finite, and masked later). Every index is
-built on the device from the length tensors, never read back to the host.
+Queries and keys are numbered back from each sequence's end: query ``r`` is a sequence's r-th
+last query and key ``u`` its u-th last key. Every sequence's queries are the last of its keys
+(flash-attn's bottom-right causal alignment), so in these numbers query ``r`` sees key ``u``
+exactly when ``u >= r``, for every sequence whatever its lengths. That lets the key loop skip the
+tiles that no query of a tile can see without reading a single length (which on a GPU would
+wait for it), and makes the causal mask of a tile the same for the whole batch.
+
+A key tile is, for every sequence, the keys ``u`` in ``[start, stop)``: an index of rows in the
+flat keys (or the flattened paged cache) and a bias of 0 for real keys, -inf past the sequence's
+first key. Those padding slots re-read the sequence's first key, so every gathered value is
+finite (a probability of exactly 0 then adds exactly 0) and the repeated reads hit in cache.
+Indices are built on the device from the length tensors, and each is built once per forward
+pass (``reuse_key_indices``): all layers of a step pass the same metadata tensors.
 """
 
 from __future__ import annotations
@@ -16,20 +25,21 @@ from typing import NamedTuple
 import torch
 
 # ---------------------------------------------------------------------------------------------
-# One key index per forward pass: every layer of a step passes the same metadata tensors.
+# One index per forward pass: every layer of a step passes the same metadata tensors.
 # ---------------------------------------------------------------------------------------------
 
 _local = threading.local()  # .indices: the memo of the innermost ``reuse_key_indices`` block of this thread
+_PLAIN = frozenset((int, float, bool, str, type(None), torch.dtype, torch.device))
 
 
 @contextlib.contextmanager
 def reuse_key_indices() -> Iterator[None]:
-    """Inside this block, calls given the same ``block_table`` / length tensors share one key index.
+    """Inside this block, calls given the same metadata tensors share their indices.
 
-    The model runner wraps each forward pass in it: all layers of a step read the same metadata
-    tensors, unchanged, so only the first layer builds the index (a dozen small kernels). Outside
-    the block every call builds its own, so a caller that edits a block table in place between
-    two calls is always safe. The memo belongs to the thread that opened the block.
+    The model runner wraps each forward pass in it, so only the first layer builds the indices (a
+    dozen small kernels per tile). Outside the block every call builds its own, so a caller that
+    edits a block table in place between two calls is always safe. The memo belongs to the
+    thread that opened the block.
     """
     outer = getattr(_local, "indices", None)
     _local.indices = {}
@@ -44,57 +54,117 @@ def shared(build: Callable, *args: object):
     memo = getattr(_local, "indices", None)
     if memo is None:
         return build(*args)
-    key = (build, *(id(a) if isinstance(a, torch.Tensor) else a for a in args))
+    key = (build, *[a if type(a) in _PLAIN else id(a) for a in args])
     hit = memo.get(key)
     if hit is None:
-        # The arguments are kept with the result so their ids cannot be reused by new tensors.
+        # The arguments are kept with the result so their ids cannot be reused by new objects.
         hit = memo[key] = (args, build(*args))
     return hit[1]
 
 
 # ---------------------------------------------------------------------------------------------
-# Gathers: flat or paged keys -> padded, kv-head-major (Hk, batch, seqlen, headdim) tensors.
+# Keys
 # ---------------------------------------------------------------------------------------------
 
 
-def gather_rows(x: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
-    """Padded ``(batch, length, ...)`` view of flat ``x``: row ``i`` of sequence ``b`` is ``x[starts[b] + i]``.
+class KeyIndex(NamedTuple):
+    """Where every sequence's keys are: ``lens`` keys, at ``starts`` (flat) or through ``table`` (paged)."""
 
-    Rows past a sequence's end read some other (clamped) row of ``x``; callers mask them.
+    lens: torch.Tensor  # (batch,) long
+    starts: torch.Tensor | None  # (batch,) long row of each sequence's first key; None when paged
+    table: torch.Tensor | None  # (batch, max_blocks) long block table; None when flat
+    page: int  # keys per cache block (1 when flat)
+    num_rows: int  # rows of the flat keys / flattened cache
+
+
+def varlen_keys(cu_seqlens_k: torch.Tensor, block_table: torch.Tensor | None, page: int, num_rows: int) -> KeyIndex:
+    """The keys of a ``flash_attn_varlen_func`` call."""
+    cu = cu_seqlens_k.long()
+    lens = cu[1:] - cu[:-1]
+    if block_table is not None:
+        return KeyIndex(lens, None, block_table.long(), page, num_rows)
+    return KeyIndex(lens, cu[:-1], None, 1, num_rows)
+
+
+def kvcache_keys(cache_seqlens: int | torch.Tensor | None, seqlen_new: int, batch: int,
+                 block_table: torch.Tensor | None, page: int, max_keys: int, num_rows: int,
+                 device: torch.device) -> KeyIndex:
+    """The keys of a ``flash_attn_with_kvcache`` call: cached plus appended, paged or one cache row each.
+
+    ``cache_seqlens`` None means every sequence fills its ``max_keys`` slots.
     """
-    batch = starts.shape[0]
-    if x.shape[0] == 0 or length == 0:
-        return x.new_zeros(batch, length, *x.shape[1:])
-    idx = starts[:, None] + torch.arange(length, device=x.device)  # (batch, length)
-    return x[idx.clamp(0, x.shape[0] - 1)]
+    if isinstance(cache_seqlens, torch.Tensor):
+        lens = cache_seqlens.long() + seqlen_new
+    else:
+        full = max_keys if cache_seqlens is None else cache_seqlens + seqlen_new
+        lens = torch.full((batch,), full, dtype=torch.long, device=device)
+    if block_table is not None:
+        return KeyIndex(lens, None, block_table.long(), page, num_rows)
+    starts = torch.arange(batch, device=device) * max_keys  # sequence b owns cache row b
+    return KeyIndex(lens, starts, None, 1, num_rows)
 
 
-def key_positions(lens: torch.Tensor, length: int) -> torch.Tensor:
-    """``(batch, length)`` key positions ``0 .. length-1``, where positions at or past a sequence's
-    length are replaced by 0.
+def key_tile(keys: KeyIndex, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``(batch, stop - start)`` of keys ``u = start .. stop-1`` (counted back from each end), and their bias.
 
-    Padding slots thus re-read the sequence's own first key instead of whatever sits past its end
-    (stale keys of another sequence, or NaN in a cache from ``torch.empty``). That keeps every
-    gathered value finite without a separate zeroing pass, so a masked probability of exactly 0
-    contributes exactly 0 to ``probs @ v``. On a GPU the repeated reads also hit in cache.
+    The bias (``dtype``) is 0 for a real key and -inf where the sequence has fewer keys.
     """
-    pos = torch.arange(length, device=lens.device)[None, :]
-    return torch.where(pos < lens[:, None], pos, 0)
+    u = torch.arange(start, stop, device=keys.lens.device)
+    pos = (keys.lens[:, None] - 1) - u  # position of the u-th last key from the sequence's start
+    real = pos >= 0
+    pos = pos.clamp_(min=0)  # past the first key: read the first key again (finite, masked)
+    if keys.table is not None:
+        # Table entries past a sequence's last block may be garbage (-1, stale ids): only
+        # positions below its length look into them, and those entries are real.
+        col = (pos // keys.page).clamp_(max=max(keys.table.shape[1] - 1, 0))
+        rows = keys.table.gather(1, col).clamp_(min=0) * keys.page + pos % keys.page
+    else:
+        rows = keys.starts[:, None] + pos
+    bias = torch.zeros(real.shape, dtype=dtype, device=real.device).masked_fill_(~real, float("-inf"))
+    return rows.clamp_(0, max(keys.num_rows - 1, 0)), bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Queries of flash_attn_varlen_func
+# ---------------------------------------------------------------------------------------------
+
+
+def query_tile(cu_seqlens_q: torch.Tensor, start: int, size: int, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of queries ``r = start .. start+size-1`` counted back from each end, in forward order.
+
+    Returns ``(gather, scatter)``, both ``(batch, size)`` long: ``gather`` is in range for
+    reading, ``scatter`` sends rows a sequence does not have to the spare row ``num_rows``.
+    """
+    cu = cu_seqlens_q.long()
+    rows = (cu[1:] - (start + size))[:, None] + torch.arange(size, device=cu.device)
+    real = rows >= cu[:-1, None]
+    return rows.clamp(0, max(num_rows - 1, 0)), torch.where(real, rows, num_rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathers
+# ---------------------------------------------------------------------------------------------
 
 
 def gather_heads(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``rows[idx]`` for ``rows`` ``(n, Hk, D)`` and in-range ``idx`` ``(batch, length)``, laid out ``(Hk, batch, length, D)``.
+    """``rows[idx]`` for ``rows`` ``(n, Hk, D)`` and in-range ``idx`` ``(batch, length)``, as ``(Hk * batch, length, D)``.
 
     That is the layout ``torch.bmm`` wants for grouped-query attention (one matrix per kv head and
-    sequence, batch dims foldable without a copy), produced by the gather itself.
+    sequence). On CUDA the gather itself produces it; on CPU whole rows are copied
+    (``index_select`` is several times faster there than the element-wise gather) and then
+    permuted, which for a single sequence is a view that ``bmm`` takes as it is.
     """
-    if rows.shape[0] == 0:
-        return rows.new_zeros(rows.shape[1], *idx.shape, rows.shape[2])
-    # The index kernel pays per element, so move 8-byte words instead of 2-byte bf16 values
-    # where the layout allows: the same bytes, a quarter of the work (a 4x faster decode gather).
-    words = _as_words(rows)
-    out = words.transpose(0, 1)[:, idx]
-    return out if words is rows else out.view(rows.dtype)
+    (batch, length), (n, kv_heads, head_dim) = idx.shape, rows.shape
+    if n == 0:
+        return rows.new_zeros(kv_heads * batch, length, head_dim)
+    if rows.is_cuda:
+        # The index kernel pays per element, so move 8-byte words instead of 2-byte bf16 values
+        # where the layout allows: the same bytes, a quarter of the work.
+        words = _as_words(rows)
+        out = words.transpose(0, 1)[:, idx]
+        return (out if words is rows else out.view(rows.dtype)).reshape(kv_heads * batch, length, head_dim)
+    slots = rows.index_select(0, idx.view(-1)).view(batch, length, kv_heads, head_dim)
+    return slots.permute(2, 0, 1, 3).reshape(kv_heads * batch, length, head_dim)
 
 
 def _as_words(x: torch.Tensor) -> torch.Tensor:
@@ -105,71 +175,3 @@ def _as_words(x: torch.Tensor) -> torch.Tensor:
         return x.view(torch.int64)
     except RuntimeError:  # strides or offset not in whole words
         return x
-
-
-def gather_slots(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``rows[idx]`` for ``rows`` ``(n, Hk, D)`` and in-range ``idx`` ``(batch, length)``: ``(batch, length, Hk, D)``.
-
-    Whole rows (all heads of one slot) are copied, which on CPU is several times faster than the
-    element-wise gather of ``gather_heads``; SDPA takes the head-major view without a copy.
-    """
-    if rows.shape[0] == 0:
-        return rows.new_zeros(*idx.shape, *rows.shape[1:])
-    return rows.index_select(0, idx.reshape(-1)).view(*idx.shape, *rows.shape[1:])
-
-
-def flat_key_index(starts: torch.Tensor, lens: torch.Tensor, length: int) -> torch.Tensor:
-    """Row of each (sequence, key position) in flat ``(total_k, Hk, D)`` keys."""
-    return starts[:, None] + key_positions(lens, length)
-
-
-def paged_key_index(block_table: torch.Tensor, block_size: int, lens: torch.Tensor, length: int) -> torch.Tensor:
-    """Slot (``block * block_size + offset``) of each (sequence, key position) in a paged cache.
-
-    Table entries past a sequence's last used block may be garbage (-1, stale ids); they are never
-    read, because positions past the sequence's keys were mapped to its first key.
-    """
-    pos = key_positions(lens, length)
-    col = (pos // block_size).clamp(max=max(block_table.shape[1] - 1, 0))
-    blocks = block_table.long().gather(1, col) if block_table.shape[1] else torch.zeros_like(pos)
-    return blocks.clamp(min=0) * block_size + pos % block_size
-
-
-def varlen_key_index(cu_seqlens_k: torch.Tensor, block_table: torch.Tensor | None, block_size: int,
-                     max_seqlen_k: int, num_rows: int) -> torch.Tensor:
-    """``(batch, max_seqlen_k)`` row of each key of ``flash_attn_varlen_func``, in ``[0, num_rows)``."""
-    cu_k = cu_seqlens_k.long()
-    k_lens = cu_k[1:] - cu_k[:-1]
-    if block_table is not None:
-        idx = paged_key_index(block_table, block_size, k_lens, max_seqlen_k)
-    else:
-        idx = flat_key_index(cu_k[:-1], k_lens, max_seqlen_k)
-    return idx.clamp(0, max(num_rows - 1, 0))
-
-
-def cached_lens(cache_seqlens: int | torch.Tensor | None, batch: int, max_keys: int,
-                device: torch.device) -> torch.Tensor:
-    """``cache_seqlens`` of ``flash_attn_with_kvcache`` as a long ``(batch,)`` tensor (None: the whole cache)."""
-    if isinstance(cache_seqlens, torch.Tensor):
-        return cache_seqlens.long()
-    return torch.full((batch,), max_keys if cache_seqlens is None else cache_seqlens, dtype=torch.long, device=device)
-
-
-class CacheKeys(NamedTuple):
-    """Which cached keys each sequence of a ``flash_attn_with_kvcache`` call sees, and where they are."""
-
-    seen: torch.Tensor  # (batch,) keys per sequence
-    idx: torch.Tensor  # (batch, max_keys) row of each key in the flattened cache, in range
-    valid: torch.Tensor  # (batch, max_keys) bool, key slot is real
-
-
-def kvcache_key_index(cache_seqlens: int | torch.Tensor | None, seqlen_new: int, batch: int,
-                      block_table: torch.Tensor | None, block_size: int, max_keys: int, num_rows: int,
-                      device: torch.device) -> CacheKeys:
-    seen = cached_lens(cache_seqlens, batch, max_keys, device) + seqlen_new
-    if block_table is not None:
-        idx = paged_key_index(block_table, block_size, seen, max_keys)
-    else:  # one cache row of max_keys slots per sequence
-        idx = torch.arange(batch, device=device)[:, None] * max_keys + key_positions(seen, max_keys)
-    valid = torch.arange(max_keys, device=device)[None, :] < seen[:, None]
-    return CacheKeys(seen, idx.clamp(0, max(num_rows - 1, 0)), valid)

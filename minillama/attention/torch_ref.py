@@ -1,31 +1,24 @@
-"""Pure-PyTorch re-implementation of flash-attn 2.8's two inference entry points.
+"""The torch backend: flash-attn 2.8's two inference entry points, in plain PyTorch.
 
 ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache`` take the same arguments and return the
-same shapes as the real ones, so the engine can switch backends by name. The semantics kept:
+same shapes as the real ones, so the engine can switch backends by name. Both compute attention
+with the flash algorithm (FlashAttention-2's forward pass: ``flash_loop.py``) over the keys one
+tile of cache pages at a time, for all sequences at once. The semantics kept:
 
 * ``softmax_scale`` defaults to ``1/sqrt(headdim)``;
 * the causal mask is aligned to the bottom-right corner: in a sequence with ``sq`` queries and
   ``sk`` keys, query ``i`` sees keys ``j <= i + sk - sq`` (the queries are the last ``sq``
   tokens of the sequence);
-* a query row that sees no key at all outputs exactly 0, and its log-sum-exp is ``+inf``
-  (flash-attn's convention for such rows);
+* a query row that sees no key at all outputs exactly 0, and its log-sum-exp is ``+inf``;
 * grouped-query attention: query head ``h`` reads kv head ``h // (nheads // nheads_k)``;
 * scores, softmax and the weighted sum run in float32 (float64 inputs stay float64), and the
-  output comes back in q's dtype. On CUDA, bf16/fp16 operands feed the matrix units directly with
-  float32 results, and the probabilities are rounded to the value dtype before ``probs @ v``, as
-  flash-attn does.
+  output comes back in q's dtype.
 
-How it works, in one picture: ragged inputs are first gathered into padded tensors (queries
-``(batch, seqlen, heads, headdim)``, keys and values ``(kv_heads, batch, seqlen, headdim)`` so
-that batched matrix products need no further copies), one masked dense attention runs over the
-padded batch, and the valid rows are gathered back. Every index is computed on the device from the
-sequence-length tensors and every shape from argument shapes or the given Python ints, so a call
-never waits for the GPU (no ``.item()``, no data-dependent shapes) and a decode call can be
-captured in a CUDA graph.
-
-Options that only matter for training or that we do not implement (dropout, sliding windows,
-softcapping, ALiBi, rotary embedding inside the kernel, ...) raise ``BackendError`` instead of
-being silently ignored.
+No call reads a tensor value on the host or makes a shape depend on one, so nothing waits for the
+GPU and a decode call can be captured in a CUDA graph. Options that only matter for training or
+that we do not implement (dropout, sliding windows, softcapping, ALiBi, rotary embedding inside
+the kernel, ...) raise ``BackendError`` instead of being silently ignored. No Triton and no fused
+SDPA here: the ``triton`` backend (``triton_backend.py``) is the fast one.
 """
 
 from __future__ import annotations
@@ -34,82 +27,16 @@ import math
 
 import torch
 
-from minillama.attention import triton_decode
-from minillama.attention.backend import AttentionBackend, BackendError
-from minillama.attention.dense import attend, attend_sdpa, decode_sdpa, prompt_sdpa
+from minillama.attention.backend import AttentionBackend
+from minillama.attention.checks import check_kvcache, check_varlen, reject_unsupported
+from minillama.attention.flash_loop import attend_tile, plan
 from minillama.attention.paged_gather import (
-    cached_lens,
-    gather_heads,
-    gather_rows,
-    gather_slots,
-    kvcache_key_index,
+    kvcache_keys,
+    query_tile,
     reuse_key_indices,
     shared,
-    varlen_key_index,
+    varlen_keys,
 )
-
-# ---------------------------------------------------------------------------------------------
-# Argument checking: only Python-side metadata (shapes, dtypes, devices), never tensor values.
-# ---------------------------------------------------------------------------------------------
-
-
-def _fail(fn: str, problem: str, fix: str) -> BackendError:
-    return BackendError(f"{fn}: {problem}: {fix}")
-
-
-def _reject_unsupported(fn: str, **options: tuple[object, object]) -> None:
-    """Raise for each option given a value other than its default: ``name=(value, default)``."""
-    for name, (value, default) in options.items():
-        if default is None:
-            given = value is not None
-        elif isinstance(default, tuple):
-            given = tuple(value) != default  # window_size may come as a list
-        else:
-            given = value != default
-        if given:
-            # Tensors are described by shape: their repr would span many lines.
-            shown = f"<tensor of shape {tuple(value.shape)}>" if isinstance(value, torch.Tensor) else repr(value)
-            raise _fail(
-                fn,
-                f"{name}={shown} is not supported by the torch attention backend",
-                f"leave {name} at its default ({default!r}) or use --backend flash-attn",
-            )
-
-
-def _check_int32(fn: str, name: str, t: torch.Tensor, ndim: int) -> None:
-    if t.dtype != torch.int32:
-        raise _fail(fn, f"{name} must have dtype torch.int32 (flash-attn requires it), got {t.dtype}",
-                    f"pass {name}.to(torch.int32)")
-    if t.dim() != ndim:
-        raise _fail(fn, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}", f"reshape {name}")
-
-
-def _check_qkv(fn: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dim: int, kv_dim: int) -> None:
-    if q.dim() != q_dim or k.dim() != kv_dim or v.dim() != kv_dim:
-        raise _fail(fn, f"expected q of {q_dim} dims and k/v of {kv_dim} dims, got shapes "
-                    f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}", "see the docstring for the layouts")
-    if k.shape != v.shape:
-        raise _fail(fn, f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}",
-                    "pass matching key and value tensors")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise _fail(fn, f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
-                    "cast them to the model dtype")
-    if not (q.device == k.device == v.device):
-        raise _fail(fn, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}",
-                    "move them to the same device")
-    if not q.dtype.is_floating_point:
-        raise _fail(fn, f"q must be floating point, got {q.dtype}", "cast q, k, v to float")
-    if q.shape[-1] != k.shape[-1]:
-        raise _fail(fn, f"q has headdim {q.shape[-1]} but k has {k.shape[-1]}", "use the same head size")
-    nheads, nheads_k = q.shape[-2], k.shape[-2]
-    if nheads_k == 0 or nheads % nheads_k != 0:
-        raise _fail(fn, f"nheads ({nheads}) must be a multiple of nheads_k ({nheads_k}) for grouped-query "
-                    "attention", "check the model's num_attention_heads / num_key_value_heads")
-
-
-# ---------------------------------------------------------------------------------------------
-# The two flash-attn entry points.
-# ---------------------------------------------------------------------------------------------
 
 
 def flash_attn_varlen_func(
@@ -145,63 +72,72 @@ def flash_attn_varlen_func(
     flash-attn's backward pass and is ignored.
     """
     fn = "flash_attn_varlen_func"
-    _reject_unsupported(fn, dropout_p=(dropout_p, 0.0), window_size=(window_size, (-1, -1)),
-                        softcap=(softcap, 0.0), alibi_slopes=(alibi_slopes, None))
-    paged = block_table is not None
-    _check_qkv(fn, q, k, v, q_dim=3, kv_dim=4 if paged else 3)
-    _check_int32(fn, "cu_seqlens_q", cu_seqlens_q, 1)
-    _check_int32(fn, "cu_seqlens_k", cu_seqlens_k, 1)
-    batch = cu_seqlens_q.shape[0] - 1
-    if batch < 0 or cu_seqlens_k.shape[0] != batch + 1:
-        raise _fail(fn, f"cu_seqlens_q and cu_seqlens_k must both have batch+1 entries, got "
-                    f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}", "build them from the same batch")
-    if paged:
-        _check_int32(fn, "block_table", block_table, 2)
-        if block_table.shape[0] != batch:
-            raise _fail(fn, f"block_table has {block_table.shape[0]} rows for a batch of {batch}",
-                        "pass one block-table row per sequence")
-
+    reject_unsupported(fn, "torch", dropout_p=(dropout_p, 0.0), window_size=(window_size, (-1, -1)),
+                       softcap=(softcap, 0.0), alibi_slopes=(alibi_slopes, None))
+    batch = check_varlen(fn, q, k, v, cu_seqlens_q, cu_seqlens_k, block_table)
     total_q, nheads, headdim = q.shape
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    cu_q = cu_seqlens_q.long()
-    cu_k = cu_seqlens_k.long()
-    q_lens = cu_q[1:] - cu_q[:-1]
-    k_lens = cu_k[1:] - cu_k[:-1]
+    if CPU_BY_SEQUENCE and q.device.type == "cpu" and batch > 1 and max_seqlen_q > 1:
+        return _by_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, return_attn_probs, block_table)
+    paged = block_table is not None
+    k_rows, v_rows = (k.flatten(0, 1), v.flatten(0, 1)) if paged else (k, v)  # (rows, Hk, D)
+    keys = shared(varlen_keys, cu_seqlens_k, block_table, k.shape[1] if paged else 1, k_rows.shape[0])
 
-    # 1. Flat queries -> padded (B, max_seqlen_q, H, D).
-    q_pad = gather_rows(q, cu_q[:-1], max_seqlen_q)
-    # 2. Keys/values -> padded, from the flat tensors or through the block table.
-    rows_k, rows_v = (k.flatten(0, 1), v.flatten(0, 1)) if paged else (k, v)  # (rows, Hk, D)
-    idx = shared(varlen_key_index, cu_seqlens_k, block_table, k.shape[1] if paged else 0, max_seqlen_k,
-                  rows_k.shape[0])
-
-    # 3. Dense masked attention over the padded batch.
-    if CPU_FUSED_DECODE and not return_attn_probs and q.device.type == "cpu" and batch and max_seqlen_q:
-        k_pad, v_pad = gather_slots(rows_k, idx), gather_slots(rows_v, idx)  # (B, Sk, Hk, D)
-        if causal and torch.equal(cu_seqlens_q, cu_seqlens_k):  # on CPU, reading the lengths is free
-            out_pad = prompt_sdpa(q_pad, k_pad, v_pad, scale)
-        else:
-            out_pad = attend_sdpa(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
-        lse_pad = None
-    else:
-        k_pad, v_pad = gather_heads(rows_k, idx), gather_heads(rows_v, idx)  # (Hk, B, Sk, D)
-        out_pad, lse_pad = attend(q_pad, k_pad, v_pad, q_lens, k_lens, scale, causal)
-
-    # 4. Padded -> flat: token t belongs to the last sequence b with cu_q[b] <= t (empty
-    # sequences share their start with the next one, so "last" skips them) at offset t - cu_q[b].
-    # The clamps only keep indices in range if cu_seqlens / max_seqlen_q are inconsistent.
-    t = torch.arange(total_q, device=q.device)
-    seq = (torch.searchsorted(cu_q, t, right=True) - 1).clamp(0, max(batch - 1, 0))
-    offset = (t - cu_q[seq]).clamp(0, max(max_seqlen_q - 1, 0))
-    if batch == 0 or max_seqlen_q == 0:
-        out = q.new_zeros(q.shape)
-        lse = torch.full((nheads, total_q), float("inf"), dtype=torch.float32, device=q.device)
-    else:
-        out = out_pad[seq, offset]  # (total_q, H, D)
-        lse = lse_pad[seq, :, offset].T.contiguous() if lse_pad is not None else None  # (H, total_q)
+    # One spare row past the end takes the query-tile rows that a sequence does not have.
+    out = q.new_zeros(total_q + 1, nheads, headdim)
+    lse = torch.full((total_q + 1, nheads), float("inf"), device=q.device) if return_attn_probs else None
+    tiles = plan(batch, max_seqlen_q, max_seqlen_k, nheads, k.shape[-2], headdim, q.element_size(),
+                 k.shape[1] if paged else 1, q.device.type)
+    for r0 in range(0, max_seqlen_q if batch and total_q else 0, tiles.q_tile):
+        tq = min(tiles.q_tile, max_seqlen_q - r0)
+        rows, dest = shared(query_tile, cu_seqlens_q, r0, tq, total_q)
+        o, o_lse = attend_tile(q[rows], r0, keys, k_rows, v_rows, max_seqlen_k, tiles.k_tile, scale, causal,
+                               lse is not None)
+        dest = dest.flatten()
+        rows_out = torch.empty(o.shape, dtype=q.dtype, device=q.device).copy_(o)  # one copy: layout and dtype
+        out.index_copy_(0, dest, rows_out.view(-1, nheads, headdim))
+        if lse is not None:
+            lse.index_copy_(0, dest, o_lse.reshape(-1, nheads))
     if return_attn_probs:
-        return out, lse, q.new_empty(0)
-    return out
+        # S_dmask: flash-attn returns the probabilities only with dropout, which is rejected above.
+        return out[:total_q], lse[:total_q].T.contiguous(), q.new_empty(0)
+    return out[:total_q]
+
+
+#: On CPU, where reading lengths costs nothing, a batch of prompts is attended one sequence at a
+#: time: padding the queries and keys to the longest prompt would cost compute, and the causal
+#: tiles a short prompt skips are then its own. Tests switch it off to check the batched loop.
+CPU_BY_SEQUENCE = True
+
+
+def _sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_table: torch.Tensor | None) -> list:
+    """Per sequence: its query and key row ranges, one-sequence ``cu_seqlens`` and block table (host-side)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    parts = []
+    for b in range(len(cq) - 1):
+        nq, nk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if nq:
+            pair = torch.tensor([0, nq], dtype=torch.int32), torch.tensor([0, nk], dtype=torch.int32)
+            table = block_table[b:b + 1] if block_table is not None else None
+            parts.append((slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1]), *pair, nq, nk, table))
+    return parts
+
+
+def _by_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, scale: float, causal: bool, return_attn_probs: bool,
+                 block_table: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``flash_attn_varlen_func`` one sequence at a time (see ``CPU_BY_SEQUENCE``)."""
+    out = q.new_zeros(q.shape)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf")) if return_attn_probs else None
+    for rows_q, rows_k, cu_q, cu_k, nq, nk, table in shared(_sequences, cu_seqlens_q, cu_seqlens_k, block_table):
+        kb, vb = (k, v) if table is not None else (k[rows_k], v[rows_k])
+        res = flash_attn_varlen_func(q[rows_q], kb, vb, cu_q, cu_k, nq, nk, softmax_scale=scale, causal=causal,
+                                     return_attn_probs=return_attn_probs, block_table=table)
+        if lse is None:
+            out[rows_q] = res
+        else:
+            out[rows_q], lse[:, rows_q] = res[0], res[1]
+    return (out, lse, q.new_empty(0)) if lse is not None else out
 
 
 def flash_attn_with_kvcache(
@@ -243,90 +179,78 @@ def flash_attn_with_kvcache(
     ``return_softmax_lse=True`` also float32 lse ``(batch, nheads, seqlen_q)``.
     """
     fn = "flash_attn_with_kvcache"
-    _reject_unsupported(fn, rotary_cos=(rotary_cos, None), rotary_sin=(rotary_sin, None),
-                        cache_batch_idx=(cache_batch_idx, None), cache_leftpad=(cache_leftpad, None),
-                        window_size=(window_size, (-1, -1)), softcap=(softcap, 0.0),
-                        alibi_slopes=(alibi_slopes, None))
+    reject_unsupported(fn, "torch", rotary_cos=(rotary_cos, None), rotary_sin=(rotary_sin, None),
+                       cache_batch_idx=(cache_batch_idx, None), cache_leftpad=(cache_leftpad, None),
+                       window_size=(window_size, (-1, -1)), softcap=(softcap, 0.0),
+                       alibi_slopes=(alibi_slopes, None))
     del rotary_interleaved, num_splits  # meaningless without rotary / a split-KV kernel
-    _check_qkv(fn, q, k_cache, v_cache, q_dim=4, kv_dim=4)
-    batch, seqlen_q, nheads, headdim = q.shape
-    paged = block_table is not None
-    if paged:
-        _check_int32(fn, "block_table", block_table, 2)
-        if block_table.shape[0] != batch:
-            raise _fail(fn, f"block_table has {block_table.shape[0]} rows for a batch of {batch}",
-                        "pass one block-table row per sequence")
-        max_keys = block_table.shape[1] * k_cache.shape[1]
+    max_keys = check_kvcache(fn, q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    seqlen_new = append_kv(q, k_cache, v_cache, k, v, cache_seqlens, block_table, max_keys)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return attend_kvcache(q, k_cache, v_cache, cache_seqlens, seqlen_new, block_table, max_keys, scale, causal,
+                          return_softmax_lse)
+
+
+def append_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
+              v: torch.Tensor | None, cache_seqlens: int | torch.Tensor | None, block_table: torch.Tensor | None,
+              max_keys: int) -> int:
+    """Write new keys/values in place at positions cached .. cached + seqlen_new - 1; returns seqlen_new."""
+    if k is None:
+        return 0
+    batch, seqlen_new = k.shape[0], k.shape[1]
+    if isinstance(cache_seqlens, torch.Tensor):
+        cached = cache_seqlens.long()
     else:
-        if k_cache.shape[0] < batch:
-            raise _fail(fn, f"the KV cache holds {k_cache.shape[0]} sequences for a batch of {batch}",
-                        "allocate one cache row per sequence or pass a block_table")
-        max_keys = k_cache.shape[1]
+        cached = torch.full((batch,), cache_seqlens, dtype=torch.long, device=q.device)
+    pos = cached[:, None] + torch.arange(seqlen_new, device=q.device)  # (B, seqlen_new)
+    if block_table is not None:
+        page = k_cache.shape[1]
+        # No clamp: writing through a garbage table entry must fail loudly.
+        where = (block_table.long().gather(1, pos // page), pos % page)
+    else:
+        where = (torch.arange(batch, device=q.device)[:, None].expand_as(pos), pos)
+    k_cache.index_put_(where, k)
+    v_cache.index_put_(where, v)
+    return seqlen_new
 
-    if cache_seqlens is None:
-        if k is not None:
-            raise _fail(fn, "appending k/v needs cache_seqlens (where to write them)", "pass cache_seqlens")
-    elif not isinstance(cache_seqlens, int):
-        _check_int32(fn, "cache_seqlens", cache_seqlens, 1)
-        if cache_seqlens.shape[0] != batch:
-            raise _fail(fn, f"cache_seqlens has {cache_seqlens.shape[0]} entries for a batch of {batch}",
-                        "pass one length per sequence")
 
-    # 1. Append the new keys/values in place at positions cached .. cached + seqlen_new - 1.
-    seqlen_new = 0
-    if k is not None or v is not None:
-        if k is None or v is None:
-            raise _fail(fn, "k and v must be given together", "pass both new keys and new values")
-        expected = (batch, k.shape[1], k_cache.shape[2], headdim)
-        if tuple(k.shape) != expected or tuple(v.shape) != expected:
-            raise _fail(fn, f"new k/v must have shape (batch, seqlen_new, nheads_k, headdim) = {expected}, got "
-                        f"{tuple(k.shape)} and {tuple(v.shape)}", "reshape the new keys/values")
-        if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
-            raise _fail(fn, f"new k/v dtype {k.dtype} differs from the cache's {k_cache.dtype}",
-                        "cast them to the cache dtype")
-        seqlen_new = k.shape[1]
-        cached = cached_lens(cache_seqlens, batch, max_keys, q.device)
-        pos = cached[:, None] + torch.arange(seqlen_new, device=q.device)  # (B, seqlen_new)
-        if paged:
-            block_size = k_cache.shape[1]
-            # Unlike the read path, no clamp: writing through a garbage entry must fail loudly.
-            blocks = block_table.long().gather(1, pos // block_size)
-            where = (blocks, pos % block_size)
-        else:
-            where = (torch.arange(batch, device=q.device)[:, None].expand_as(pos), pos)
-        k_cache.index_put_(where, k)
-        v_cache.index_put_(where, v)
-
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(headdim)
-    if seqlen_q == 1 and paged and triton_decode.usable(q, k_cache, v_cache):
-        # On CUDA: read the keys through the block table in one kernel, no padded copy (see triton_decode).
-        if isinstance(cache_seqlens, torch.Tensor) and not seqlen_new:
-            seen = cache_seqlens
-        else:
-            seen = cached_lens(cache_seqlens, batch, max_keys, q.device) + seqlen_new
-        out, lse = triton_decode.paged_decode(q, k_cache, v_cache, block_table, seen, scale)
+def attend_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   cache_seqlens: int | torch.Tensor | None, seqlen_new: int, block_table: torch.Tensor | None,
+                   max_keys: int, scale: float, causal: bool,
+                   return_softmax_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The attention of ``flash_attn_with_kvcache`` once the new keys are in the cache."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    Hk = k_cache.shape[2]
+    paged = block_table is not None
+    k_rows, v_rows = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
+    keys = shared(kvcache_keys, cache_seqlens, seqlen_new, batch, block_table, k_cache.shape[1], max_keys,
+                  k_rows.shape[0], q.device)
+    tiles = plan(batch, seqlen_q, max_keys, nheads, Hk, headdim, q.element_size(), k_cache.shape[1] if paged else 1,
+                 q.device.type)
+    if tiles.q_tile >= seqlen_q:  # one query tile (every decode): its layout is the output's
+        o, o_lse = attend_tile(q, 0, keys, k_rows, v_rows, max_keys, tiles.k_tile, scale, causal, return_softmax_lse)
+        # One copy at most: none when o is already laid out and typed as the output.
+        out = o.reshape(q.shape) if o.dtype == q.dtype else q.new_empty(o.shape).copy_(o).view(q.shape)
+        lse = o_lse.permute(0, 2, 3, 1).reshape(batch, nheads, seqlen_q) if return_softmax_lse else None
         return (out, lse) if return_softmax_lse else out
-
-    # 2. The keys each sequence sees, padded to max_keys per sequence.
-    rows_k, rows_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
-    keys = shared(kvcache_key_index, cache_seqlens, seqlen_new, batch, block_table, k_cache.shape[1],
-                   max_keys, rows_k.shape[0], q.device)
-
-    # 3. Attention; every sequence has exactly seqlen_q queries.
-    if CPU_FUSED_DECODE and seqlen_q == 1 and not return_softmax_lse and q.device.type == "cpu":
-        return decode_sdpa(q, gather_slots(rows_k, keys.idx), gather_slots(rows_v, keys.idx), keys.valid, scale)
-    k_pad, v_pad = gather_heads(rows_k, keys.idx), gather_heads(rows_v, keys.idx)
-    q_lens = torch.full((batch,), seqlen_q, dtype=torch.long, device=q.device)
-    out, lse = attend(q, k_pad, v_pad, q_lens, keys.seen, scale, causal)
-    if return_softmax_lse:
-        return out, lse
-    return out
+    out = q.new_empty(batch, seqlen_q, nheads, headdim)
+    lse = torch.empty(batch, nheads, seqlen_q, device=q.device) if return_softmax_lse else None
+    for r0 in range(0, seqlen_q, tiles.q_tile):
+        # Every sequence has seqlen_q queries: the tile of r = r0 .. r0+tq-1 is a slice of q.
+        tq = min(tiles.q_tile, seqlen_q - r0)
+        rows = slice(seqlen_q - r0 - tq, seqlen_q - r0)
+        o, o_lse = attend_tile(q[:, rows], r0, keys, k_rows, v_rows, max_keys, tiles.k_tile, scale, causal,
+                               lse is not None)
+        out[:, rows].view(batch, tq, Hk, nheads // Hk, headdim).copy_(o)
+        if lse is not None:
+            lse[:, :, rows].view(batch, Hk, nheads // Hk, tq).copy_(o_lse.permute(0, 2, 3, 1))
+    return (out, lse) if return_softmax_lse else out
 
 
-#: On CPU, use PyTorch's fused SDPA instead of the op-by-op ``attend`` when no log-sum-exp is
-#: asked for (same math; tests compare both paths against the float64 reference).
-CPU_FUSED_DECODE = True
-
+#: A decode step gathers (and masks) every key slot of the block table for every sequence, so a
+#: CUDA graph, which reads tables at full width, costs batch x width whatever the real lengths:
+#: graphs are replayed while that product stays under this many keys (e.g. 256 sequences at 4096).
+GRAPH_KEYS = 1 << 20
 
 BACKEND = AttentionBackend(
     name="torch",
@@ -334,4 +258,6 @@ BACKEND = AttentionBackend(
     with_kvcache=flash_attn_with_kvcache,
     block_size_multiple=1,
     forward_scope=reuse_key_indices,
+    pads_queries=True,  # query tiles are per sequence
+    graph_keys=GRAPH_KEYS,
 )

@@ -1,18 +1,16 @@
-"""Paged decode attention as one Triton kernel: the torch backend's fast path on CUDA.
+"""Paged decode attention as one Triton kernel: the ``triton`` backend's decode.
 
-Plain PyTorch has to gather every sequence's keys out of the paged cache into a padded tensor
-before its matrix products (one extra write and read of the whole KV, padded to the longest
-sequence): at large batch that gather is most of the torch backend's GPU time. This kernel reads
-each key and value once, straight through the block table, like flash-attn's decode kernel, and
-computes the same thing as ``dense.attend`` for one query per sequence: float32 scores and
-softmax, probabilities rounded to the value dtype before ``p @ v`` (as flash-attn does), 0 for a
-sequence with no key, log-sum-exp ``+inf`` then.
+Plain PyTorch has to copy every sequence's keys out of the paged cache before its matrix
+products (one extra write and read of the keys). This kernel reads each key and value once,
+straight through the block table, like flash-attn's decode kernel, and computes what the torch
+backend computes for one query per sequence: float32 scores and softmax, probabilities rounded to
+the value dtype before ``p @ v`` (as flash-attn does), 0 for a sequence with no key, log-sum-exp
+``+inf`` then.
 
 One program handles one (sequence, kv head): its G query heads are the rows of a small matrix
 (padded to 16, the smallest ``tl.dot``), so K/V are read once for the whole group (GQA). Keys
 are visited in tiles of ``BLOCK_N`` with the online softmax; each key's cache block is looked up
-on its own, so any page size works. Used only on CUDA, only when ``triton`` imports, and never
-while ``MINILLAMA_TORCH_DECODE=pytorch`` is set (which keeps the torch backend pure PyTorch).
+on its own, so any page size works.
 """
 
 from __future__ import annotations
@@ -28,18 +26,23 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 
-def covers(head_dim: int, device: torch.device) -> bool:
-    """True when decode calls with heads of ``head_dim`` on ``device`` go to the kernel.
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``: Triton then runs kernels on CPU tensors (slowly; for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-    That needs CUDA, an importable Triton, no ``MINILLAMA_TORCH_DECODE=pytorch`` in the
-    environment, and a power-of-two head size of at least 16 (``tl.dot``'s shapes).
+
+def covers(head_dim: int, device: torch.device) -> bool:
+    """True when Triton kernels can run heads of ``head_dim`` on ``device``.
+
+    That needs an importable Triton, a CUDA device (or the interpreter), and a power-of-two head
+    size from 16 to 256 (``tl.dot`` and ``tl.arange`` shapes).
     """
-    return (triton is not None and device.type == "cuda" and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and os.environ.get("MINILLAMA_TORCH_DECODE", "triton").lower() != "pytorch")
+    on_device = torch.device(device).type == "cuda" or interpreting()
+    return triton is not None and on_device and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
 def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """True if this call can use the kernel (see ``covers``; caches with unit stride in D)."""
+    """True if this call can use the kernels (see ``covers``; one dtype, unit stride in D)."""
     return (covers(q.shape[-1], q.device) and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k_cache.dtype == q.dtype
             and v_cache.dtype == q.dtype)

@@ -126,12 +126,8 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _site_kernel(X, stride, width, SEQ, POS, MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride, LANES,
-                     lanes_stride, slot, WORD16: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        req = tl.load(SEQ + row).to(tl.int64)
-        pos = tl.load(POS + row).to(tl.uint32)
-        rowkey = _fmix(pos * 0x7FEB352D + 0x165667B1)
+    def _row(X, width, rowkey, WORD16: tl.constexpr, BLOCK: tl.constexpr):
+        """Hash lanes and moments of one row at ``X`` (``width`` elements)."""
         s = tl.zeros([BLOCK], tl.float32)
         ss = tl.zeros([BLOCK], tl.float32)
         lo = tl.full([BLOCK], float("inf"), tl.float32)
@@ -143,16 +139,14 @@ if triton is not None:
         for start in range(0, width, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < width
-            x = tl.load(X + row * stride + cols, mask=ok, other=0)
+            x = tl.load(X + cols, mask=ok, other=0)
             if WORD16:
                 w = x.to(tl.int16, bitcast=True).to(tl.int32).to(tl.uint32) & 0xFFFF
             else:
                 w = x.to(tl.int32, bitcast=True).to(tl.uint32)
-            colkey = _fmix(cols.to(tl.uint32) * 0x9E3779B9)
-            t = _fmix(w ^ (colkey + rowkey))
-            u = (t ^ (t >> 15)) * 0x27D4EB2F
+            t = _fmix(w ^ (_fmix(cols.to(tl.uint32) * 0x9E3779B9) + rowkey))
             l1 += tl.where(ok, t, 0)
-            l2 += tl.where(ok, u, 0)
+            l2 += tl.where(ok, (t ^ (t >> 15)) * 0x27D4EB2F, 0)
             f = x.to(tl.float32)
             isnan = f != f
             isinf = (f == float("inf")) | (f == float("-inf"))
@@ -164,23 +158,61 @@ if triton is not None:
             hi = tl.maximum(hi, tl.where(fin, f, float("-inf")))
             n_nan += (ok & isnan).to(tl.int32)
             n_inf += (ok & isinf).to(tl.int32)
+        return (tl.sum(l1, 0), tl.sum(l2, 0), tl.sum(s.to(tl.float64), 0), tl.sum(ss.to(tl.float64), 0),
+                tl.min(lo, 0), tl.max(hi, 0), tl.sum(n_nan, 0), tl.sum(n_inf, 0))
+
+    @triton.jit
+    def _put(row, req, slot, l1, l2, s, ss, lo, hi, n_nan, n_inf, MOM, mom_stride, KEYS, keys_stride, BAD,
+             bad_stride, LANES, lanes_stride):
+        """A row's results into the tables: its lanes stored, its request's moments and keys combined."""
         lane = LANES + row.to(tl.int64) * lanes_stride + slot * 2
-        tl.store(lane, tl.sum(l1, 0).to(tl.int32, bitcast=True))
-        tl.store(lane + 1, tl.sum(l2, 0).to(tl.int32, bitcast=True))
+        tl.store(lane, l1.to(tl.int32, bitcast=True))
+        tl.store(lane + 1, l2.to(tl.int32, bitcast=True))
         mom = MOM + req * mom_stride + slot * 2
-        tl.atomic_add(mom, tl.sum(s.to(tl.float64), 0))
-        tl.atomic_add(mom + 1, tl.sum(ss.to(tl.float64), 0))
-        lo_i = tl.min(lo, 0).to(tl.int32, bitcast=True)
-        hi_i = tl.max(hi, 0).to(tl.int32, bitcast=True)
+        tl.atomic_add(mom, s)
+        tl.atomic_add(mom + 1, ss)
+        lo_i = lo.to(tl.int32, bitcast=True)
+        hi_i = hi.to(tl.int32, bitcast=True)
         key = KEYS + req * keys_stride + slot * 2
         tl.atomic_min(key, tl.where(lo_i >= 0, lo_i, lo_i ^ 0x7FFFFFFF))
         tl.atomic_max(key + 1, tl.where(hi_i >= 0, hi_i, hi_i ^ 0x7FFFFFFF))
-        bad_nan = tl.sum(n_nan, 0)
-        bad_inf = tl.sum(n_inf, 0)
-        if bad_nan + bad_inf > 0:
+        if n_nan + n_inf > 0:
             bad = BAD + req * bad_stride + slot * 2
-            tl.atomic_add(bad, bad_nan)
-            tl.atomic_add(bad + 1, bad_inf)
+            tl.atomic_add(bad, n_nan)
+            tl.atomic_add(bad + 1, n_inf)
+
+    @triton.jit
+    def _site_kernel(X, stride, width, SEQ, POS, MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride, LANES,
+                     lanes_stride, slot, WORD16: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        req = tl.load(SEQ + row).to(tl.int64)
+        rowkey = _fmix(tl.load(POS + row).to(tl.uint32) * 0x7FEB352D + 0x165667B1)
+        l1, l2, s, ss, lo, hi, n_nan, n_inf = _row(X + row.to(tl.int64) * stride, width, rowkey, WORD16, BLOCK)
+        _put(row, req, slot, l1, l2, s, ss, lo, hi, n_nan, n_inf, MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride,
+             LANES, lanes_stride)
+
+    @triton.jit
+    def _sites_kernel(SITES, SEQ, POS, MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride, LANES, lanes_stride,
+                      DT: tl.constexpr, BLOCK: tl.constexpr):
+        """Many sites of one dtype at once: ``SITES[k] = (address, row stride, width, slot)``; grid (rows, k)."""
+        row, k = tl.program_id(0), tl.program_id(1)
+        entry = SITES + k * 4
+        stride, width, slot = tl.load(entry + 1), tl.load(entry + 2), tl.load(entry + 3)
+        if DT == 0:
+            X = tl.load(entry).to(tl.pointer_type(tl.bfloat16))
+        elif DT == 1:
+            X = tl.load(entry).to(tl.pointer_type(tl.float16))
+        else:
+            X = tl.load(entry).to(tl.pointer_type(tl.float32))
+        req = tl.load(SEQ + row).to(tl.int64)
+        rowkey = _fmix(tl.load(POS + row).to(tl.uint32) * 0x7FEB352D + 0x165667B1)
+        l1, l2, s, ss, lo, hi, n_nan, n_inf = _row(X + row.to(tl.int64) * stride, width, rowkey, DT < 2, BLOCK)
+        _put(row, req, slot, l1, l2, s, ss, lo, hi, n_nan, n_inf, MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride,
+             LANES, lanes_stride)
+
+
+#: dtype codes of ``_sites_kernel``
+BATCHED_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
 def triton_covers(x: torch.Tensor) -> bool:
@@ -188,14 +220,28 @@ def triton_covers(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and x.element_size() in (2, 4) and x.dtype != torch.int16
 
 
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(rows, width)`` with unit column stride (a copy only when the layout needs one)."""
+    rows = x.shape[0] if x.dim() else 1
+    x2 = x.reshape(rows, -1)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def sites_stats_cuda(table: torch.Tensor, num_sites: int, rows: int, dtype: torch.dtype, seq_index: torch.Tensor,
+                     pos: torch.Tensor, moments: torch.Tensor, keys: torch.Tensor, bad: torch.Tensor,
+                     lanes: torch.Tensor) -> None:
+    """One launch for ``num_sites`` sites of one dtype listed in ``table`` ((n, 4) int64 on the device:
+    address, row stride, width, slot), each with ``rows`` rows (a decode graph's sites)."""
+    _sites_kernel[(rows, num_sites)](table, seq_index, pos, moments, moments.stride(0), keys, keys.stride(0), bad,
+                                     bad.stride(0), lanes, lanes.stride(0), DT=BATCHED_DTYPES[dtype], BLOCK=512,
+                                     num_warps=4)
+
+
 def site_stats_cuda(x: torch.Tensor, slot: int, seq_index: torch.Tensor, pos: torch.Tensor, moments: torch.Tensor,
                     keys: torch.Tensor, bad: torch.Tensor, lanes: torch.Tensor) -> None:
     """Launch the kernel for a CUDA tensor: one program per row, atomics into its request's entries."""
-    rows = x.shape[0] if x.dim() else 1
-    x2 = x.reshape(rows, -1)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    width = x2.shape[1]
+    x2 = rows_view(x)
+    rows, width = x2.shape
     block = min(4096, max(128, triton.next_power_of_2(width)))
     _site_kernel[(rows,)](x2, x2.stride(0), width, seq_index, pos, moments, moments.stride(0), keys, keys.stride(0),
                           bad, bad.stride(0), lanes, lanes.stride(0), slot, WORD16=x2.element_size() == 2,

@@ -4,15 +4,14 @@ Flash kernels never expose attention weights, so the debugger recomputes them fr
 (``layers.N.attn.q``) and the keys the request's block table points at. A key is looked up by its
 cache slot: the newest recorded step at or before the cursor that wrote that slot (its
 ``layers.N.attn.k`` row, found through the step's slot mapping) holds it; a slot no recorded step
-wrote comes from the engine's cache when live, or, in a recording started mid-run, from the
-snapshot of the cache taken when the recording began (``kv_start.safetensors``, written by
-``recording.start_recording``). Everything is moved to the host before it is combined: live
-tensors may sit on the GPU while recorded ones are on the host.
+wrote comes from the engine's cache when live, or, in a recording started mid-run, from the keys
+cached when the recording began (``catchup.blocks`` / ``catchup.k`` in its first step, see
+traces/README.md). Everything is moved to the host before it is combined: live tensors may sit on
+the GPU while recorded ones are on the host.
 """
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +21,8 @@ import torch
 from minillama import hooks
 from minillama.trace.tables import request_rows
 
-#: The cache snapshot a mid-run recording writes into its trace folder.
-KV_START = "kv_start.safetensors"
+#: How many of a trace's first steps are searched for the keys a mid-run recording caught up.
+CATCH_UP_STEPS = 4
 
 
 @dataclass
@@ -183,27 +182,27 @@ class KeyBook:
             where.clear()
             return "the engine's cache now"
         snap = self._load_snapshot()
-        if not snap or f"layers.{layer}.k" not in snap:
+        if snap is None:
             return None
-        pos = {int(s): n for n, s in enumerate(snap["slots"].tolist())}
+        pos, k = snap
         if any(s not in pos for s in where):
             return None
-        k = snap[f"layers.{layer}.k"]
         for s, p in where.items():
-            rows[p] = k[pos[s]]
+            rows[p] = k[layer, pos[s]]
         where.clear()
         return "the cache snapshot taken when the recording began"
 
-    def _load_snapshot(self) -> dict[str, torch.Tensor] | None:
+    def _load_snapshot(self) -> tuple[dict[int, int], torch.Tensor] | None:
+        """The keys a mid-run recording caught up: slot -> row, and (layers, slots, kv_heads, head_dim)."""
         if self._snapshot is False:
-            reader = getattr(self.tl, "reader", None)
-            path = os.path.join(reader.path, KV_START) if reader is not None else None
             self._snapshot = None
-            if path is not None and os.path.isfile(path):
-                from safetensors.torch import load_file
-
-                try:
-                    self._snapshot = load_file(path)
-                except Exception:  # a damaged snapshot only costs the weights of the early keys
-                    self._snapshot = None
+            first = int(getattr(self.tl, "first_step", lambda: 0)())
+            for i in range(first, min(first + CATCH_UP_STEPS, self.tl.num_steps())):
+                blocks, k = self.tl.tensor(i, "catchup.blocks"), self.tl.tensor(i, "catchup.k")
+                if blocks is None or k is None:
+                    continue
+                bs = k.shape[2]
+                slots = (host(blocks).long().unsqueeze(1) * bs + torch.arange(bs)).flatten().tolist()
+                self._snapshot = ({s: n for n, s in enumerate(slots)}, host(k).reshape(k.shape[0], -1, *k.shape[3:]))
+                break
         return self._snapshot  # type: ignore[return-value]

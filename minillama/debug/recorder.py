@@ -28,7 +28,11 @@ from minillama.debug import devstats
 from minillama.debug.records import StepRecord, capture_batch, site_catalog, table_tensors
 from minillama.debug.shadow import Shadow
 from minillama.debug.stepbuf import StatsBuffer
+from minillama.models.tokenizer import push_tokens
 from minillama.trace.format import SHADOW_FIELDS
+
+#: A recording that starts mid-run saves the cached keys of the running requests up to this size.
+CATCH_UP_BYTES = 256 << 20
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Recorder:
             self.shadow = Shadow(None if shadow == "reference" else shadow, llm.device, llm.dtype, cfg.head_dim)
         if llm.device.type == "cuda" and devstats.triton is None:
             raise ValueError("recording on CUDA needs Triton (pip install triton): the statistics run as a kernel")
+        self._check_patterns()
         layers = cfg.num_hidden_layers if self.shadow else 0
         reqs = llm.config.max_num_seqs
         self.buffer = StatsBuffer(len(self.catalog), reqs, max(llm.config.max_num_batched_tokens, reqs),
@@ -87,6 +92,10 @@ class Recorder:
         self._unfinished: deque[StepRecord] = deque()
         self._finish_lock = threading.Lock()
         self._attached = False
+        self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
+        self._to_fill: list[tuple[torch.Tensor, list[list[int]]]] = []
+        self._kept: list[torch.Tensor] = []
+        self._last_graph_site = next(s.name for s in reversed(self.catalog) if s.rows == "tokens")
         self.num_records = 0
         self.last_attention: dict[str, torch.Tensor] = {}  # the latest call's shadow/ref/plain outputs
 
@@ -105,6 +114,8 @@ class Recorder:
         self._attached = True
         if graphs is not None:
             graphs.capture()
+            self._fill_tables()
+            self.buffer.prepare_ring()
         return self
 
     def detach(self, reason: str = "finished") -> None:
@@ -127,6 +138,16 @@ class Recorder:
         err = exc[1]
         self.detach(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}" if err else "finished")
 
+    def _check_patterns(self) -> None:
+        names = [s.name for s in self.catalog]
+        if self.shadow is not None:
+            outs = ("ref", "plain") + (("shadow",) if self.shadow.backend is not None else ())
+            names += [f"layers.{i}.attn.out@{o}" for i in range(self.llm.model_config.num_hidden_layers) for o in outs]
+        for p in self.full_sites:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise ValueError(f"--full pattern {p!r} matches no site: sites are named like 'layers.3.attn.q', "
+                                 "'layers.*.mlp.out', 'logits', 'layers.*.attn.out@shadow' (with --shadow)")
+
     def is_full(self, name: str) -> bool:
         if name not in self._full:  # the sampled token ids are always kept
             self._full[name] = name == "sampled" or any(fnmatch.fnmatchcase(name, p) for p in self.full_sites)
@@ -148,14 +169,18 @@ class Recorder:
             self._site(site, tensor)
 
     def _begin(self, info: dict[str, Any]) -> None:
+        if self._to_fill:
+            self._fill_tables()
         batch, engine = info["batch"], info["engine"]
         reqs, rows = len(batch.seqs), batch.num_tokens
         ok = 0 < reqs <= self.buffer.max_reqs and rows <= self.buffer.max_rows
         if ok:
             self.buffer.reset(reqs)
         listed = list(batch.seqs)
+        catch_up = {}
         if self._catch_up:  # a recording that starts mid-run: say what the running requests are first
             listed += [s for s in (*engine.scheduler.running, *engine.scheduler.waiting) if s not in listed]
+            catch_up = self._cached_keys(listed)
         prompts = {}
         for s in listed:
             if s.seq_id not in self._seen or self._catch_up:
@@ -166,7 +191,20 @@ class Recorder:
         samples = sum(1 for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
                       if s.num_computed_tokens + n == len(s))
         self._cur = self._open[info["step"]] = _Open(info["step"], capture_batch(batch, engine), reqs, rows, samples,
-                                                      prompts, time.perf_counter(), ok)
+                                                      prompts, time.perf_counter(), ok, full=catch_up)
+
+    def _cached_keys(self, seqs) -> dict[str, torch.Tensor]:
+        """The keys already in the cache for ``seqs``' blocks (every layer), so views can rebuild attention
+        weights of a recording that starts mid-run; skipped above ``CATCH_UP_BYTES``."""
+        blocks = sorted({b for s in seqs for b in s.block_table})
+        cache = self.llm.runner.kv_cache
+        if not blocks or cache.numel() == 0:
+            return {}
+        per_block = cache[0, :, 0].numel() * cache.element_size()
+        if per_block * len(blocks) > CATCH_UP_BYTES:
+            return {}
+        idx = torch.tensor(blocks, dtype=torch.long, device=cache.device)
+        return {"catchup.blocks": torch.tensor(blocks, dtype=torch.int64), "catchup.k": cache[0][:, idx].clone()}
 
     def _site(self, site: str, tensor: torch.Tensor) -> None:
         slot = self.slot.get(site)
@@ -179,7 +217,11 @@ class Recorder:
             seq, pos = ctx.seq_index, ctx.positions
         x = tensor.detach()
         x = x.to(torch.int32) if x.dtype == torch.int64 else x
-        if x.is_cuda:
+        if x.is_cuda and self._batching(x, slot):
+            self._batched.append((devstats.rows_view(x), slot))  # launched with the others at the graph's end
+            if site == self._last_graph_site:
+                self._flush_batched(seq, pos)
+        elif x.is_cuda:
             b = self.buffer
             devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
         else:
@@ -193,6 +235,31 @@ class Recorder:
         self._cur.fired.add(slot)
         if self.is_full(site):
             self._cur.full[site] = tensor.detach().clone()
+
+    def _batching(self, x: torch.Tensor, slot: int) -> bool:
+        """Inside a CUDA graph capture, token sites are gathered and done by one kernel at the end."""
+        return (hooks.capturing and x.dtype in devstats.BATCHED_DTYPES and self.catalog[slot].rows == "tokens"
+                and torch.cuda.is_current_stream_capturing())
+
+    def _flush_batched(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
+        """One launch per dtype for every site gathered in this graph; their address tables are filled in
+        after the capture (``_fill_tables``), since only then may host data be copied."""
+        b = self.buffer
+        groups: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
+        for x, slot in self._batched:
+            groups.setdefault(x.dtype, []).append((x, slot))
+        for dtype, items in groups.items():
+            table = torch.zeros((len(items), 4), dtype=torch.int64, device=b.device)
+            rows = items[0][0].shape[0]
+            devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
+            self._to_fill.append((table, [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
+        self._batched = []
+
+    def _fill_tables(self) -> None:
+        for table, data in self._to_fill:
+            table.copy_(torch.tensor(data, dtype=torch.int64))
+        self._kept += [t for t, _ in self._to_fill]  # the graphs read them at every replay
+        self._to_fill = []
 
     def _attention(self, out: torch.Tensor, call) -> None:
         if self.shadow is None:
@@ -249,22 +316,25 @@ class Recorder:
             self.on_record(rec)
 
     # ---- finishing (the writer's thread, or a live view) ----------------------------------------
-    def finished(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """``rec``'s event (its ``batch`` too) and tensors as the trace stores them (earlier steps first)."""
-        with self._finish_lock:
+    def _finish_upto(self, rec: StepRecord) -> None:
+        with self._finish_lock:  # text pieces are decoded in step order, once
             while self._unfinished and self._unfinished[0].step <= rec.step:
                 self._finish(self._unfinished.popleft())
+
+    def event_of(self, rec: StepRecord) -> dict[str, Any]:
+        """``rec``'s step event as views read it (its ``batch`` dict included), finishing earlier steps first."""
+        self._finish_upto(rec)
+        rec.event["batch"] = rec.batch()
+        return rec.event
+
+    def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What the trace writer stores: the event without its ``batch`` (its tables are in the blob)."""
+        self._finish_upto(rec)
         tensors = dict(rec.full)
         if rec.snapshot is not None:
             tensors.update(table_tensors(rec.tables(self.catalog, self.shadow is not None)))
         tensors.update({k: torch.from_numpy(v) for k, v in rec.arrays().items()})
-        rec.event["batch"] = rec.batch()
-        return rec.event, tensors
-
-    def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """What the trace writer stores: the event without its ``batch`` (its tables are in the blob)."""
-        event, tensors = self.finished(rec)
-        return {k: v for k, v in event.items() if k != "batch"}, tensors
+        return {k: v for k, v in rec.event.items() if k != "batch"}, tensors
 
     def _finish(self, rec: StepRecord) -> None:
         ev, tok, raw = rec.event, self.llm.tokenizer, rec.raw_batch
@@ -275,17 +345,24 @@ class Recorder:
             if p["generated"]:
                 dec = self._decoders[int(sid)] = tok.stream_decoder()
                 p["text_so_far"] = "".join(dec.push(t) for t in p["generated"])
-        pieces = {}
-        for sid, t in ev["sampled"].items():
-            dec = self._decoders.get(int(sid))
-            if dec is None:
-                dec = self._decoders[int(sid)] = tok.stream_decoder()
-            pieces[sid] = dec.push(t)
-        ev["pieces"] = pieces
+        sids = list(ev["sampled"])
+        decoders = [self._decoder(int(sid)) for sid in sids]
+        if hasattr(tok, "decode_batch"):  # one call into the tokenizer for the whole batch
+            texts = push_tokens(decoders, [ev["sampled"][sid] for sid in sids])
+        else:
+            texts = [d.push(ev["sampled"][sid]) for d, sid in zip(decoders, sids, strict=True)]
+        pieces = dict(zip(sids, texts, strict=True))
         for sid, _reason in ev["finished"]:
             dec = self._decoders.pop(int(sid), None)
             if dec is not None:
                 pieces[str(sid)] = pieces.get(str(sid), "") + dec.flush()
+        ev["pieces"] = pieces
+
+    def _decoder(self, sid: int):
+        dec = self._decoders.get(sid)
+        if dec is None:
+            dec = self._decoders[sid] = self.llm.tokenizer.stream_decoder()
+        return dec
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

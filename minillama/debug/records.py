@@ -116,6 +116,7 @@ def decode_tables(raw: dict[str, np.ndarray], catalog: list[SiteSpec], batch: di
         var = np.maximum(ss - s * mean, 0.0) / np.maximum(n - 1, 1)
     std = np.where(n > 1, np.sqrt(var), np.where(n == 1, 0.0, np.nan))
     lo, hi = keys_to_float(raw["keys"][..., 0]), keys_to_float(raw["keys"][..., 1])
+    lo[n == 0], hi[n == 0] = np.nan, np.nan  # no finite value: no min or max
     r_idx, s_idx = np.nonzero(raw["bad"].any(-1))
     sparse = np.stack([s_idx, r_idx, raw["bad"][r_idx, s_idx, 0], raw["bad"][r_idx, s_idx, 1]], axis=1)
     return {"stats": np.stack([mean, std, lo, hi], axis=-1).astype(np.float32),
@@ -155,8 +156,13 @@ class StepRecord:
             self._batch = batch_summary(self.raw_batch, self.arrays())
         return self._batch
 
+    def rows(self) -> dict[str, Any]:
+        """Just what the tables' row layout needs (each request's new tokens and whether it samples), cheaply."""
+        seqs = self.arrays()[T_SEQS]
+        return {"seqs": [{"num_new": int(n), "samples": bool(f & FLAG_SAMPLES)} for n, f in seqs[:, [4, 7]].tolist()]}
+
     def tables(self, catalog: list[SiteSpec], shadow: bool) -> dict[str, np.ndarray] | None:
         """The decoded statistics tables (waits for the step's copies to land)."""
         if self._tables is None and self.snapshot is not None:
-            self._tables = decode_tables(self.snapshot.tables(), catalog, self.batch(), shadow)
+            self._tables = decode_tables(self.snapshot.tables(), catalog, self.rows(), shadow)
         return self._tables

@@ -99,7 +99,7 @@ class DebugSession:
         if isinstance(prompt, str):
             tok = self.llm.tokenizer
             prompt = tok.encode_chat([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
-        self.llm.check_prompt(list(prompt))
+        self.llm.check_prompt(list(prompt), (params or SamplingParams()).max_tokens)
         with self._cond:
             self._pending.append((list(prompt), params or SamplingParams(temperature=0, max_tokens=64)))
             self._cond.notify_all()
@@ -194,7 +194,7 @@ class DebugSession:
     @property
     def events(self) -> list[dict[str, Any]]:
         """Finished steps' events still in the history (the same dicts a trace stores)."""
-        return [self.recorder.finished(rec)[0] for rec in list(self.recorder.history)]
+        return [self.recorder.event_of(rec) for rec in list(self.recorder.history)]
 
     @property
     def current_event(self) -> dict[str, Any] | None:
@@ -286,7 +286,7 @@ class DebugSession:
         """A step finished: check conditional breakpoints on its statistics (steps that ran at speed)."""
         if self._stop or hooks.eager or not any(bp.enabled and bp.condition for bp in self.breakpoints):
             return
-        event = {**rec.event, "batch": rec.batch()}
+        event = {**rec.event, "batch": rec.rows()}  # the row layout is all the conditions need
         tables = rec.tables(self.recorder.catalog, self.recorder.shadow is not None)
         catalog = [s.to_json() for s in self.recorder.catalog]
         dtype = str(self.llm.dtype).removeprefix("torch.")

@@ -5,6 +5,7 @@ model is loaded. ``LiveRun`` owns a ``DebugSession`` on an engine and survives i
 request that broke a step is failed alone (``recover``), a new session goes on with the others on
 the same engine, and ``ChainTimeline`` keeps every session's history as one timeline.
 ``submit_check`` refuses a prompt that cannot run (empty, too long, more KV blocks than exist).
+Requests the engine itself fails (``engine.guard``) finish with reason "error" like any other.
 """
 
 from __future__ import annotations
@@ -77,17 +78,10 @@ def check_options(opts: LiveOptions) -> None:
         raise OptionError("--device cuda: no CUDA GPU is usable here: use --device cpu")
 
 
-def submit_check(llm: Any, token_ids: list[int]) -> None:
-    """Raise ``RequestError`` (one line) for a prompt the engine could never run, before it is queued."""
-    from minillama.engine.llm_engine import RequestError
-
-    llm.check_prompt(token_ids)
-    bs = llm.block_manager.block_size
-    need = -(-(len(token_ids) + 1) // bs)
-    have = len(llm.block_manager.blocks)
-    if need > have:
-        raise RequestError(f"the prompt needs {need} KV blocks of {bs} tokens but the cache has {have}: shorten it "
-                           "or start with more --num-kvcache-blocks")
+def submit_check(llm: Any, token_ids: list[int], max_tokens: int) -> None:
+    """Raise ``RequestError`` (one line) for a prompt the engine could never run, before it is queued (empty,
+    longer than max_model_len, more KV blocks than the cache has: ``LLMEngine.check_prompt``)."""
+    llm.check_prompt(token_ids, max_tokens)
 
 
 def open_trace(path: str):
@@ -118,7 +112,10 @@ class LiveRun:
     def _new_session(self):
         from minillama.debug.session import DebugSession
 
-        session = DebugSession(self.llm, shadow=self.opts.shadow, full_sites=self.opts.full_sites, pause_at_start=True)
+        full = self.opts.full_sites
+        if full == DEFAULT_FULL_SITES and self.opts.shadow is None:  # no shadow: no @shadow / @ref outputs to keep
+            full = tuple(p for p in full if "@" not in p)
+        session = DebugSession(self.llm, shadow=self.opts.shadow, full_sites=full, pause_at_start=True)
         graph_copies(session.recorder)
         return session
 
@@ -138,7 +135,7 @@ class LiveRun:
             ids = self.llm.tokenizer.encode_chat([{"role": "user", "content": prompt}])
         else:
             ids = list(prompt)
-        submit_check(self.llm, ids)
+        submit_check(self.llm, ids, self.opts.max_tokens)
         self.session.submit(ids, self.params())
         return ids
 
@@ -195,19 +192,13 @@ def culprits(session: Any, error: BaseException) -> dict[int, str]:
 
 
 def abort_request(llm: Any, seq_id: int, reason: str) -> Any:
-    """Take request ``seq_id`` out of the engine (its blocks freed); returns its ``Sequence`` (None: not there)."""
-    from minillama.engine.sequence import SequenceStatus
-
+    """Retire request ``seq_id`` with finish reason "error" (``Scheduler.fail``: its blocks freed); returns its
+    ``Sequence`` (None: it is not running or waiting)."""
     sched = llm.scheduler
-    for queue in (sched.running, sched.waiting):
-        for seq in list(queue):
-            if seq.seq_id == seq_id:
-                queue.remove(seq)
-                if seq.block_table:
-                    llm.block_manager.deallocate(seq)
-                seq.status = SequenceStatus.FINISHED
-                seq.finish_reason = f"error ({reason})"
-                return seq
+    for seq in (*sched.running, *sched.waiting):
+        if seq.seq_id == seq_id:
+            sched.fail(seq, reason)
+            return seq
     return None
 
 

@@ -131,13 +131,17 @@ class StatsBuffer:
             self._order.append(slot)
         return snap
 
-    def _acquire(self) -> int:
-        """A free ring slot; when all are held, the oldest snapshot is copied out to free its slot."""
-        if not self._ring:
+    def prepare_ring(self) -> None:
+        """Allocate the pinned ring now (page-locking takes a while), not at the first step."""
+        if not self._ring and self.device.type == "cuda":
             self._ring = [(torch.empty(self.req.shape, dtype=self.req.dtype, pin_memory=True),
                            torch.empty(self.rows.shape, dtype=self.rows.dtype, pin_memory=True))
                           for _ in range(RING)]
             self._free = deque(range(RING))
+
+    def _acquire(self) -> int:
+        """A free ring slot; when all are held, the oldest snapshot is copied out to free its slot."""
+        self.prepare_ring()
         while True:
             with self._ring_lock:
                 if self._free:

@@ -155,7 +155,7 @@ class LiveTimeline:
     def event(self, i: int) -> dict[str, Any] | None:
         rec = self._record(i)
         if rec is not None:
-            return self.recorder.finished(rec)[0]
+            return self.recorder.event_of(rec)
         return self._current() if i == self.recorder.num_records else None
 
     def engine_step(self, i: int) -> int:
@@ -180,7 +180,7 @@ class LiveTimeline:
     def _tables(self, i: int) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         rec = self._record(i)
         if rec is not None:
-            ev = self.recorder.finished(rec)[0]
+            ev = self.recorder.event_of(rec)
             tabs = rec.tables(self.recorder.catalog, self.recorder.shadow is not None)
             return (ev, tabs) if tabs is not None else None
         ev = self._current()

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 #: Score elements one launch may hold; longer prompts are judged a slice of rows at a time.
 SCRATCH_ELEMENTS = 1 << 26
-BLOCK_N = 32
+BLOCK_N = 64
 
 
 def covers(call, dtype: torch.dtype) -> bool:
@@ -54,6 +54,7 @@ if triton is not None:
     @triton.jit
     def _scores(Q, q_row, q_head, K, k_row, k_head, BT, bt_stride, CUK, SEQ, POS, S, s_row, s_head, bs, width,
                 group, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PAGED: tl.constexpr):
+        """S[row, h, j] = q·k for one row's group of query heads and a tile of keys."""
         row, kh, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         pos = tl.load(POS + row)
         if tile * BLOCK <= pos:
@@ -64,12 +65,13 @@ if triton is not None:
             d = tl.arange(0, D)
             g = tl.arange(0, GP)
             heads = kh * group + g
+            live = g < group
             k = tl.load(K + krow[:, None] * k_row + kh * k_head + d[None, :], mask=ok[:, None], other=0.0)
-            q = tl.load(Q + row * q_row + heads[:, None] * q_head + d[None, :], mask=(g < group)[:, None], other=0.0)
-            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)  # (GP, BLOCK)
+            q = tl.load(Q + row * q_row + heads[:, None] * q_head + d[None, :], mask=live[:, None], other=0.0)
+            # bf16/fp16 values are exact in TF32, so the matrix units multiply them exactly (float32 sums)
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))  # (GP, BLOCK)
             s = tl.where(ok[None, :], s, float("-inf"))
-            tl.store(S + row * s_row + heads[:, None] * s_head + j[None, :], s,
-                     mask=(g < group)[:, None] & (j < width)[None, :])
+            tl.store(S + row * s_row + heads[:, None] * s_head + j[None, :], s, mask=live[:, None] & (j < width)[None, :])
 
     @triton.jit
     def _softmax(S, P, s_row, s_head, POS, scale, width, BF16: tl.constexpr, BLOCK: tl.constexpr):
@@ -104,6 +106,8 @@ if triton is not None:
     def _weighted_sum(S, P, s_row, s_head, V, v_row, v_head, BT, bt_stride, CUK, SEQ, POS, REF, PLAIN, o_row, o_head,
                       bs, width, group, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                       PAGED: tl.constexpr):
+        """O = P·V for the reference (float32 products and sums, "ieee") and the plain budget (its rounded
+        probabilities times bf16/fp16 values are exact in TF32, so the fast path loses nothing)."""
         row, kh = tl.program_id(0), tl.program_id(1)
         n = tl.minimum(tl.load(POS + row) + 1, width)
         seq = tl.load(SEQ + row).to(tl.int64)
@@ -122,9 +126,9 @@ if triton is not None:
             keep = live[:, None] & ok[None, :]
             p = tl.load(S + off, mask=keep, other=0.0)
             pp = tl.load(P + off, mask=keep, other=0.0)
-            vf = v.to(tl.float32)[None, :, :]
-            acc += tl.sum(p[:, :, None] * vf, 1)
-            accp += tl.sum(pp[:, :, None] * vf, 1)
+            vf = v.to(tl.float32)
+            acc += tl.dot(p, vf, input_precision="ieee")
+            accp += tl.dot(pp, vf)
         out = row * o_row + heads[:, None] * o_head + d[None, :]
         tl.store(REF + out, acc, mask=live[:, None])
         tl.store(PLAIN + out, accp.to(PLAIN.dtype.element_ty), mask=live[:, None])
@@ -185,7 +189,7 @@ def judge(call, dtype: torch.dtype, width: int) -> tuple[torch.Tensor, torch.Ten
         bt, bt_stride, cuk = ctx.cu_seqlens_k, 0, ctx.cu_seqlens_k
     hk = k.shape[-2]
     group = heads // hk
-    gp = triton.next_power_of_2(group)
+    gp = max(16, triton.next_power_of_2(group))  # the matrix units want 16 rows at least
     ref = torch.empty((rows, heads, d), dtype=torch.float32, device=q.device)
     plain = torch.empty((rows, heads, d), dtype=dtype, device=q.device)
     step = rows if hooks.capturing else max(1, SCRATCH_ELEMENTS // max(1, heads * width))
@@ -212,6 +216,8 @@ def metrics(active: torch.Tensor, shadow: torch.Tensor | None, ref: torch.Tensor
     rows = active.shape[0]
     n = active[0].numel() if rows else 0
     a = active.reshape(rows, n)
+    a = a if a.stride(-1) == 1 else a.contiguous()
     s = shadow.reshape(rows, n) if shadow is not None else a
+    s = s if s.stride(-1) == 1 else s.contiguous()
     _metrics[(rows,)](a, a.stride(0), s, s.stride(0), ref, plain, seq_index, table, table.view(torch.int32),
                       table.stride(0), n, HAS_SHADOW=shadow is not None, BLOCK=1024, num_warps=4)

@@ -6,11 +6,10 @@ gaps. One graph is captured per batch size in ``sizes`` over static input buffer
 the spare KV slot (slot -1) and reading no keys (context length 0).
 
 The graphs read the block table at its full width (``max_model_len`` worth of blocks). That is
-free for flash-attn and for the torch backend's Triton decode kernel, which stop at each
-sequence's length, but the torch backend in plain PyTorch (no Triton, or
-``MINILLAMA_TORCH_DECODE=pytorch``) gathers that many keys per sequence: then graphs are captured
-only for batches of up to ``SMALL_BATCH`` sequences (where launches dominate), and larger decode
-steps run eagerly, gathering keys only up to the batch's longest sequence.
+free for a backend whose kernels stop at each sequence's length; one whose decode work grows with
+the table width says how large a batch it still wants graphs for
+(``backend.graph_decode_max_batch``), and larger decode steps run eagerly, with tables only as
+wide as the batch's longest sequence needs.
 
 Hook listeners that only enqueue device work at sites (``hooks.eager`` False: the debugger's
 statistics, copies of full tensors, the shadow attention) are captured inside the graphs: a second
@@ -23,11 +22,7 @@ from __future__ import annotations
 import torch
 
 from minillama import hooks
-from minillama.attention import get_backend, triton_decode
 from minillama.context import Context, get_context, set_context
-
-# The largest batch the torch backend replays graphs for: up to here launch overhead dominates.
-SMALL_BATCH = 32
 
 
 class DecodeGraphs:
@@ -35,13 +30,11 @@ class DecodeGraphs:
         cfg = runner.config
         self.model = runner.model
         self.forward_scope = runner.backend.forward_scope
-        max_bs = min(cfg.max_num_seqs, 512)
-        head_dim = runner.model_config.head_dim
-        if get_backend(cfg.backend).name == "torch" and not triton_decode.covers(head_dim, runner.device):
-            max_bs = min(max_bs, SMALL_BATCH)  # see the module docstring
+        max_blocks = -(-cfg.max_model_len // cfg.kvcache_block_size)
+        max_bs = min(cfg.max_num_seqs, 512, runner.backend.graph_decode_max_batch(max_blocks * cfg.kvcache_block_size))
         self.sizes = [s for s in (1, 2, 4, 8) if s < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
         self.sizes = sorted(set(self.sizes))
-        self.max_blocks = -(-cfg.max_model_len // cfg.kvcache_block_size)
+        self.max_blocks = max_blocks
         dev = runner.device
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)

@@ -12,19 +12,18 @@ from minillama import hooks
 from minillama.attention import get_backend
 from minillama.config import Config
 from minillama.engine.block_manager import BlockManager
+from minillama.engine.guard import RequestError, fail_requests, prompt_token_ids, run_apart
 from minillama.engine.model_runner import ModelRunner, PendingTokens
 from minillama.engine.scheduler import ScheduledBatch, Scheduler
 from minillama.engine.sequence import Sequence
 from minillama.models.config import ModelConfig
 from minillama.models.llama import LlamaForCausalLM
 from minillama.models.loader import load_weights, open_model
+from minillama.options import DTYPES
 from minillama.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve (too long, empty); the message says how to fix it."""
+__all__ = ["LLMEngine", "RequestError", "init_random_weights", "resolve_device", "resolve_dtype"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,11 +38,9 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-    if name not in table:
+    if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: choose one of auto, float32, bfloat16, float16")
-    return table[name]
+    return getattr(torch, DTYPES[name])
 
 
 class TokenIdsOnly:
@@ -134,8 +131,7 @@ class LLMEngine:
         if loaded is None:
             init_random_weights(model)
         else:
-            load_weights(model, loaded.weights())
-            loaded._gguf_weights = None  # drop the host copy
+            load_weights(model, loaded.weights())  # streamed: one host tensor at a time
         return model.eval()
 
     def _num_blocks_from_memory(self) -> int:
@@ -175,13 +171,18 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt(token_ids)
+        """Queue one request; anything wrong with it raises ``RequestError`` (or ``SamplingParamsError``) now."""
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}: "
+                               "build one with SamplingParams(temperature=..., max_tokens=...)")
+        params.validate()  # fields may have been changed since construction
+        token_ids = prompt_token_ids(self.tokenizer, prompt)
+        self.check_prompt(token_ids, params.max_tokens)
         seq = Sequence(token_ids, params, self.config.kvcache_block_size)
         self.scheduler.add(seq)
         return seq
 
-    def check_prompt(self, token_ids: list[int]) -> None:
+    def check_prompt(self, token_ids: list[int], max_tokens: int = 1) -> None:
         """Raise ``RequestError`` (one line naming the fix) for a prompt this engine cannot run."""
         if not token_ids:
             raise RequestError("the prompt is empty: give at least one token")
@@ -193,6 +194,12 @@ class LLMEngine:
         if max(token_ids) >= self.model_config.vocab_size or min(token_ids) < 0:
             raise RequestError(f"token ids must be in [0, {self.model_config.vocab_size}): the prompt has "
                                f"{max(token_ids)}")
+        bs = self.config.kvcache_block_size
+        need = -(-min(len(token_ids) + max_tokens, limit) // bs)
+        if need > self.num_kvcache_blocks:  # it could never run, and would block the queue
+            raise RequestError(f"the request needs {need} KV blocks of {bs} tokens but the cache has "
+                               f"{self.num_kvcache_blocks}: lower max_tokens or max_model_len, or give the "
+                               "cache more blocks")
 
     def has_unfinished(self) -> bool:
         return not self.scheduler.is_finished() or self._pending is not None
@@ -216,17 +223,24 @@ class LLMEngine:
         step = self.num_steps
         if hooks.enabled:
             hooks.emit(hooks.STEP_BEGIN, None, step=step, batch=batch, engine=self)
+        failed: list[Sequence] = []
         if overlap:
-            launched = self._launch(batch, step) if batch.seqs else None
-            finished = self._collect() if self._pending is not None else []
+            try:
+                launched = self._launch(batch, step) if batch.seqs else None
+            except Exception as e:  # one bad request must not poison the engine: fail it alone
+                launched, failed = None, fail_requests(self, batch, e)
+            finished = (self._collect() if self._pending is not None else []) + failed
             self._pending = launched
         else:
-            tokens = self.runner.launch(batch, step)
-            if hooks.enabled:
-                hooks.emit(hooks.STEP_LAUNCHED, None, step=step, batch=batch, engine=self,
-                           graphed=self.runner.graphed)
-            sampled = [t if t >= 0 else None for t in tokens.tolist()]
-            finished = self.scheduler.postprocess(batch, sampled)
+            try:
+                tokens = self.runner.launch(batch, step)
+                if hooks.enabled:
+                    hooks.emit(hooks.STEP_LAUNCHED, None, step=step, batch=batch, engine=self,
+                               graphed=self.runner.graphed)
+                sampled = [t if t >= 0 else None for t in tokens.tolist()]
+            except Exception as e:  # one bad request must not poison the engine: fail it alone
+                batch, sampled, failed = run_apart(self, batch, e)
+            finished = self.scheduler.postprocess(batch, sampled) + failed
             if hooks.enabled:
                 hooks.emit(hooks.STEP_END, None, step=step, batch=batch, sampled=sampled, finished=finished,
                            engine=self)
@@ -251,7 +265,7 @@ class LLMEngine:
             host, done = tokens, None
         if hooks.enabled:
             hooks.emit(hooks.STEP_LAUNCHED, None, step=step, batch=batch, engine=self, graphed=self.runner.graphed)
-        return _InFlight(PendingTokens(tokens, row_of), rows, host, done, batch, step)
+        return _InFlight(PendingTokens(tokens, row_of), rows, host, done, batch, step, hooks.enabled)
 
     def _collect(self) -> list[Sequence]:
         """Wait for the step in flight's tokens (only for that step, not the one launched after it)."""
@@ -260,7 +274,7 @@ class LLMEngine:
             pending.done.synchronize()
         tokens = pending.host.tolist()
         finished = self.scheduler.confirm(pending.rows, [t for t in tokens if t >= 0])
-        if hooks.enabled:
+        if hooks.enabled and pending.announced:  # listeners that saw it begin see it end
             hooks.emit(hooks.STEP_END, None, step=pending.step, batch=pending.batch,
                        sampled=[t if t >= 0 else None for t in tokens], finished=finished, engine=self)
         return finished
@@ -276,3 +290,4 @@ class _InFlight:
     done: torch.cuda.Event | None
     batch: ScheduledBatch
     step: int
+    announced: bool  # step.begin was emitted for it

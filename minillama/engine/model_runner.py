@@ -44,10 +44,10 @@ class ModelRunner:
         self.kv_cache = torch.empty(0)
         self.graphs = None  # CUDA graphs for decode, see cuda_graph.py
         self.graphed = False  # whether the last forward pass replayed a graph
-        # The torch backend pads every sequence's queries to the longest one: on a GPU, run the
+        # A backend that pads every sequence's queries to the longest one: on a GPU, run the
         # decodes and the prompt chunks of a mixed batch as two forward passes (see ``run``).
         self.backend = get_backend(config.backend)
-        self.split_mixed_batches = device.type == "cuda" and self.backend.name == "torch"
+        self.split_mixed_batches = device.type == "cuda" and self.backend.pads_queries
 
     # ---- KV cache -------------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -150,8 +150,8 @@ class ModelRunner:
         row samples nothing. ``PENDING`` input ids are taken from ``prev`` (the step before, still in flight)."""
         if not self._split_mixed(batch):
             return self._run(batch, step, prev)
-        # With the torch backend, a batch that mixes decodes (1 query) with prompt chunks
-        # (hundreds) would be nearly all padding: run the two parts as separate passes.
+        # With a backend that pads queries, a batch that mixes decodes (1 query) with prompt
+        # chunks (hundreds) would be nearly all padding: run the two parts as separate passes.
         tokens = torch.full((len(batch.seqs),), -1, dtype=torch.int64, device=self.device)
         decode = [s.num_computed_tokens == len(s) - 1 for s in batch.seqs]
         for part in (True, False):

@@ -131,6 +131,18 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def fail(self, seq: Sequence, message: str) -> None:
+        """Retire ``seq`` with finish reason "error" and ``message``; its blocks go back to the cache."""
+        del seq.token_ids[len(seq.token_ids) - seq.num_pending:]  # placeholders of steps in flight
+        seq.num_pending = 0
+        seq.finish_reason, seq.error = "error", message
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.deallocate(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
     # ---- overlapped steps: launch now, learn the sampled tokens one step later ------------------
     def launched(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
         """A batch went to the GPU: account its tokens and give each sampling sequence a placeholder.

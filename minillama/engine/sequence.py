@@ -38,7 +38,8 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hits on the latest admission
         self.num_preemptions = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # "stop", "length" or "error"
+        self.error: str | None = None  # why it failed, when finish_reason == "error"
         self.block_hashes: list[int] = []  # hash chain of its full, computed blocks
         self.num_pending = 0  # trailing PENDING placeholders
 

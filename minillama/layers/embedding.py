@@ -12,6 +12,9 @@ class Embedding(nn.Embedding):
         super().__init__(vocab_size, hidden_size)
         self.weight.weight_loader = lambda p, t, shard_id=None: p.data.copy_(t)
 
+    def reset_parameters(self) -> None:
+        """No random init: the weights are loaded next (untouched memory until then, see ``Linear``)."""
+
 
 class LMHead(nn.Module):
     """Projects hidden states to vocabulary logits, always in float32."""

@@ -16,6 +16,11 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.weight.weight_loader = self.weight_loader
 
+    def reset_parameters(self) -> None:
+        """No random init: every weight comes from a checkpoint (or ``init_random_weights``). Leaving
+        the memory untouched until then keeps loading to one copy of the weights in RSS and saves
+        drawing ~10^8 random numbers for a model that is about to be overwritten."""
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.shape != loaded.shape:
             raise ValueError(f"weight shape {tuple(loaded.shape)} does not match the model's {tuple(param.shape)}")

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from minillama.models.config_checks import as_int, check_model_config
 from minillama.models.errors import ModelLoadError
 
 
@@ -47,8 +48,11 @@ class ModelConfig:
         ``type`` or ``rope_type``, and transformers 5's ``rope_parameters`` which also holds
         ``rope_theta``.
         """
-        gen = generation_config or {}
         where = source or "config.json"
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"{where} holds a JSON {type(d).__name__}, not an object of settings: "
+                                 "use the config.json that came with the model weights")
+        gen = generation_config if isinstance(generation_config, dict) else {}
 
         def need(key: str) -> Any:
             value = d.get(key)
@@ -58,8 +62,8 @@ class ModelConfig:
                 )
             return value
 
-        heads = int(need("num_attention_heads"))
-        hidden = int(need("hidden_size"))
+        heads = as_int(need("num_attention_heads"), "num_attention_heads", where)
+        hidden = as_int(need("hidden_size"), "hidden_size", where)
         kv_heads = d.get("num_key_value_heads")
         head_dim = d.get("head_dim")
 
@@ -67,48 +71,51 @@ class ModelConfig:
         if not isinstance(rope_params, dict):
             rope_params = {}
         rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        rope_scaling = _normalize_rope_scaling(d.get("rope_scaling") or rope_params or None)
+        rope_scaling = _normalize_rope_scaling(d.get("rope_scaling") or rope_params or None, where)
 
         # Generation config first: it is what HF's generate() stops on.
-        eos_ids = _as_id_list(gen.get("eos_token_id")) + _as_id_list(d.get("eos_token_id"))
+        eos_ids = _as_id_list(gen.get("eos_token_id"), where) + _as_id_list(d.get("eos_token_id"), where)
         bos = gen.get("bos_token_id", d.get("bos_token_id"))
         if isinstance(bos, list):  # seen in the wild; the first one is the one a prompt starts with
             bos = bos[0] if bos else None
+        dtype = d.get("torch_dtype") or d.get("dtype")
 
         return cls(
             hidden_size=hidden,
-            num_hidden_layers=int(need("num_hidden_layers")),
+            num_hidden_layers=need("num_hidden_layers"),
             num_attention_heads=heads,
-            num_key_value_heads=int(kv_heads) if kv_heads is not None else heads,
-            head_dim=int(head_dim) if head_dim is not None else hidden // heads,
-            intermediate_size=int(need("intermediate_size")),
-            vocab_size=int(need("vocab_size")),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default
-            rope_theta=float(rope_theta),
+            num_key_value_heads=kv_heads if kv_heads is not None else heads,
+            head_dim=head_dim if head_dim is not None else hidden // heads,
+            intermediate_size=need("intermediate_size"),
+            vocab_size=need("vocab_size"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),  # LlamaConfig's default
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=int(bos) if bos is not None else None,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            bos_token_id=bos,
             eos_token_ids=list(dict.fromkeys(eos_ids)),
-            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
-            source=source,
+            torch_dtype=dtype if isinstance(dtype, str) else None,
+            source=source or where,
         )
+
+    def __post_init__(self) -> None:
+        check_model_config(self)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; ``ModelConfig(**cfg.to_dict())`` gives the config back."""
         return dataclasses.asdict(self)
 
 
-def _as_id_list(value: Any) -> list[int]:
+def _as_id_list(value: Any, where: str) -> list[int]:
     """``eos_token_id`` may be missing, an int, or a list of ints."""
     if value is None:
         return []
-    if isinstance(value, list | tuple):
-        return [int(v) for v in value if v is not None]
-    return [int(value)]
+    values = value if isinstance(value, list | tuple) else [value]
+    return [as_int(v, "eos_token_id", where, low=0) for v in values if v is not None]
 
 
-def _normalize_rope_scaling(scaling: dict | None) -> dict | None:
+def _normalize_rope_scaling(scaling: Any, where: str) -> dict | None:
     """HF rope scaling with the type under ``rope_type``; ``None`` for plain RoPE.
 
     ``rope_parameters`` (transformers 5) carries ``rope_theta`` too, and says ``"default"`` when
@@ -116,6 +123,9 @@ def _normalize_rope_scaling(scaling: dict | None) -> dict | None:
     """
     if not scaling:
         return None
+    if not isinstance(scaling, dict):
+        raise ModelLoadError(f"{where} has rope_scaling={scaling!r}, not an object: "
+                             "use the config.json that came with the model weights")
     out = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type in (None, "default", "none"):

@@ -27,12 +27,15 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf.quants import dequantize
 
 from minillama.models.config import ModelConfig
+from minillama.models.config_checks import as_float, as_int, num_parameters
 from minillama.models.errors import ModelLoadError
 
 __all__ = [
     "GGUFTokenizerData",
     "load_gguf",
     "load_gguf_metadata",
+    "open_gguf",
+    "GGUFWeights",
     "iter_gguf_tensors",
     "gguf_to_hf_name",
 ]
@@ -306,7 +309,22 @@ def _tensor_array(buf: mmap.mmap, info: _TensorInfo) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float32)
     if not arr.flags.writeable or not arr.flags.c_contiguous:
         arr = np.array(arr, dtype=np.float32, order="C", copy=True)
+    del raw
+    _drop_pages(buf, info.start, info.n_bytes)
     return arr
+
+
+def _drop_pages(buf: mmap.mmap, start: int, length: int) -> None:
+    """Let the kernel take back the mapped pages of a tensor already read: they would otherwise
+    count in the process's RSS until the file is closed (re-reading them just faults them in)."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or length <= 0:
+        return
+    begin = start - start % mmap.PAGESIZE
+    try:
+        buf.madvise(advice, begin, start + length - begin)
+    except (OSError, ValueError):
+        pass  # only an optimisation
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -410,17 +428,19 @@ def _build(gf: _GGUFFile, buf: mmap.mmap) -> tuple[ModelConfig, GGUFTokenizerDat
         return value
 
     tok = _tokenizer_data(gf)
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
-    kv_heads = int(_meta(gf, f"{arch}.attention.head_count_kv", heads))
-    head_dim = int(_meta(gf, f"{arch}.attention.key_length", hidden // heads))
+    where = f"GGUF file {path}"
+    hidden = as_int(need("embedding_length"), f"{arch}.embedding_length", where)
+    heads = as_int(need("attention.head_count"), f"{arch}.attention.head_count", where)
+    kv_heads = _meta(gf, f"{arch}.attention.head_count_kv", heads)
+    head_dim = as_int(_meta(gf, f"{arch}.attention.key_length", hidden // heads), f"{arch}.attention.key_length",
+                      where)
     rope_dim = _meta(gf, f"{arch}.rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != head_dim:
         raise ModelLoadError(
             f"GGUF file {path} rotates only {rope_dim} of {head_dim} head dims (partial RoPE), which "
             "Llama models do not do: use a Llama-architecture model"
         )
-    theta = _float32(_meta(gf, f"{arch}.rope.freq_base", 10000.0))
+    theta = _float32(as_float(_meta(gf, f"{arch}.rope.freq_base", 10000.0), f"{arch}.rope.freq_base", where))
     tensor_names = {t.name for t in gf.tensors}
     token_embd = next((t for t in gf.tensors if t.name == "token_embd.weight"), None)
     # The embedding's row count is what the weights need; it can exceed the token list when a
@@ -428,7 +448,7 @@ def _build(gf: _GGUFFile, buf: mmap.mmap) -> tuple[ModelConfig, GGUFTokenizerDat
     if token_embd is not None and len(token_embd.dims) == 2:
         vocab = token_embd.dims[1]
     else:
-        vocab = len(tok.tokens) or int(_meta(gf, f"{arch}.vocab_size", 0))
+        vocab = len(tok.tokens) or _meta(gf, f"{arch}.vocab_size", 0)
 
     eos_ids = [i for i in (tok.eos_token_id, tok.eot_token_id, tok.eom_token_id) if i is not None]
     file_type = _meta(gf, "general.file_type")
@@ -440,16 +460,16 @@ def _build(gf: _GGUFFile, buf: mmap.mmap) -> tuple[ModelConfig, GGUFTokenizerDat
 
     config = ModelConfig(
         hidden_size=hidden,
-        num_hidden_layers=int(need("block_count")),
+        num_hidden_layers=need("block_count"),
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        intermediate_size=int(need("feed_forward_length")),
+        intermediate_size=need("feed_forward_length"),
         vocab_size=vocab,
-        rms_norm_eps=_float32(need("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=_float32(as_float(need("attention.layer_norm_rms_epsilon"), "layer_norm_rms_epsilon", where)),
         rope_theta=theta,
         rope_scaling=_rope_scaling(gf, buf, arch, head_dim, theta),
-        max_position_embeddings=int(_meta(gf, f"{arch}.context_length", 2048)),
+        max_position_embeddings=_meta(gf, f"{arch}.context_length", 2048),
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=tok.bos_token_id,
         eos_token_ids=list(dict.fromkeys(eos_ids)),
@@ -457,6 +477,17 @@ def _build(gf: _GGUFFile, buf: mmap.mmap) -> tuple[ModelConfig, GGUFTokenizerDat
         source=f"{path} (GGUF v{gf.version}{', ' + file_type_name if file_type_name else ''})",
     )
     return config, tok
+
+
+def _check_holds(gf: _GGUFFile, config: ModelConfig) -> None:
+    """Bound what the header claims by what the file holds, before anything is sized from it
+    (a flipped bit must not make the engine allocate 1e9 layers)."""
+    held = sum(math.prod(t.dims) for t in gf.tensors)
+    if num_parameters(config) > held:
+        raise ModelLoadError(
+            f"GGUF file {gf.path} describes a model of {num_parameters(config):,} weights but holds only "
+            f"{held:,}: the header is corrupt, copy or download the file again"
+        )
 
 
 def _tokenizer_data(gf: _GGUFFile) -> GGUFTokenizerData:
@@ -552,6 +583,28 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class GGUFWeights:
+    """The tensors of an open GGUF file, dequantised one at a time as they are iterated, so loading
+    never holds a second float32 copy of the model (only the tensor being copied in)."""
+
+    def __init__(self, gf: _GGUFFile, buf: mmap.mmap, config: ModelConfig) -> None:
+        self._gf, self._buf, self._config = gf, buf, config
+
+    def __len__(self) -> int:
+        return sum(1 for t in self._gf.tensors if t.name != _ROPE_FREQS)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return _iter_tensors(self._gf, self._buf, self._config)
+
+
+def open_gguf(path: str | os.PathLike) -> tuple[ModelConfig, GGUFWeights, GGUFTokenizerData]:
+    """Like :func:`load_gguf`, but the weights are read lazily (iterate them once, in file order)."""
+    gf, buf = _open_gguf(path)
+    config, tok = _build(gf, buf)
+    _check_holds(gf, config)
+    return config, GGUFWeights(gf, buf, config), tok
+
+
 def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, float32 tensor)`` one at a time, so a caller copying each into its model
     (and casting to bf16, moving to GPU...) never holds a second full copy of the weights.
@@ -560,6 +613,7 @@ def iter_gguf_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tens
     """
     gf, buf = _open_gguf(path)
     config, _ = _build(gf, buf)
+    _check_holds(gf, config)
     return _iter_tensors(gf, buf, config)
 
 
@@ -573,5 +627,6 @@ def load_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Ten
     """
     gf, buf = _open_gguf(path)
     config, tok = _build(gf, buf)
+    _check_holds(gf, config)
     state = dict(_iter_tensors(gf, buf, config))
     return config, state, tok

@@ -20,13 +20,14 @@ from minillama.models.config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, max_position: int, backend) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, max_position: int, backend,
+                 rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.qkv_proj = QKVLinear(cfg.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads)
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary_emb = rotary or RotaryEmbedding(self.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.attn = Attention(layer, self.num_heads, self.num_kv_heads, self.head_dim, backend)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -56,11 +57,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, max_position: int, backend) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, max_position: int, backend,
+                 rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, layer, max_position, backend)
+        self.self_attn = LlamaAttention(cfg, layer, max_position, backend, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
@@ -90,8 +92,10 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position: int, backend) -> None:
         super().__init__()
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        # one cos/sin table for every layer (it is the same table: 1 MB a layer at 4096 positions)
+        rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(cfg, i, max_position, backend) for i in range(cfg.num_hidden_layers)]
+            [LlamaDecoderLayer(cfg, i, max_position, backend, rotary) for i in range(cfg.num_hidden_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -11,15 +11,22 @@ import importlib.util
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from minillama import progress
 from minillama.models.config import ModelConfig
+from minillama.models.config_checks import num_parameters
 from minillama.models.errors import ModelLoadError
+from minillama.models.safetensors_files import find_shards
 from minillama.models.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from minillama.models.gguf_loader import GGUFWeights
 
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,103 +47,101 @@ def builtin_model_path() -> str:
 
 @dataclass
 class LoadedModel:
-    """What the engine needs to build and fill a model."""
+    """What the engine needs to build and fill a model; ``weights()`` streams the tensors once."""
 
     config: ModelConfig
     tokenizer: Tokenizer
     path: str
     format: str  # "gguf" or "safetensors"
-    _gguf_weights: dict[str, torch.Tensor] | None = None
+    _gguf: GGUFWeights | None = None
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        if self._gguf_weights is not None:
-            yield from self._gguf_weights.items()
-            return
-        yield from iter_safetensors(self.path)
+        """``(Hugging Face name, tensor)`` one at a time, with a progress bar on a terminal."""
+        name = os.path.basename(self.path.rstrip("/"))
+        if self._gguf is not None:
+            source: Iterable[tuple[str, torch.Tensor]] = self._gguf
+            total, what = len(self._gguf), f"dequantising {name}"
+        else:
+            shards = find_shards(self.path)
+            source, total, what = iter_safetensors(shards.files), shards.num_tensors, f"loading {name}"
+        try:
+            yield from progress.track(source, what, total=total, unit="tensors")
+        except ModelLoadError:
+            raise
+        except _CORRUPT as e:  # raised while reading a tensor: the file is damaged
+            raise corrupt(self.path, e) from e
 
 
-def open_model(model: str | None) -> LoadedModel:
-    """Resolve ``model`` (None = built-in) and read its config and tokenizer."""
-    path = builtin_model_path() if model is None else os.path.expanduser(model)
+def open_model(model: str | os.PathLike | None) -> LoadedModel:
+    """Resolve ``model`` (None = built-in) and read its config and tokenizer (weights stay on disk)."""
+    path = builtin_model_path() if model is None else os.path.expanduser(os.fspath(model))
     if not os.path.exists(path):
         raise ModelLoadError(f"model path {path} does not exist: pass a Hugging Face model folder or a .gguf file, "
                              "or leave --model out for the built-in model")
-    if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise ModelLoadError(f"{path} is a file but not a .gguf: pass a .gguf file or a Hugging Face model folder")
-        from minillama.models.gguf_loader import load_gguf
+    try:
+        if os.path.isfile(path):
+            if not path.endswith(".gguf"):
+                raise ModelLoadError(f"{path} is a file but not a .gguf: pass a .gguf file or a Hugging Face "
+                                     "model folder")
+            from minillama.models.gguf_loader import open_gguf
 
-        cfg, weights, tok_data = load_gguf(path)
-        return LoadedModel(cfg, Tokenizer.from_gguf(tok_data), path, "gguf", weights)
-    return _open_hf_folder(path)
+            cfg, weights, tok_data = open_gguf(path)
+            return LoadedModel(cfg, Tokenizer.from_gguf(tok_data), path, "gguf", weights)
+        return _open_hf_folder(path)
+    except ModelLoadError:
+        raise
+    except _CORRUPT as e:  # whatever a damaged file still manages to raise: one line naming it
+        raise corrupt(path, e) from e
 
 
-def _read_json(path: str, what: str) -> dict:
+#: What parsing a damaged file can raise beyond our own checks.
+_CORRUPT = (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, ZeroDivisionError,
+            struct.error, UnicodeError, RecursionError)
+
+
+def corrupt(path: str, e: BaseException) -> ModelLoadError:
+    """The one-line error for a model file that fails in a way no check named."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ModelLoadError(f"{path} is corrupt or not a model minillama reads ({type(e).__name__}"
+                          f"{': ' + first[:200] if first else ''}): copy or download it again")
+
+
+def read_json(path: str, what: str) -> Any:
+    """Parse a JSON file; a missing or broken one is a ``ModelLoadError`` naming ``what`` it is."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise ModelLoadError(f"{what} {path} is missing: the model folder is incomplete, copy it again") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{what} {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}): "
                              "copy the model folder again") from None
 
 
 def _open_hf_folder(folder: str) -> LoadedModel:
-    cfg_dict = _read_json(os.path.join(folder, "config.json"), "model config")
-    arch = cfg_dict.get("model_type", "llama")
+    cfg_path = os.path.join(folder, "config.json")
+    cfg_dict = read_json(cfg_path, "model config")
+    arch = cfg_dict.get("model_type", "llama") if isinstance(cfg_dict, dict) else "llama"
     if arch != "llama":
         raise ModelLoadError(f"{folder} holds a {arch!r} model: minillama runs Llama-architecture models only")
     gen_path = os.path.join(folder, "generation_config.json")
-    gen = _read_json(gen_path, "generation config") if os.path.exists(gen_path) else None
-    config = ModelConfig.from_hf_dict(cfg_dict, gen)
+    gen = read_json(gen_path, "generation config") if os.path.exists(gen_path) else None
+    config = ModelConfig.from_hf_dict(cfg_dict, gen, source=cfg_path)
+    # fail now, not halfway through loading, if shards are missing, cut or outside the folder
+    shards = find_shards(folder)
+    if num_parameters(config) > shards.num_elements:  # 1e9 layers must not reach the allocator
+        raise ModelLoadError(f"{cfg_path} describes a model of {num_parameters(config):,} weights but the "
+                             f"safetensors files hold {shards.num_elements:,}: the config does not belong to "
+                             "these weights, copy the model folder again")
     config.source = f"{folder} (safetensors)"
-    safetensor_files(folder)  # fail now, not halfway through loading, if shards are missing or cut
     return LoadedModel(config, Tokenizer.from_hf_folder(folder), folder, "safetensors")
 
 
-def safetensor_files(folder: str) -> list[str]:
-    """The checkpoint's shard files, each checked to be present and complete."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        names = sorted(set(_read_json(index, "safetensors index").get("weight_map", {}).values()))
-    else:
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
-    if not names:
-        raise ModelLoadError(f"no *.safetensors weights in {folder}: the model folder is incomplete, copy it again")
-    files = [os.path.join(folder, n) for n in names]
-    for f in files:
-        if not os.path.exists(f):
-            raise ModelLoadError(f"weight shard {f} listed in the index is missing: the model folder was only "
-                                 "partly copied, copy it again")
-        check_safetensors_file(f)
-    return files
-
-
-def check_safetensors_file(path: str) -> None:
-    """Check the header parses and the file is as long as its tensors need (catches truncated copies)."""
-    size = os.path.getsize(path)
-    bad = f"safetensors file {path} is truncated or corrupt"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelLoadError(f"{bad} ({size} bytes, no header): copy it again")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 << 20:
-            raise ModelLoadError(f"{bad} (header of {n} bytes in a {size}-byte file): copy it again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ModelLoadError(f"{bad} (header is not JSON): copy it again") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ModelLoadError(f"{bad} (needs {8 + n + end} bytes, has {size}): copy it again")
-
-
-def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the (already checked) shard files, one at a time."""
     from safetensors import safe_open
 
-    for path in safetensor_files(folder):
+    for path in files:
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)
@@ -168,7 +173,13 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         if param is None:
             continue  # e.g. unused extras in a checkpoint
         loader = getattr(param, "weight_loader", _copy_weight)
-        loader(param, tensor.to(param.dtype), shard)
+        try:
+            loader(param, tensor.to(param.dtype), shard)
+        except ModelLoadError:
+            raise
+        except (ValueError, RuntimeError) as e:  # a shape the config did not announce
+            raise ModelLoadError(f"checkpoint tensor {name} does not fit the model ({str(e).splitlines()[0]}): "
+                                 "the config does not describe these weights") from None
         loaded.add(name if shard is None else f"{name}[{shard}]")
     expected = set()
     for name in params:

@@ -20,6 +20,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
 
+from minillama.models.chat import check_messages
 from minillama.models.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -230,6 +231,19 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, data: GGUFTokenizerData) -> Tokenizer:
+        """Rebuild the byte-level BPE a GGUF describes (see ``_from_gguf``); a vocabulary the
+        ``tokenizers`` library refuses is one ``ModelLoadError`` line, not its bare ``Exception``."""
+        try:
+            return cls._from_gguf(data)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelLoadError(f"{data.source or 'GGUF file'} has a tokenizer that cannot be built "
+                                 f"({first[:200]}): the file is corrupt, copy or download it again") from None
+
+    @classmethod
+    def _from_gguf(cls, data: GGUFTokenizerData) -> Tokenizer:
         """Rebuild the byte-level BPE a GGUF describes.
 
         Matches transformers' ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` token for
@@ -332,6 +346,14 @@ class Tokenizer:
                 text = text.replace(old, new)
         return text
 
+    def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """``decode`` of many id lists in one call into the tokenizer library."""
+        texts = self.backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+        if self.clean_up_tokenization_spaces:
+            for old, new in _CLEANUPS:
+                texts = [t.replace(old, new) for t in texts]
+        return texts
+
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry (byte-level spelling) of ``token_id``."""
         return self.backend.id_to_token(token_id)
@@ -352,6 +374,7 @@ class Tokenizer:
 
         Extra keyword arguments (``tools``, ``documents``, ``enable_thinking``...) reach the template.
         """
+        check_messages(messages)
         if not self.chat_template:
             raise ModelLoadError(
                 f"tokenizer from {self.source or 'this model'} has no chat template: "
@@ -408,8 +431,13 @@ class IncrementalDecoder:
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes ("" while a character is still partial)."""
         self.ids.append(int(token_id))
-        done = self._decode(self.ids[self._prefix : self._read])
-        full = self._decode(self.ids[self._prefix :])
+        return self._advance(self._decode(self.ids[self._prefix : self._read]), self._decode(self.ids[self._prefix :]))
+
+    def _windows(self, token_id: int) -> tuple[list[int], list[int]]:
+        self.ids.append(int(token_id))
+        return self.ids[self._prefix : self._read], self.ids[self._prefix :]
+
+    def _advance(self, done: str, full: str) -> str:
         # Hold back while the last character is incomplete, or when nothing new appeared (a
         # skipped special token): those ids stay in the window and are decoded with the next.
         if len(full) <= len(done) or full.endswith("\ufffd"):
@@ -427,6 +455,16 @@ class IncrementalDecoder:
         self._prefix = self._read = len(self.ids)
         self.text += piece
         return piece
+
+
+def push_tokens(decoders: list[IncrementalDecoder], token_ids: list[int]) -> list[str]:
+    """``d.push(t)`` for many decoders of one tokenizer at once, with one batched decode call."""
+    if not decoders:
+        return []
+    first = decoders[0]
+    windows = [w for d, t in zip(decoders, token_ids, strict=True) for w in d._windows(t)]
+    texts = first.tokenizer.decode_batch(windows, skip_special_tokens=first.skip_special_tokens)
+    return [d._advance(texts[2 * k], texts[2 * k + 1]) for k, d in enumerate(decoders)]
 
 
 def _set_post_processor(backend: _Backend, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool) -> None:

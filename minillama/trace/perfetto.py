@@ -8,6 +8,11 @@ Tracks, all in one process:
   time is shared equally between the layers (per-layer times are not measured then).
 * one track per request (tid 100 + its prompt index): its prefill chunks and decode steps.
 * counters ("C"): KV blocks used / free / cached, and tokens in the step's batch.
+
+Times are whole microseconds (the recorder keeps ms to 3 decimals, so nothing is lost), and every
+slice edge is computed once and shared by the slices on both sides of it: Perfetto turns float
+microseconds into nanoseconds by rounding (older builds: truncating), and slices whose edges were
+rounded separately can overlap by 1 ns, which moves them to an overflow track.
 """
 
 from __future__ import annotations
@@ -24,16 +29,21 @@ PID = 1
 ENGINE_TID = 1
 REQUEST_TID0 = 100
 _LAYER_INPUT = re.compile(r"^layers\.(\d+)\.input$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def _us(ms: float) -> float:
-    return round(ms * 1000.0, 3)
+def _us(ms: float) -> int:
+    """A time in ms as whole microseconds: every slice edge goes through here exactly once."""
+    return int(round(ms * 1000.0))
 
 
 def _clean(x: Any) -> Any:
-    """Strict JSON for the viewer: NaN and infinities become None."""
+    """Strict JSON for the viewer: NaN and infinities become None, and control characters U+FFFD
+    (JSON would write them as \\u escapes, which older Perfetto importers reject)."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
+    if isinstance(x, str):
+        return _CONTROL.sub("\ufffd", x)
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
@@ -41,28 +51,35 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _layer_slices(ev: dict[str, Any], start_ms: float, dur_ms: float, num_layers: int) -> list[tuple[int, float, float]]:
-    """(layer, start ms, duration ms) for each layer of a step."""
+def _layer_edges(ev: dict[str, Any], t0: int, t1: int, num_layers: int) -> list[tuple[int, int, int]]:
+    """(layer, start, end) in µs for each layer of a step spanning [t0, t1]: nested in the step and
+    never overlapping each other, whatever the recorded site times say."""
     times = ev.get("site_times_ms")
     if isinstance(times, dict) and times:
-        starts = {int(m.group(1)): float(t) for s, t in times.items() if (m := _LAYER_INPUT.match(s))}
+        starts = {int(m.group(1)): t for site, t in times.items()
+                  if (m := _LAYER_INPUT.match(str(site))) and _finite(t)}
         if starts:
-            out = []
+            out, prev = [], t0
             ordered = sorted(starts)
+            dur_ms = (t1 - t0) / 1000.0
             for n, layer in enumerate(ordered):
-                t0 = starts[layer]
-                if f"layers.{layer}.output" in times:
-                    t1 = float(times[f"layers.{layer}.output"])
-                elif n + 1 < len(ordered):
-                    t1 = starts[ordered[n + 1]]
-                else:
-                    t1 = float(times.get("final_norm", dur_ms))
-                out.append((layer, start_ms + t0, max(t1 - t0, 0.0)))
+                end_ms = times.get(f"layers.{layer}.output")
+                if not _finite(end_ms):
+                    end_ms = starts[ordered[n + 1]] if n + 1 < len(ordered) else times.get("final_norm", dur_ms)
+                a = min(max(t0 + _us(float(starts[layer])), prev), t1)
+                b = min(max(t0 + _us(float(end_ms)) if _finite(end_ms) else a, a), t1)
+                out.append((layer, a, b))
+                prev = b
             return out
     if num_layers <= 0:
         return []
-    width = dur_ms / num_layers
-    return [(layer, start_ms + layer * width, width) for layer in range(num_layers)]
+    # equal shares: edge k is computed once and is both layer k-1's end and layer k's start
+    edges = [t0 + (t1 - t0) * k // num_layers for k in range(num_layers + 1)]
+    return [(layer, edges[layer], edges[layer + 1]) for layer in range(num_layers)]
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def build_trace_events(reader: TraceReader) -> dict[str, Any]:
@@ -93,24 +110,24 @@ def build_trace_events(reader: TraceReader) -> dict[str, Any]:
             events.append({"ph": "M", "pid": PID, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": 1 + k}})
         return tid
 
-    t_ms = 0.0
+    t_end = 0  # µs where the previous step ended: steps never overlap on the engine track
     texts: dict[str, str] = {}
     for i, ev in enumerate(reader.steps()):
-        dur = float(ev.get("elapsed_ms") or 0.0)
-        if not math.isfinite(dur) or dur < 0:
-            dur = 0.0
-        start = float(ev["start_ms"]) if isinstance(ev.get("start_ms"), int | float) else t_ms
+        dur = ev.get("elapsed_ms")
+        dur = float(dur) if _finite(dur) and dur > 0 else 0.0
+        t0 = max(_us(float(ev["start_ms"])), t_end) if _finite(ev.get("start_ms")) else t_end
+        t1 = t0 + _us(dur)
         batch = ev.get("batch") or {}
         phase = ev.get("phase") or batch.get("phase") or "step"
         seqs = batch.get("seqs") or []
         events.append({"ph": "X", "pid": PID, "tid": ENGINE_TID, "name": f"step {ev.get('step', i)} ({phase})",
-                       "cat": "step", "ts": _us(start), "dur": _us(dur),
+                       "cat": "step", "ts": t0, "dur": t1 - t0,
                        "args": _clean({"step": ev.get("step", i), "phase": phase, "num_seqs": len(seqs),
                                        "num_tokens": batch.get("num_tokens"), "preempted": batch.get("preempted"),
                                        "missing_sites": ev.get("missing_sites")})})
-        for layer, l0, ld in _layer_slices(ev, start, dur, num_layers):
+        for layer, a, b in _layer_edges(ev, t0, t1, num_layers):
             events.append({"ph": "X", "pid": PID, "tid": ENGINE_TID, "name": f"layer {layer}", "cat": "layer",
-                           "ts": _us(l0), "dur": _us(ld), "args": {"layer": layer}})
+                           "ts": a, "dur": b - a, "args": {"layer": layer}})
         sampled = ev.get("sampled") or {}
         for s in seqs:
             sid = int(s["seq_id"])
@@ -127,26 +144,26 @@ def build_trace_events(reader: TraceReader) -> dict[str, Any]:
                 piece = text[len(before):] if text.startswith(before) else text
                 texts[str(sid)] = text
             events.append({"ph": "X", "pid": PID, "tid": request_tid(sid), "name": name, "cat": "request",
-                           "ts": _us(start), "dur": _us(dur),
+                           "ts": t0, "dur": t1 - t0,
                            "args": _clean({"seq_id": sid, "step": ev.get("step", i), "chunk": [a, b],
                                            "num_cached": s.get("num_cached"), "block_table": s.get("block_table"),
                                            "sampled": sampled.get(str(sid)), "text": piece})})
         for sid, reason in ev.get("finished") or []:
             events.append({"ph": "i", "s": "t", "pid": PID, "tid": request_tid(int(sid)), "name": f"finished ({reason})",
-                           "ts": _us(start + dur)})
+                           "ts": t1})
         for sid in batch.get("preempted") or []:
             events.append({"ph": "i", "s": "t", "pid": PID, "tid": request_tid(int(sid)), "name": "preempted",
-                           "ts": _us(start)})
+                           "ts": t0})
         if "num_blocks" in batch and "num_free_blocks" in batch:
             total, free = int(batch["num_blocks"]), int(batch["num_free_blocks"])
             cached = sum(1 for blk in (batch.get("blocks") or {}).values() if isinstance(blk, dict) and blk.get("cached"))
-            events.append({"ph": "C", "pid": PID, "name": "KV blocks", "ts": _us(start),
+            events.append({"ph": "C", "pid": PID, "name": "KV blocks", "ts": t0,
                            "args": {"used": total - free, "free": free, "cached in use": cached}})
         if batch.get("num_tokens") is not None:
-            events.append({"ph": "C", "pid": PID, "name": "batch tokens", "ts": _us(start),
+            events.append({"ph": "C", "pid": PID, "name": "batch tokens", "ts": t0,
                            "args": {"tokens": int(batch["num_tokens"])}})
-        t_ms = start + dur
-    return {"traceEvents": events, "displayTimeUnit": "ms",
+        t_end = t1
+    return {"traceEvents": [_clean(e) for e in events], "displayTimeUnit": "ms",
             "otherData": _clean({"source": reader.path, "status": reader.status, "steps": reader.num_steps,
                                  "note": "layer slices share each step's time equally unless site_times_ms "
                                          "was recorded"})}

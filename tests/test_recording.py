@@ -1,0 +1,167 @@
+"""Recording at engine speed on CPU: the background writer, crashes, overlapped steps, bad input."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from minillama import LLM, SamplingParams
+from minillama.cli import main as cli_main
+from minillama.debug.manifest import build_manifest
+from minillama.debug.recorder import Recorder
+from minillama.trace import TraceReader
+from minillama.trace.writer import BackgroundWriter, TraceWriter
+from tests.traces import record_trace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["w10 w11 w12 w13 w14", "w20 w21", "w30 w31 w32"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return tiny_llama_dir
+
+
+def _hashes(reader: TraceReader) -> list[tuple]:
+    """Per step, per request and site: the content hash (what a request-aligned diff compares)."""
+    out = []
+    for i in range(reader.num_steps):
+        ev = reader.step(i)
+        for s in ev["batch"]["seqs"]:
+            for name in reader.site_names(i):
+                st = reader.stats(i, name, s["seq_id"])
+                if st is not None and st["count"]:
+                    out.append((ev["step"] - reader.step(0)["step"], s["chunk"][0], name, st["hash"]))
+    return out
+
+
+def test_overlapped_steps_record_the_same_as_synchronous_steps(tiny, tmp_path):
+    """A recorder allows overlapped steps; on CPU both orders compute the same bits."""
+    a = record_trace(tmp_path / "sync", tiny, PROMPTS, max_tokens=5, async_scheduling=False)
+    b = record_trace(tmp_path / "async", tiny, PROMPTS, max_tokens=5, async_scheduling=True)
+    ra, rb = TraceReader(a), TraceReader(b)
+    assert ra.num_steps == rb.num_steps and ra.status == rb.status == "complete"
+    assert [r["token_ids"] for r in ra.requests().values()] == [r["token_ids"] for r in rb.requests().values()]
+    assert _hashes(ra) == _hashes(rb)
+    assert all(not ra.step(i)["missing_sites"] for i in range(ra.num_steps))
+
+
+def test_a_recording_started_mid_run_lists_what_came_before(tiny, tmp_path):
+    llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    seqs = [llm.add_request(llm.tokenizer.encode(p), params) for p in PROMPTS]
+    for _ in range(3):
+        llm.step()  # prefill and two tokens before anyone records
+    rec = Recorder(llm)
+    rec.set_sink(BackgroundWriter(TraceWriter(tmp_path / "late", build_manifest(llm, rec))))
+    rec.attach()
+    try:
+        while llm.has_unfinished():
+            llm.step()
+    finally:
+        rec.detach()
+    r = TraceReader(tmp_path / "late")
+    reqs = r.requests()
+    for seq in seqs:
+        q = reqs[seq.seq_id]
+        assert q["prompt_token_ids"] == seq.token_ids[: seq.num_prompt_tokens]
+        assert q["prompt"] and q["token_ids"] == seq.completion_token_ids, "the tokens from before, then the rest"
+        assert q["text"] == llm.tokenizer.decode(seq.completion_token_ids)
+    keys = r.tensor(0, "catchup.k")
+    blocks = r.tensor(0, "catchup.blocks").tolist()
+    assert keys.shape[:2] == (llm.model_config.num_hidden_layers, len(blocks))
+    assert set(blocks) >= {b for s in seqs for b in s.block_table[:1]}
+
+
+_CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from tests.traces import record_trace
+    from minillama.attention import get_backend
+    # thousands of steps: the parent kills it long before it could finish
+    record_trace({out!r}, {model!r}, ["w%d w%d w%d" % (i % 400 + 4, i % 300 + 5, i % 200 + 6) for i in range(400)],
+                 max_tokens=240, max_num_seqs=8, max_num_batched_tokens=16, full=["layers.1.*"])
+""")
+
+
+@pytest.mark.slow
+def test_killed_recordings_open_to_their_last_finished_step(tiny, tmp_path):
+    rng = random.Random(7)
+    for k in range(3):
+        out = tmp_path / f"killed{k}"
+        child = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT, out=str(out), model=tiny)],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not (out / "events.jsonl").exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.3, 2.5))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        r = TraceReader(out)
+        assert r.status.startswith("truncated")
+        for i in range(r.num_steps):  # every step it kept reads whole: batch, statistics, tensors
+            ev = r.step(i)
+            assert ev["batch"]["seqs"]
+            assert r.stats(i, "layers.1.mlp.out") is not None
+            assert r.tensor(i, "layers.1.mlp.out") is not None
+        assert len(r.requests()) >= 1
+
+
+def test_a_full_pattern_that_matches_nothing_is_one_line(tiny, tmp_path, capsys):
+    rc = cli_main(["record", "--out", str(tmp_path / "t"), "--prompt", "w5 w6", "--raw", "--model", tiny,
+                   "--device", "cpu", "--full", "layer.*.attn.q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "matches no site" in err
+
+
+def test_a_size_cap_mid_run_leaves_a_readable_trace(tiny, tmp_path, capsys):
+    rc = cli_main(["record", "--out", str(tmp_path / "cap"), "--prompt", "w4 w5 w6", "--prompt", "w7", "--raw",
+                   "--model", tiny, "--device", "cpu", "--max-tokens", "30", "--ignore-eos", "--max-bytes", "40000"])
+    assert rc == 0
+    r = TraceReader(tmp_path / "cap")
+    assert r.status.startswith("stopped: size cap") and 0 < r.num_steps < 31
+    assert r.stats(r.num_steps - 1, "logits") is not None
+    assert "stopped" in capsys.readouterr().out
+
+
+def test_a_failing_disk_stops_the_trace_not_the_engine(tiny, tmp_path, monkeypatch):
+    llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+    rec = Recorder(llm)
+    writer = TraceWriter(tmp_path / "full", build_manifest(llm, rec))
+    calls = {"n": 0}
+    real = writer._data.write
+
+    def write(data):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(28, "No space left on device")
+        return real(data)
+
+    monkeypatch.setattr(writer._data, "write", write)
+    rec.set_sink(BackgroundWriter(writer))
+    rec.attach()
+    try:
+        out = llm.generate([llm.tokenizer.encode(p) for p in PROMPTS],
+                           SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    finally:
+        rec.detach()
+    assert all(len(o.token_ids) == 8 for o in out), "generation goes on"
+    r = TraceReader(tmp_path / "full")
+    assert r.num_steps == 3 and "No space left" in r.status
+    assert r.stats(2, "embed") is not None
+
+
+def test_the_shipped_format_1_trace_still_opens():
+    r = TraceReader(os.path.join(ROOT, "traces", "h200-flash-attn-vs-torch"))
+    assert r.version == 1 and r.num_steps > 0
+    st = r.stats(0, "layers.0.attn.out")
+    assert st is not None and st["shape"][0] == r.step(0)["batch"]["num_tokens"]
+    assert r.stats(0, "layers.0.attn.out", seq_id=r.step(0)["batch"]["seqs"][0]["seq_id"]) is None
+    assert r.shadow(0)["0"]["budget_ratio"] > 0
