@@ -52,7 +52,7 @@ def check_views(app, layer: int) -> None:
     shown = text(app, "inspector")
     assert m.pos.site in shown and "#" in shown
     shown = text(app, "attention")
-    assert f"layer {layer}" in shown and "largest |active - shadow|" in shown or "bit-identical" in shown
+    assert f"layer {layer}" in shown and ("largest |active - shadow|" in shown or "bit-identical" in shown), shown
     assert "active" in shown and "shadow" in shown and "difference" in shown
     assert "Traceback" not in shown and "Error" not in shown
     shown = text(app, "diff")
