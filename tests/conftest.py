@@ -10,6 +10,10 @@ import torch
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
+from tests.tui_alias import ensure_minillama_tui  # noqa: E402
+
+ensure_minillama_tui()  # the debugger installs as minillama_tui; a bare checkout run loads tui/ under that name
+
 
 @pytest.fixture(scope="session")
 def builtin_path() -> str:

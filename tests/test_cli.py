@@ -67,7 +67,8 @@ def test_bad_options_fail_before_torch_is_imported(argv):
 
 
 def test_tui_options_fail_before_the_app_is_imported():
-    code = ("import sys; from tui.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from tests.tui_alias import ensure_minillama_tui; ensure_minillama_tui(); "
+            "from minillama_tui.cli import main; rc = main(sys.argv[1:]); "
             "print(rc, 'torch' in sys.modules, 'textual' in sys.modules)")
     for argv in (["--backend", "magic"], ["--device", "gpu"], ["--max-tokens", "0"], ["/no/such/trace"]):
         done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=ENV,

@@ -75,4 +75,4 @@ def test_metadata_licence_and_pins(sdist):
     deps = project["dependencies"]
     assert "jinja2>=3.1.6" in deps and "torch>=2.4" in deps
     assert "Requires-Dist: jinja2>=3.1.6" in pkg_info
-    assert project["scripts"]["minillama-tui"] == "tui.cli:main"
+    assert project["scripts"]["minillama-tui"] == "minillama_tui.cli:main"  # tui/ installs as minillama_tui

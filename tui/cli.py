@@ -1,7 +1,9 @@
 """The ``minillama-tui`` command line: its options are checked here, before torch, Textual or a model load.
 
-``tui.app`` (which imports all of those) is imported only once the arguments are good, so a typo
-in ``--backend`` costs a fraction of a second instead of the ~10 s of starting the engine first.
+``app`` (which imports all of those) is imported only once the arguments are good, so a typo in
+``--backend`` costs a fraction of a second instead of the ~10 s of starting the engine first. Then,
+still before anything loads: a trace (and its ``--compare`` partner) must open, and the backend, the
+shadow and the device must be able to run here. Every refusal is one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ EPILOG = """examples:
   minillama-tui                                        live, built-in model, paused before step 0
   minillama-tui --shadow reference --prompt "Why is the sky blue?" --prompt "Name a prime."
   minillama-tui traces/h200-flash-attn-vs-torch        replay a recorded trace (no model, no GPU)
+  minillama-tui traces/A --compare traces/B            two runs of the same prompts, in lockstep
 
-keys: s step, n next layer, c continue, b breakpoint, p / S back, r record, ? help, q quit"""
+keys: s / n / . step / layer / site, S / p / , back, c continue, b breakpoint, f first over the budget,
+l locate, r record, / prompt, views i k a d w h x, ? help, q quit"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", action="version", version=f"minillama-tui {__version__}")
     p.add_argument("trace", nargs="?", metavar="TRACE",
                    help="a trace folder to replay (omit it to run the engine live)")
+    p.add_argument("--compare", default=None, metavar="TRACE_B",
+                   help="a second trace of the same prompts, replayed in lockstep with TRACE (A/B)")
     p.add_argument("--model", default=None, metavar="PATH",
                    help="model folder or .gguf (default: built-in SmolLM2-135M-Instruct)")
     p.add_argument("--backend", type=backend_arg, default="torch", help="attention backend: torch or flash-attn")
@@ -47,12 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=positive_int, default=1024, metavar="N",
                    help="longest prompt + answer in tokens")
     p.add_argument("--full", action="append", default=None, metavar="PATTERN",
-                   help="sites kept in full when recording (default: layers.*.attn.q and layers.*.attn.k)")
+                   help="sites kept in full (default: attention q, k, outputs, the shadow's, and the logits)")
     p.add_argument("--record-dir", default="traces", metavar="DIR", help="where r writes recordings")
     a = p.parse_args(argv)
-    if a.trace is not None and not os.path.isdir(a.trace):
-        p.error(f"trace folder {a.trace} does not exist or is not a folder: give a folder written by `minillama record` or the "
-                "debugger's r key, or leave it out to run live")
+    for path in (a.trace, a.compare):
+        if path is not None and not os.path.isdir(path):
+            p.error(f"trace folder {path} does not exist or is not a folder: give a folder written by `minillama "
+                    "record` or the debugger's r key, or leave it out to run live")
+    if a.compare is not None and a.trace is None:
+        p.error("--compare needs a trace to compare with: minillama-tui TRACE_A --compare TRACE_B")
     for text in [*(a.prompt or []), a.model or ""]:
         try:
             text.encode("utf-8")
@@ -61,14 +70,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def check_sources(a: argparse.Namespace, opts) -> str | None:
+    """Why the traces cannot open or the engine options cannot run here (None: go ahead). No model loads."""
+    from minillama.debug.sources import OptionError, check_options, open_trace
+    from minillama.trace.format import TraceError
+
+    try:
+        if a.trace is not None:
+            for path in (a.trace, a.compare):
+                if path is not None:
+                    open_trace(path)
+        else:
+            check_options(opts)
+    except (TraceError, OptionError) as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The ``minillama-tui`` entry point: 0 after a normal quit, 1 if the trace or engine failed to load."""
+    """The ``minillama-tui`` entry point: 0 after a normal quit, 2 for a bad argument (before anything
+    loads), 1 if the trace or the engine failed to load after all."""
     try:
         a = parse_args(argv)
     except SystemExit as e:  # --help, --version, or a bad option (already printed as one line)
         return e.code if isinstance(e.code, int) else 2
-    from tui.app import DebuggerApp
-    from tui.sources import LiveOptions
+    from minillama.debug.sources import LiveOptions
 
     opts = LiveOptions(model=a.model, backend=a.backend, device=a.device, shadow=a.shadow,
                        max_tokens=a.max_tokens, temperature=a.temperature,
@@ -78,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         opts.prompts = list(a.prompt)
     if a.full:
         opts.full_sites = tuple(a.full)
-    app = DebuggerApp(trace=a.trace, options=opts, record_dir=a.record_dir)
+    why = check_sources(a, opts)
+    if why is not None:
+        print(f"minillama-tui: error: {why}", file=sys.stderr)
+        return 2
+    from .app import DebuggerApp
+
+    app = DebuggerApp(trace=a.trace, compare=a.compare, options=opts, record_dir=a.record_dir)
     progress.set_quiet(True)  # Textual owns the terminal: bars on stderr would tear its screen
     try:
         app.run()

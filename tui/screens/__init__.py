@@ -1,1 +1,1 @@
-"""Modal screens: help and errors."""
+"""Modal screens over the debugger: help and errors."""

@@ -1,4 +1,4 @@
-"""The help screen (``?`` or F1): every key, what the views show, and the two modes."""
+"""The help screen (``?`` or F1): every key, what the views show, and the modes."""
 
 from __future__ import annotations
 
@@ -11,36 +11,32 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 
 KEYS = (
-    ("s", "next step: run to the start of the next scheduler step"),
-    ("n", "next layer: run to the end of the next decoder layer (then logits, then the next step)"),
-    (".", "next site: run to the next hook site (q, k, v, attention out, mlp out, ...)"),
-    ("c", "continue until a breakpoint fires (live: or the requests finish)"),
-    ("b", "toggle a breakpoint on the current site (at a step start: on every step)"),
-    ("p", "back one layer (replay, and the finished steps of a live session)"),
-    ("S (shift+s)", "back one step"),
-    (",", "back one site"),
-    ("g / G", "first step / last step (live: back to the live head)"),
-    ("w i k a d", "views: where, tensor inspector, KV cache, attention, diff"),
-    ("[ ]", "choose the request shown in the KV cache and attention views"),
-    ("- +", "choose the attention head of the heatmap"),
-    ("/", "type a new prompt (live); Enter sends it, Escape leaves the input"),
-    ("r", "record on/off (live): writes traces/live-YYYYmmdd-HHMMSS"),
-    ("tab", "focus the view, then arrows / PgUp / PgDn scroll it (escape or tab again to leave)"),
-    ("ctrl+p", "command palette: breakpoints on NaN / shadow error, clearing them, and every action"),
-    ("? or F1", "this help"),
-    ("q", "quit"),
+    ("s / n / .", "next step / layer / site (live at the head: run the engine that far; queued while it runs)"),
+    ("S / p / ,", "back one step / layer / site (live: the finished steps, read-only)"),
+    ("g / G", "start of the first step / end of the last one (live: back to the head)"),
+    ("c", "continue to the next breakpoint (live: run; history and traces: search the recorded steps)"),
+    ("b", "toggle a breakpoint on the cursor's site (at a step start: on every step)"),
+    ("f", "first (step, layer) over the error budget, and why; again: the next one (A/B: first divergence)"),
+    ("i k a d w h x", "views: inspector, KV cache, attention, diff, requests, heatmap, A/B"),
+    ("[ ] / - + ", "the request / the attention head the views show"),
+    ("↑ ↓ / ← →", "the token row / the column (dimension) of the values shown"),
+    ("l", "locate: move to the largest |active - shadow| (or |A - B|, or |value|) of the visible view"),
+    ("t", "heatmap: error-budget ratio or difference"),
+    ("Enter", "on a diff row, a request row, a heatmap cell or an A/B row: go there"),
+    ("tab / escape", "focus the view's table / back to the keys"),
+    ("/", "live: type a prompt (checked when sent: refused alone if it cannot run)"),
+    ("r", "live: record on/off (a recording started mid-run keeps the running requests and cached keys)"),
+    ("R", "live: restart the engine session without quitting (history and the other requests stay)"),
+    ("ctrl+p", "command palette: conditional breakpoints (NaN, absmax, the error budget) and every action"),
+    ("? / q", "this help / quit"),
 )
 
 ABOUT = """\
-Live: the engine runs in a worker thread and pauses at hook sites; stepping back walks the finished \
-steps read-only ("history") and stepping forward past the newest step returns to the live head.
-Replay: `minillama-tui traces/NAME` opens a recorded trace with no model and no GPU; every move works \
-both ways.
-Views: where (step, phase, layer, site, why we stopped, the requests and their text) · inspector \
-(statistics and a slice of values per request) · KV cache (blocks by owner, shared blocks with \
-reference counts, a request's block table and the slots it wrote) · attention (active vs shadow \
-output and a weight heatmap recomputed from q and the cached keys) · diff (per-layer error against \
-the shadow / float64 reference, budget ratio over depth, first layer over threshold)."""
+Live: the engine runs in a worker thread and pauses where you ask; an error in a step fails the request \
+that caused it and the others go on. Replay: `minillama-tui traces/NAME` needs no model and no GPU; \
+`minillama-tui A --compare B` replays two runs of the same prompts in lockstep.
+One rule judges attention everywhere (the diff view, the heatmap, f, the breakpoint, `minillama diff \
+--shadow`): a backend is over when its error exceeds twice plain attention's at the same precision."""
 
 
 class HelpScreen(ModalScreen[None]):
@@ -50,7 +46,7 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         t = Table(box=None, pad_edge=False, show_header=False)
-        t.add_column(style="bold cyan", no_wrap=True)
+        t.add_column(style="bold #87d7ff", no_wrap=True)
         t.add_column()
         for key, what in KEYS:
             t.add_row(key, what)

@@ -1,1 +1,1 @@
-"""One widget per view; each renders a ``ViewState`` and reads nothing else."""
+"""The views: each binds to the main screen's cursor state and redraws itself (``base.View``)."""

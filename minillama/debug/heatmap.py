@@ -1,0 +1,191 @@
+"""The whole run at a glance: a steps x layers matrix of the shadow attention's error-budget ratio.
+
+Each cell is one layer of one step: the worst of the ratios ``trace.tables.judge`` looks at (either
+backend's error over plain attention's, by max-abs and by RMS), whether ``judge`` calls it over, and
+(when a second backend ran) the largest |active - shadow|. ``judge`` decides every cell, so the map,
+the ``f`` jump, the breakpoint condition and the diff view cannot disagree.
+
+A format-2 trace is read straight from its step blobs (only the shadow table and the request rows
+of each step, never the batch dicts), so a 1,000-step trace maps in a few hundred milliseconds;
+other timelines go through ``Timeline.shadow``. Finished steps never change, so rows are cached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from minillama.trace.batch import T_SEQS
+from minillama.trace.format import DATA, EVENTS, SHADOW_FIELDS, T_SHADOW
+from minillama.trace.safetensors_blob import Blob
+from minillama.trace.tables import BUDGET_RATIO, judge
+
+_F = {name: i for i, name in enumerate(SHADOW_FIELDS)}
+_EPS = {"float32": 2.0**-23, "float64": 2.0**-52, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+RATIO_KEYS = ("budget_ratio", "budget_ratio_rms", "budget_ratio_shadow", "budget_ratio_rms_shadow")
+_NUM_NEW = 4  # batch.SEQ_COLUMNS.index("num_new")
+
+
+@dataclass
+class Cell:
+    """One (step, layer): the worst budget ratio, ``judge``'s verdict (None: within) and max |a - s|."""
+
+    ratio: float
+    why: str | None
+    diff: float | None
+
+
+@dataclass
+class BudgetMap:
+    """Rows by timeline index (``index``), columns by layer; NaN where a step has no record of a layer."""
+
+    num_layers: int
+    index: list[int] = field(default_factory=list)
+    ratio: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    over: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))
+    diff: np.ndarray | None = None
+    threshold: float = BUDGET_RATIO
+    why: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    @property
+    def num_over(self) -> int:
+        return int(self.over.sum())
+
+    def first_over(self, after: tuple[int, int] | None = None) -> tuple[int, int, str] | None:
+        """The first (timeline index, layer, why) over the rule, in firing order, after ``after``."""
+        rows, cols = np.nonzero(self.over)
+        for r, c in sorted(zip(rows.tolist(), cols.tolist(), strict=True)):
+            i = self.index[r]
+            if after is None or (i, c) > after:
+                return i, c, self.why.get((i, c), "over the budget")
+        return None
+
+
+def metrics_from_cell(ratios: dict[str, float], diff: float | None) -> Cell:
+    """A cell from one layer's ratios (a shadow record or the map's vectorised ones), judged by ``judge``."""
+    vals = [x for k in RATIO_KEYS if (x := ratios.get(k)) is not None]
+    worst = max(vals, key=lambda x: math.inf if math.isnan(x) else x) if vals else math.nan
+    return Cell(float(worst), judge(ratios), diff)
+
+
+def layer_ratios(shadow: np.ndarray, num_new: np.ndarray, per_row: int, dtype: str,
+                 has_backend: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None] | None:
+    """Every layer's budget ratios of one step at once, as ``trace.tables.layer_metrics`` computes them
+    one layer at a time (``shadow``: (requests, layers, fields); tests keep the two in step)."""
+    picked = num_new > 0
+    if not picked.any():
+        return None
+    v = shadow[picked].astype(np.float64)  # (P, L, F)
+    n = float(num_new[picked].sum()) * per_row
+    unit = _EPS.get(dtype, 2.0**-23) * v[:, :, _F["ref_absmax"]].max(0)
+    budget = np.maximum(np.maximum(v[:, :, _F["budget_max"]].max(0), unit), 1e-30)
+    budget_rms = np.maximum(np.maximum(np.sqrt(v[:, :, _F["budget_sq"]].sum(0) / n), unit / 4), 1e-30)
+    out = {}
+    for suffix, who in [("", "err_active")] + ([("_shadow", "err_shadow")] if has_backend else []):
+        out["budget_ratio" + suffix] = v[:, :, _F[who + "_max"]].max(0) / budget
+        out["budget_ratio_rms" + suffix] = np.sqrt(v[:, :, _F[who + "_sq"]].sum(0) / n) / budget_rms
+    return out, (v[:, :, _F["diff_max"]].max(0) if has_backend else None)
+
+
+class BudgetMapper:
+    """Builds and caches the ``BudgetMap`` of one timeline (live or recorded)."""
+
+    def __init__(self, tl: Any) -> None:
+        self.tl = tl
+        self._rows: dict[int, list[Cell | None]] = {}
+        reader = getattr(tl, "reader", None)
+        self._fast = reader if reader is not None and getattr(reader, "version", 1) >= 2 else None
+        self._mm: mmap.mmap | None = None
+
+    def build(self, first: int = 0, last: int | None = None) -> BudgetMap:
+        """The map of timeline indices ``first..last`` (default: every finished step)."""
+        tl, layers = self.tl, int(self.tl.num_layers)
+        n = tl.num_steps()
+        first = max(first, int(getattr(tl, "first_step", lambda: 0)()))
+        last = n - 1 if last is None else min(last, n - 1)
+        todo = [i for i in range(first, last + 1) if i not in self._rows]
+        if todo and self._fast is not None:
+            self._read_fast(todo)
+        for i in todo:
+            if i not in self._rows:
+                row = self._row_slow(i)
+                ev = tl.event(i) or {}
+                if not ev.get("in_progress"):
+                    self._rows[i] = row
+                else:
+                    return self._assemble(first, i - 1, layers, extra=(i, row))
+        return self._assemble(first, last, layers)
+
+    def _assemble(self, first: int, last: int, layers: int, extra: tuple[int, list] | None = None) -> BudgetMap:
+        index = list(range(first, last + 1))
+        rows = [self._rows[i] for i in index]
+        if extra is not None:
+            index.append(extra[0])
+            rows.append(extra[1])
+        ratio = np.full((len(rows), layers), np.nan)
+        over = np.zeros((len(rows), layers), bool)
+        diff = np.full((len(rows), layers), np.nan)
+        why: dict[tuple[int, int], str] = {}
+        for r, (i, row) in enumerate(zip(index, rows, strict=True)):
+            for c, cell in enumerate(row[:layers]):
+                if cell is None:
+                    continue
+                ratio[r, c] = cell.ratio
+                if cell.diff is not None:
+                    diff[r, c] = cell.diff
+                if cell.why is not None:
+                    over[r, c] = True
+                    why[(i, c)] = cell.why
+        has_diff = bool(np.isfinite(diff).any())
+        return BudgetMap(layers, index, ratio, over, diff if has_diff else None, BUDGET_RATIO, why)
+
+    def _row_slow(self, i: int) -> list[Cell | None]:
+        row: list[Cell | None] = [None] * int(self.tl.num_layers)
+        for key, m in (self.tl.shadow(i) or {}).items():
+            layer = int(key)
+            if 0 <= layer < len(row) and isinstance(m, dict):
+                row[layer] = metrics_from_cell(m, m.get("max_abs"))
+        return row
+
+    def _read_fast(self, todo: list[int]) -> None:
+        """Format 2: each step's shadow table and request rows straight from its blob."""
+        reader = self._fast
+        offsets = getattr(reader, "_offsets", None)
+        slot = next((k for k, e in enumerate(reader.catalog) if e.get("name") == "layers.0.attn.out"), None)
+        if offsets is None or slot is None:
+            return
+        per_row = math.prod(reader.catalog[slot]["shape"])
+        dtype = str(reader.manifest.get("dtype", "float32"))
+        backend = reader.manifest.get("shadow") not in (None, "reference")
+        if self._mm is None:
+            path = os.path.join(reader.path, DATA)
+            if not os.path.isfile(path) or os.path.getsize(path) == 0:
+                return
+            with open(path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        layers = int(self.tl.num_layers)
+        with open(os.path.join(reader.path, EVENTS), "rb") as f:
+            for i in todo:
+                f.seek(offsets[i])
+                span = json.loads(f.readline()).get("data")
+                row: list[Cell | None] = [None] * layers
+                self._rows[i] = row
+                if not (isinstance(span, list) and len(span) == 2):
+                    continue
+                blob = Blob(self._mm, span[0], span[1], f"step {i} of {reader.path}")
+                shadow, seqs = blob.get(T_SHADOW), blob.get(T_SEQS)
+                if shadow is None or seqs is None or not shadow.numel():
+                    continue
+                got = layer_ratios(shadow.numpy(), seqs.numpy()[:, _NUM_NEW], per_row, dtype, backend)
+                if got is None:
+                    continue
+                ratios, diff = got
+                for c in range(min(layers, shadow.shape[1])):
+                    row[c] = metrics_from_cell({k: float(v[c]) for k, v in ratios.items()},
+                                               None if diff is None else float(diff[c]))

@@ -1,0 +1,137 @@
+"""Opening the source in a worker thread: a trace (and its A/B partner) or the engine, then the context
+every view reads (timeline, request book, key book, budget map, token text)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from rich.markup import escape
+from textual import work
+from textual.message import Message
+
+from minillama.debug.navigation import Pos
+
+
+class Loaded(Message):
+    def __init__(self, ctx: dict[str, Any], run: Any = None) -> None:
+        super().__init__()
+        self.ctx, self.run = ctx, run
+
+
+class LoadFailed(Message):
+    def __init__(self, title: str, error: str) -> None:
+        super().__init__()
+        self.title, self.error = title, error
+
+
+def one_line(e: BaseException) -> str:
+    """``TypeName: first line`` of an exception (what the user sees instead of a traceback)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def title_of(tl: Any, compare: Any = None) -> str:
+    """The panel title: a trace by its folder name (not its full path), a live session by its model."""
+    reader = getattr(tl, "reader", None)
+    if reader is None:
+        return tl.title()
+    m = reader.manifest
+    name = os.path.basename(os.path.normpath(reader.path))
+    shadow = f", shadow {m['shadow']}" if m.get("shadow") else ""
+    text = f"replay: {name} ({m.get('backend', '?')}{shadow}, {m.get('device', '?')}) · {reader.num_steps} steps"
+    if compare is not None:
+        text += f" · A/B with {os.path.basename(os.path.normpath(compare.b.reader.path))}"
+    return text + ("" if reader.status == "complete" else f" · {reader.status}")
+
+
+class Opening:
+    """Mixed into ``DebugScreen``."""
+
+    source: dict[str, Any]
+    run: Any = None
+
+    @property
+    def live(self) -> bool:
+        return self.source.get("trace") is None
+
+    @work(thread=True, exclusive=True, group="load")
+    def load(self) -> None:
+        """Open the trace (and its A/B partner) or start the engine, in a worker thread."""
+        from minillama.debug import sources
+        from minillama.debug.book import RequestBook
+        from minillama.debug.heatmap import BudgetMapper
+        from minillama.debug.keys import KeyBook
+        from minillama.debug.tokens import TokenText
+
+        src = self.source
+        try:
+            if not self.live:
+                tl = sources.Locked(sources.open_trace(src["trace"]))
+                compare = None
+                if src.get("compare"):
+                    from minillama.debug.compare import Comparison
+
+                    compare = Comparison(tl, sources.Locked(sources.open_trace(src["compare"])))
+                ctx = dict(timeline=tl, keys=KeyBook(tl), budget=BudgetMapper(tl), compare=compare,
+                           tokens=TokenText(manifest=tl.reader.manifest),
+                           book=RequestBook(tl, tl.reader.manifest.get("requests")))
+                self.post_message(Loaded(ctx))
+                return
+            llm = src.get("llm") or sources.load_engine(src["options"])
+            run = sources.LiveRun(llm, src["options"])
+            for p in src["options"].prompts:
+                run.submit(p)
+        except Exception as e:  # a bad trace, a model that does not load: one line, never a traceback
+            what = "Cannot open the trace" if not self.live else "Cannot start the engine"
+            self.post_message(LoadFailed(what, one_line(e) if type(e).__name__ not in ("TraceError", "OptionError",
+                                                                                      "CompareError") else str(e)))
+            return
+        tl = run.timeline
+        self.post_message(Loaded(dict(timeline=tl, keys=KeyBook(tl), budget=BudgetMapper(tl),
+                                      tokens=TokenText(tokenizer=llm.tokenizer), book=tl.book), run))
+
+    def on_loaded(self, msg: Loaded) -> None:
+        from .cursor import Driver
+
+        self.set_ctx(**msg.ctx)
+        self.query_one("#where").border_title = escape(title_of(msg.ctx["timeline"], msg.ctx.get("compare")))
+        if msg.run is None:
+            self.driver = Driver(msg.ctx["timeline"])
+            self.loaded = True
+            tl = msg.ctx["timeline"]
+            if tl.num_steps():
+                self.pos = Pos(0)
+            else:
+                self.toast("This trace holds no steps.", "warning")
+            if msg.ctx["compare"] is not None:
+                self.view = "compare"
+            self._load_tokens()
+            self._warm_book()
+            self.status("")
+            return
+        self.run = msg.run
+        self.driver = Driver(msg.run.timeline, msg.run.session)
+        self.query_one("#prompt").display = True
+        self._hook_session(msg.run.session)
+        self.set_ctx(breakpoints=msg.run.session.breakpoints)
+        msg.run.session.start()
+        self.status("starting…")
+
+    @work(thread=True, group="book")
+    def _warm_book(self) -> None:
+        """Fold every request once in the background (checkpoints), so that G on a long trace is instant."""
+        self.ctx.book.after(self.ctx.timeline.num_steps() - 1)
+
+    @work(thread=True, group="tokens")
+    def _load_tokens(self) -> None:
+        self.ctx.tokens.load()
+        self.app.call_from_thread(lambda: setattr(self, "tick", self.tick + 1))
+
+    def on_load_failed(self, msg: LoadFailed) -> None:
+        from .screens.error import ErrorScreen
+
+        self.set_ctx(mode="failed")
+        self.query_one("#where").border_title = msg.title.lower()
+        self.app.push_screen(ErrorScreen(msg.title, msg.error, fatal=True))
+
