@@ -110,6 +110,10 @@ def check_step(ev: dict[str, Any], where: str, version: int) -> None:
     _str(ev.get("phase", "?"), where, "phase")
     for key in ("sampled", "pieces", "prompts", "kv", "texts", "token_ids", "shadow", "sites"):
         _obj(ev.get(key), where, key, none=True)
+    for key in ("sampled", "pieces", "prompts", "texts", "token_ids"):
+        for sid in ev.get(key) or {}:
+            if not (isinstance(sid, str) and sid.isdecimal() and len(sid) < 19):
+                raise _fail(where, key, "keys that are sequence ids", sid)
     for sid, tok in (ev.get("sampled") or {}).items():
         _int(tok, where, f"sampled[{sid}]", 0, 1 << 31)
     for sid, piece in (ev.get("pieces") or {}).items():
