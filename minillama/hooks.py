@@ -99,6 +99,15 @@ def emit(site: str, tensor: torch.Tensor | None = None, **info: Any) -> None:
         fn(site, tensor, info)
 
 
+def graphs_captured() -> None:
+    """Tell listeners that CUDA graphs were just captured: host work they deferred during the capture
+    (``graphs_captured()`` on the listener, when it has one) must run before the first replay."""
+    for fn in tuple(_listeners):
+        done = getattr(fn, "graphs_captured", None)
+        if done is not None:
+            done()
+
+
 def _mode(fn: Listener) -> str:
     mode = getattr(fn, "hook_mode", "eager")
     if mode not in MODES:

@@ -337,11 +337,13 @@ def test_which_kernels_run(monkeypatch) -> None:
 
 def _mem_probe():
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "mem_attention.py"
     spec = importlib.util.spec_from_file_location("mem_attention", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

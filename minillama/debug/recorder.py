@@ -113,9 +113,12 @@ class Recorder:
         hooks.attach(self)
         self._attached = True
         if graphs is not None:
-            graphs.capture()
-            self._fill_tables()
-            self.buffer.prepare_ring()
+            try:
+                graphs.capture()  # fills the address tables through graphs_captured()
+                self.buffer.prepare_ring()
+            except BaseException:
+                self.detach("failed to attach")
+                raise
         return self
 
     def detach(self, reason: str = "finished") -> None:
@@ -169,8 +172,6 @@ class Recorder:
             self._site(site, tensor)
 
     def _begin(self, info: dict[str, Any]) -> None:
-        if self._to_fill:
-            self._fill_tables()
         batch, engine = info["batch"], info["engine"]
         reqs, rows = len(batch.seqs), batch.num_tokens
         ok = 0 < reqs <= self.buffer.max_reqs and rows <= self.buffer.max_rows
@@ -255,9 +256,14 @@ class Recorder:
             self._to_fill.append((table, [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
         self._batched = []
 
+    def graphs_captured(self) -> None:
+        """Fill the address tables of the graphs just captured (``hooks.graphs_captured``)."""
+        self._fill_tables()
+
     def _fill_tables(self) -> None:
-        for table, data in self._to_fill:
-            table.copy_(torch.tensor(data, dtype=torch.int64))
+        with torch.inference_mode():  # the tables were made while capturing, under inference mode
+            for table, data in self._to_fill:
+                table.copy_(torch.tensor(data, dtype=torch.int64))
         self._kept += [t for t, _ in self._to_fill]  # the graphs read them at every replay
         self._to_fill = []
 

@@ -227,6 +227,10 @@ class DebugSession:
         return t
 
     # ---- the worker ---------------------------------------------------------------------------
+    def graphs_captured(self) -> None:
+        """CUDA graphs were captured with the recorder's work inside: let it finish their setup."""
+        self.recorder.graphs_captured()
+
     def __call__(self, site: str, tensor: torch.Tensor | None, info: dict[str, Any]) -> None:
         if hooks.capturing:  # graph capture: only the recorder's device work belongs there
             self.recorder(site, tensor, info)

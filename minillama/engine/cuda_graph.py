@@ -69,6 +69,8 @@ class DecodeGraphs:
             return
         for old in [k for k in self.sets if k not in (-1, key)]:
             del self.sets[old]
+        if not self.sets:  # the pool died with its last graphs; capturing into it again trips the allocator
+            self.pool = None
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
         hooks.capturing = True
         try:
@@ -87,6 +89,8 @@ class DecodeGraphs:
             hooks.capturing = False
             set_context(Context())
         self.sets[key] = graphs
+        if hooks.enabled:
+            hooks.graphs_captured()
 
     def can_run(self, bs: int) -> bool:
         """True when a decode step of ``bs`` sequences may replay a graph now."""
