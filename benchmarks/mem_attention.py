@@ -62,7 +62,7 @@ def _inputs(case: Case, gen: torch.Generator) -> dict:
     pages = -(-n_keys // PAGE)
     num_blocks = case.batch * pages + 1
     k_cache = torch.randn(num_blocks, PAGE, HK, D, generator=gen, device="cuda").to(DTYPE)
-    table = torch.randperm(num_blocks - 1, generator=gen).view(case.batch, pages).to(torch.int32).cuda()
+    table = torch.randperm(num_blocks - 1, generator=gen, device=gen.device).view(case.batch, pages).to(torch.int32)
     return dict(q=q, k=k_cache, v=torch.randn_like(k_cache), cu_q=cu_q, cu_k=cu_k, n_keys=n_keys, table=table)
 
 

@@ -194,7 +194,7 @@ def test_graph_recording_equals_eager_recording(llm):
 def test_no_host_sync_at_hook_sites_while_recording(active, shadow, request):
     llm = request.getfixturevalue("flash_llm" if active == "flash-attn" else "llm")
     out = "ref" if shadow == "reference" else "shadow"  # a reference shadow has no backend output of its own
-    rec = Recorder(llm, shadow=shadow, full_sites=["layers.3.attn.out", f"layers.3.attn.out@{out}"])
+    rec = Recorder(llm, shadow=shadow, full_sites=["layers.3.attn.out", f"layers.3.attn.out@{out}"], history=64)
     rec.attach()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     try:

@@ -250,7 +250,8 @@ class Recorder:
         for x, slot in self._batched:
             groups.setdefault(x.dtype, []).append((x, slot))
         for dtype, items in groups.items():
-            table = torch.zeros((len(items), 4), dtype=torch.int64, device=b.device)
+            # empty, not zeros: a zero fill would be captured too and wipe the addresses at every replay
+            table = torch.empty((len(items), 4), dtype=torch.int64, device=b.device)
             rows = items[0][0].shape[0]
             devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
             self._to_fill.append((table, [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
