@@ -25,6 +25,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import timeit
 
@@ -74,6 +75,24 @@ def workload(a, llm) -> tuple[list[list[int]], list[SamplingParams]]:
         lens, outs = [a.prompt_len] * n, [a.new_tokens] * n
     prompts = [[rng.randint(0, 10000) for _ in range(m)] for m in lens]
     return prompts, [SamplingParams(temperature=0, max_tokens=t, ignore_eos=True) for t in outs]
+
+
+def in_thread(fn, *args):
+    """``fn(*args)`` on a fresh thread that ends with it (CPU runs).
+
+    A session steps the engine on its own thread, as the TUI does. GNU OpenMP (torch's CPU thread
+    pool) cuts its spin-waiting short once it manages more threads than there are cores, so a pool
+    left alive by another thread (the main one, after running the model) slows every parallel op of
+    the next by a third on 2 cores. Each run here starts from no pool, the session's included, as the
+    TUI's engine does (it loads the model on a worker thread too).
+    """
+    box: list = []
+    th = threading.Thread(target=lambda: box.append(fn(*args)))
+    th.start()
+    th.join()
+    if not box:
+        raise SystemExit(f"bench_debug: {getattr(fn, '__name__', fn)} failed (see above)")
+    return box[0]
 
 
 def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int]:
@@ -150,19 +169,20 @@ def main() -> None:
     bad = [m for m in modes if m not in ALL_MODES]
     if bad:
         sys.exit(f"bench_debug: unknown mode(s) {bad}: choose from {', '.join(ALL_MODES)}")
-    llm = build(a)
+    llm = in_thread(build, a) if a.device == "cpu" else build(a)
     prompts, params = workload(a, llm)
     tokens = sum(p.max_tokens for p in params)
     tmp = tempfile.mkdtemp(prefix="bench-debug-")
     rows = []
     short = [SamplingParams(temperature=0, max_tokens=min(4, p.max_tokens), ignore_eos=True) for p in params]
+    run = (lambda *args: in_thread(run_mode, *args)) if a.device == "cpu" else run_mode
     for mode in modes:
-        run_mode(mode, llm, prompts, short, tmp)  # warm-up: every prefill shape, a few decode steps
+        run(mode, llm, prompts, short, tmp)  # warm-up: every prefill shape, a few decode steps
     times: dict[str, list[float]] = {m: [] for m in modes}
     sizes: dict[str, tuple[int, int]] = {}
     for _ in range(a.repeat):  # interleaved, so a busy machine's drift hits every mode alike
         for mode in modes:
-            dt, size, steps = run_mode(mode, llm, prompts, params, tmp)
+            dt, size, steps = run(mode, llm, prompts, params, tmp)
             times[mode].append(dt)
             sizes[mode] = (size, steps)
             print(f"  {LABEL[mode]}: {dt:.3f} s", file=sys.stderr, flush=True)

@@ -18,6 +18,9 @@ Flat tensors have one row per new token of the batch (requests in batch order); 
 ``sampled`` one row per request that samples. The step context (``minillama.context``) says which
 request and token position each row has.
 
+A tensor handed to a site is not changed afterwards within its forward pass: listeners may read it
+at the pass's last site (the recorder batches its statistics there, in CUDA graphs and on CPU).
+
 Listeners say how they listen (``mode``): ``"eager"`` listeners run Python on each tensor at each
 site (the engine then runs eagerly and step by step); ``"step"`` listeners only enqueue device work
 at sites, so decode steps may replay CUDA graphs with that work captured inside, but need each step

@@ -75,6 +75,7 @@ def _mixed_step(llm, spy_first=None):
     """Run the engine until a step mixes a decode with prompt chunks; return (recorder, spy, step index)."""
     rec = Recorder(llm, history=64)
     spy = Spy()
+    spy.hook_mode = getattr(spy_first, "hook_mode", "eager")
     if spy_first is not None:
         hooks.attach(spy_first)
     hooks.attach(spy)
@@ -98,10 +99,20 @@ def _mixed_step(llm, spy_first=None):
     return rec, spy
 
 
-def test_per_request_stats_and_hashes_match_the_host(llm):
+@pytest.mark.parametrize("spy_mode", ["eager", "step"])
+def test_per_request_stats_and_hashes_match_the_host(llm, spy_mode, monkeypatch):
+    """An eager spy keeps the recorder's statistics site by site; a "step" one lets it batch the small
+    sites of a pass (decode steps) at the pass's end: both must equal the host's."""
+    from minillama.debug import devstats
+
     spy_steps = []
+    grouped = []
+    batched = devstats.sites_stats_cpu
+    monkeypatch.setattr(devstats, "sites_stats_cpu", lambda items, *a: (grouped.append(len(items)), batched(items, *a)))
 
     class PerStep(Spy):
+        hook_mode = spy_mode
+
         def __call__(self, site, tensor, info):
             if site == "step.begin":
                 self.seen = {}
@@ -133,14 +144,19 @@ def test_per_request_stats_and_hashes_match_the_host(llm):
                 assert got["nan"] == 0 and got["inf"] == 0
                 lanes = [0, 0]
                 for row in rows:
-                    want = py_lanes(words[row].tolist(), int(pos[row])) if checked_rows < 60 else None
+                    # a few rows of every step against the definition (plain Python: slow)
+                    want = py_lanes(words[row].tolist(), int(pos[row])) if checked_rows < 12 * (k + 1) else None
                     have = tuple(int(v) & M32 for v in tables["hash"][row, slot])
                     if want is not None:
                         assert have == want, (spec["name"], row)
                         checked_rows += 1
                     lanes = [(lanes[0] + have[0]) & M32, (lanes[1] + have[1]) & M32]
                 assert got["hash"] == finalize(np.array(lanes, dtype=np.uint32), vals.size)
-    assert checked_rows == 60
+    assert checked_rows == 12 * len(rec.history)
+    if spy_mode == "step":
+        assert any(n > 1 for n in grouped), "decode steps' small sites must have gone in groups"
+    else:
+        assert not grouped
 
 
 def test_one_flipped_bit_changes_only_that_requests_hash(llm):

@@ -113,6 +113,47 @@ def site_stats_cpu(x: torch.Tensor, slot: int, seq_index: np.ndarray, pos: np.nd
         bad[req, slot, 0], bad[req, slot, 1] = nan, inf
 
 
+def sites_stats_cpu(items: list[tuple[torch.Tensor, int]], seq_index: np.ndarray, pos: np.ndarray,
+                    moments: np.ndarray, keys: np.ndarray, bad: np.ndarray, lanes: np.ndarray) -> None:
+    """``site_stats_cpu`` for several sites at once: tensors of one shape and dtype with the same rows
+    (a decode step's many small sites), in a few numpy calls instead of a few per site."""
+    if len(items) == 1:
+        x, slot = items[0]
+        site_stats_cpu(x, slot, seq_index, pos, moments, keys, bad, lanes)
+        return
+    slots = np.array([slot for _, slot in items])
+    x = torch.stack([t.detach().reshape(t.shape[0], -1) for t, _ in items])  # (k, rows, width)
+    k, rows, width = x.shape
+    ln = row_lanes_np(words_np(x.reshape(k * rows, width)), np.tile(pos[:rows], k)).view(np.int32)
+    lanes[:rows, slots] = ln.reshape(k, rows, 2).transpose(1, 0, 2)
+    f = (x if x.dtype == torch.float32 else x.float()).numpy()
+    finite = np.isfinite(f)
+    nan = inf = None
+    if finite.all():
+        s, ss = f.sum(2, dtype=np.float64), np.square(f, dtype=np.float64).sum(2)  # (k, rows)
+        lo, hi = f.min(2), f.max(2)
+    else:
+        z = np.where(finite, f, 0)
+        s, ss = z.sum(2, dtype=np.float64), np.square(z, dtype=np.float64).sum(2)
+        lo, hi = np.where(finite, f, np.inf).min(2), np.where(finite, f, -np.inf).max(2)
+        nan, inf = np.isnan(f).sum(2), np.isinf(f).sum(2)
+    seq = seq_index[:rows]
+    if rows > 1 and not (seq[1:] != seq[:-1]).all():  # several rows per request: reduce
+        starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
+        s, ss = np.add.reduceat(s, starts, 1), np.add.reduceat(ss, starts, 1)
+        lo, hi = np.minimum.reduceat(lo, starts, 1), np.maximum.reduceat(hi, starts, 1)
+        if nan is not None:
+            nan, inf = np.add.reduceat(nan, starts, 1), np.add.reduceat(inf, starts, 1)
+        req = seq[starts]
+    else:
+        req = seq
+    at = np.ix_(req, slots)
+    moments[at + (0,)], moments[at + (1,)] = s.T, ss.T
+    keys[at + (0,)], keys[at + (1,)] = float_keys_np(lo).T, float_keys_np(hi).T
+    if nan is not None:
+        bad[at + (0,)], bad[at + (1,)] = nan.T, inf.T
+
+
 # ---- CUDA: one Triton kernel per site, writing the tables on the device -------------------------------
 if triton is not None:
 

@@ -53,6 +53,10 @@ class _Open:
     graphed: bool = False
 
 
+#: CPU token sites up to this many elements wait for the pass's last token site, then go in groups.
+CPU_DEFER_ELEMENTS = 1 << 16
+
+
 class Recorder:
     """Records steps of ``llm`` (see the module docstring). ``shadow``: a backend name, "reference"
     (the yardstick alone) or None. ``history``: how many finished steps to keep in memory."""
@@ -93,6 +97,7 @@ class Recorder:
         self._finish_lock = threading.Lock()
         self._attached = False
         self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
+        self._cpu_deferred: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # small CPU sites of this pass
         self._to_fill: list[tuple[torch.Tensor, list[list[int]]]] = []
         self._kept: list[torch.Tensor] = []
         self._last_graph_site = next(s.name for s in reversed(self.catalog) if s.rows == "tokens")
@@ -172,6 +177,7 @@ class Recorder:
             self._site(site, tensor)
 
     def _begin(self, info: dict[str, Any]) -> None:
+        self._cpu_deferred = {}  # left by a forward pass that failed before its last site
         batch, engine = info["batch"], info["engine"]
         reqs, rows = len(batch.seqs), batch.num_tokens
         ok = 0 < reqs <= self.buffer.max_reqs and rows <= self.buffer.max_rows
@@ -225,9 +231,16 @@ class Recorder:
         elif x.is_cuda:
             b = self.buffer
             devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
+        elif self.catalog[slot].rows == "tokens" and x.numel() <= CPU_DEFER_ELEMENTS and not hooks.eager:
+            # small token sites (a decode step's): done together at the forward pass's last token site
+            self._cpu_deferred.setdefault((tuple(x.shape), x.dtype), []).append((x, slot))
+            if site == self._last_graph_site:
+                self._flush_cpu(seq, pos)
         else:
             t = self.buffer.numpy_tables()
             devstats.site_stats_cpu(x, slot, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"], t["lanes"])
+            if site == self._last_graph_site:
+                self._flush_cpu(seq, pos)
         if hooks.capturing:
             self._captured.add(slot)
             if site in self._static:
@@ -236,6 +249,15 @@ class Recorder:
         self._cur.fired.add(slot)
         if self.is_full(site):
             self._cur.full[site] = tensor.detach().clone()
+
+    def _flush_cpu(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
+        """The deferred CPU sites, a group of equal shapes at a time (site tensors are not changed after
+        their site within a forward pass: hooks.py)."""
+        t = self.buffer.numpy_tables()
+        seq_np, pos_np = seq.numpy(), pos.numpy()
+        for items in self._cpu_deferred.values():
+            devstats.sites_stats_cpu(items, seq_np, pos_np, t["moments"], t["keys"], t["bad"], t["lanes"])
+        self._cpu_deferred = {}
 
     def _batching(self, x: torch.Tensor, slot: int) -> bool:
         """Inside a CUDA graph capture, token sites are gathered and done by one kernel at the end."""
