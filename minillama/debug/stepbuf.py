@@ -79,8 +79,13 @@ class StatsBuffer:
         layers, fields = self.shadow_shape = shadow_shape
         self.words = 4 * s + -(-layers * fields // 2)
         self.device = device
-        self.req = torch.zeros(max_reqs, self.words, dtype=torch.int64, device=device)
-        self.rows = torch.zeros(max_rows, s, 2, dtype=torch.int32, device=device)
+        if device.type == "cpu":  # numpy's zeros: a torch fill this large would start an OpenMP pool on
+            # the constructing thread, which then slows the engine thread's parallel ops (bench_debug.in_thread)
+            self.req = torch.from_numpy(np.zeros((max_reqs, self.words), dtype=np.int64))
+            self.rows = torch.from_numpy(np.zeros((max_rows, s, 2), dtype=np.int32))
+        else:
+            self.req = torch.zeros(max_reqs, self.words, dtype=torch.int64, device=device)
+            self.rows = torch.zeros(max_rows, s, 2, dtype=torch.int32, device=device)
         init = np.zeros(self.words, dtype=np.int64)
         keys = init[2 * s: 3 * s].view(np.int32).reshape(s, 2)
         keys[:, 0], keys[:, 1] = KEY_MIN_INIT, KEY_MAX_INIT
