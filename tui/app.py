@@ -18,8 +18,10 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from minillama.debug.sources import LiveOptions
+from minillama.trace import TraceError
 
 from .screen import DebugScreen
+from .screens.error import ErrorScreen
 
 
 class DebuggerApp(App[None]):
@@ -45,6 +47,17 @@ class DebuggerApp(App[None]):
     def failed(self) -> bool:
         """True when the trace or the engine failed to load (``cli.main`` exits 1 then)."""
         return self.main is not None and self.main.ctx.mode == "failed"
+
+    def _handle_exception(self, error: Exception) -> None:
+        """A trace damaged past its opening (a step or a table read later) ends in the error screen's one
+        line, like one that fails to open; anything else is a bug and goes to Textual's report."""
+        cause = getattr(error, "error", error)  # a worker's failure wraps the exception it raised
+        if isinstance(cause, TraceError) and self.main is not None:
+            if self.main.ctx.mode != "failed":
+                self.main.set_ctx(mode="failed")
+                self.push_screen(ErrorScreen("Cannot read the trace", str(cause), fatal=True))
+            return
+        super()._handle_exception(error)
 
     def action_help(self) -> None:
         from .screens.help import HelpScreen
