@@ -94,14 +94,15 @@ class CompareView(View):
         if getattr(self, "_filled", None) == key:
             return
         table.clear(columns=True)
-        for col in ("site", "A mean", "B mean", "A absmax", "B absmax", "|A-B|", "how"):
+        # the difference first, so a narrow terminal cuts the means rather than it
+        for col in ("site", "|A-B|", "A mean", "B mean", "A absmax", "B absmax", "how"):
             table.add_column(col, key=col)
         for d in self.ctx.compare.sites(i, seq_a):
             a, b = d.a or {}, d.b or {}
             hot = d.over
-            table.add_row(Text(d.site), num(a.get("mean")), num(b.get("mean")), num(a.get("absmax")),
-                          num(b.get("absmax")), Text(num(d.max_abs), style="bold #ff5f5f" if hot else ""),
-                          Text(d.method, style="dim"), key=d.site)
+            table.add_row(Text(d.site), Text(num(d.max_abs, 3), style="bold #ff5f5f" if hot else ""),
+                          num(a.get("mean"), 3), num(b.get("mean"), 3), num(a.get("absmax"), 3),
+                          num(b.get("absmax"), 3), Text(d.method, style="dim"), key=d.site)
         self._filled, self._step = key, i
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
