@@ -38,6 +38,7 @@ class BlockManager:
         self.free_block_ids: deque[int] = deque(range(num_blocks))  # least recently freed first
         self.used_block_ids: set[int] = set()
         self.num_cache_hit_tokens = 0  # running totals, shown by the debugger
+        self._cached_free = 0  # free blocks still holding a hash: counted as they move, read every step
         self.num_computed_prompt_tokens = 0
 
     @property
@@ -47,14 +48,15 @@ class BlockManager:
     @property
     def num_cached_free_blocks(self) -> int:
         """Free blocks that still hold a prefix-cache entry (a later prompt can revive them)."""
-        blocks = self.blocks
-        return sum(1 for b in self.free_block_ids if blocks[b].hash != -1)
+        return self._cached_free
 
     def _take(self, block_id: int) -> Block:
         block = self.blocks[block_id]
         assert block.ref_count == 0
-        if block.hash != -1 and self.hash_to_block.get(block.hash) == block_id:
-            del self.hash_to_block[block.hash]  # evict: its contents are about to be overwritten
+        if block.hash != -1:
+            self._cached_free -= 1
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]  # evict: its contents are about to be overwritten
         block.hash, block.token_ids, block.ref_count = -1, [], 1
         self.free_block_ids.remove(block_id)
         self.used_block_ids.add(block_id)
@@ -86,9 +88,10 @@ class BlockManager:
         hits = self._cached_prefix(seq)
         for block_id in hits:
             block = self.blocks[block_id]
-            if block.ref_count == 0:
+            if block.ref_count == 0:  # revived from the free list (a cached block has a hash)
                 self.free_block_ids.remove(block_id)
                 self.used_block_ids.add(block_id)
+                self._cached_free -= 1
             block.ref_count += 1
             seq.block_table.append(block_id)
         for _ in range(seq.num_blocks - len(hits)):
@@ -106,6 +109,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.used_block_ids.remove(block_id)
                 self.free_block_ids.append(block_id)
+                self._cached_free += block.hash != -1
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
@@ -150,5 +154,7 @@ class BlockManager:
         assert not free & self.used_block_ids, "a block is both free and used"
         assert free | self.used_block_ids == set(range(len(self.blocks))), "a block is neither free nor used (leaked)"
         assert all((self.blocks[b].ref_count > 0) == (b in self.used_block_ids) for b in range(len(self.blocks)))
+        cached = sum(1 for b in self.free_block_ids if self.blocks[b].hash != -1)
+        assert self._cached_free == cached, f"cached free blocks counted {self._cached_free}, are {cached}"
         for h, block_id in self.hash_to_block.items():
             assert self.blocks[block_id].hash == h, "hash table points at a block that was overwritten"
