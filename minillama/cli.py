@@ -72,7 +72,7 @@ class Parser(argparse.ArgumentParser):
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="Hugging Face model folder or .gguf file (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", type=backend_arg, default="torch", help="attention backend: torch or flash-attn")
+    p.add_argument("--backend", type=backend_arg, default="torch", help="attention backend: torch, triton or flash-attn")
     p.add_argument("--device", type=device_arg, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--dtype", type=dtype_arg, default="auto",
                    help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16")

@@ -1,6 +1,6 @@
 """minillama-tui: step through the engine live, or replay a recorded trace, in the terminal.
 
-    minillama-tui [--model PATH] [--backend torch|flash-attn] [--shadow [BACKEND]] [--prompt "..."]...
+    minillama-tui [--model PATH] [--backend torch|triton|flash-attn] [--shadow [BACKEND]] [--prompt "..."]...
     minillama-tui traces/NAME [--compare traces/OTHER]
 
 The command line is ``cli.py`` (checked before anything heavy is imported). The app holds one

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a second trace of the same prompts, replayed in lockstep with TRACE (A/B)")
     p.add_argument("--model", default=None, metavar="PATH",
                    help="model folder or .gguf (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", type=backend_arg, default="torch", help="attention backend: torch or flash-attn")
+    p.add_argument("--backend", type=backend_arg, default="torch", help="attention backend: torch, triton or flash-attn")
     p.add_argument("--device", type=device_arg, default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--shadow", nargs="?", const="reference", default=None, metavar="BACKEND",
                    help="run a second attention beside the active one at every layer (default: the float64 "
