@@ -64,16 +64,16 @@ def site_catalog(model_config, dtype: torch.dtype) -> list[SiteSpec]:
 def capture_batch(batch, engine) -> dict[str, Any]:
     """The batch as it is scheduled: plain numbers copied now, since sequences change as they run."""
     bm = engine.block_manager
-    blocks = bm.blocks
+    used = np.flatnonzero(bm.ref_counts)
     return {
         "seqs": [(s.seq_id, s.num_prompt_tokens, len(s), s.num_computed_tokens, n, s.num_cached_tokens,
                   s.num_preemptions, list(s.block_table))
                  for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)],
-        "blocks": [(b, blocks[b].ref_count, blocks[b].hash != -1) for b in bm.used_block_ids],
+        "blocks": np.stack([used, bm.ref_counts[used], bm.hashed[used]], axis=1),  # (block, refs, cached)
         "phase": batch.phase,
         "preempted": [s.seq_id for s in batch.preempted],
         "waiting": [s.seq_id for s in engine.scheduler.waiting],
-        "kv": {"block_size": bm.block_size, "num_blocks": len(blocks), "num_free_blocks": bm.num_free_blocks,
+        "kv": {"block_size": bm.block_size, "num_blocks": len(bm.blocks), "num_free_blocks": bm.num_free_blocks,
                "num_cached_free_blocks": bm.num_cached_free_blocks, "prefix_hit_tokens_total": bm.num_cache_hit_tokens,
                "preemptions_total": engine.scheduler.num_preemptions},
     }
@@ -89,7 +89,7 @@ def batch_arrays(raw: dict[str, Any]) -> dict[str, np.ndarray]:
         flags = (FLAG_SAMPLES if start + n == length else 0) | (FLAG_RECOMPUTE if n > 1 and start + n > plen else 0)
         rows[i] = (sid, plen, length, start, n, cached, pre, flags)
         table[i, : len(bt)] = bt
-    blocks = np.array(sorted(raw["blocks"]), dtype=np.int64).reshape(-1, 3)
+    blocks = np.asarray(raw["blocks"], dtype=np.int64).reshape(-1, 3)  # in block order
     return {T_SEQS: rows, T_TABLES: table, T_BLOCKS: blocks}
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
+
 from minillama.engine.sequence import Sequence
 
 
@@ -39,6 +41,10 @@ class BlockManager:
         self.used_block_ids: set[int] = set()
         self.num_cache_hit_tokens = 0  # running totals, shown by the debugger
         self._cached_free = 0  # free blocks still holding a hash: counted as they move, read every step
+        # every block's reference count and whether it holds a hash, as arrays the debugger reads each
+        # step in one call (mirrors of Block.ref_count and Block.hash != -1, kept at each change)
+        self.ref_counts = np.zeros(num_blocks, dtype=np.int32)
+        self.hashed = np.zeros(num_blocks, dtype=bool)
         self.num_computed_prompt_tokens = 0
 
     @property
@@ -58,6 +64,7 @@ class BlockManager:
             if self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]  # evict: its contents are about to be overwritten
         block.hash, block.token_ids, block.ref_count = -1, [], 1
+        self.ref_counts[block_id], self.hashed[block_id] = 1, False
         self.free_block_ids.remove(block_id)
         self.used_block_ids.add(block_id)
         return block
@@ -93,6 +100,7 @@ class BlockManager:
                 self.used_block_ids.add(block_id)
                 self._cached_free -= 1
             block.ref_count += 1
+            self.ref_counts[block_id] += 1
             seq.block_table.append(block_id)
         for _ in range(seq.num_blocks - len(hits)):
             seq.block_table.append(self._take(self.free_block_ids[0]).block_id)
@@ -105,6 +113,7 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
+            self.ref_counts[block_id] -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
                 self.used_block_ids.remove(block_id)
@@ -139,6 +148,7 @@ class BlockManager:
             hashes.append(h)
             block = self.blocks[seq.block_table[i]]
             block.hash, block.token_ids = h, tokens
+            self.hashed[block.block_id] = True
             self.hash_to_block.setdefault(h, block.block_id)
 
     def check_invariants(self, seqs: list[Sequence]) -> None:
@@ -154,6 +164,8 @@ class BlockManager:
         assert not free & self.used_block_ids, "a block is both free and used"
         assert free | self.used_block_ids == set(range(len(self.blocks))), "a block is neither free nor used (leaked)"
         assert all((self.blocks[b].ref_count > 0) == (b in self.used_block_ids) for b in range(len(self.blocks)))
+        assert [b.ref_count for b in self.blocks] == self.ref_counts.tolist(), "ref_counts out of step"
+        assert [b.hash != -1 for b in self.blocks] == self.hashed.tolist(), "hashed out of step"
         cached = sum(1 for b in self.free_block_ids if self.blocks[b].hash != -1)
         assert self._cached_free == cached, f"cached free blocks counted {self._cached_free}, are {cached}"
         for h, block_id in self.hash_to_block.items():
