@@ -131,6 +131,14 @@ def test_a_size_cap_mid_run_leaves_a_readable_trace(tiny, tmp_path, capsys):
     assert "stopped" in capsys.readouterr().out
 
 
+def test_a_size_cap_below_the_manifest_is_refused_before_writing(tiny, tmp_path, capsys):
+    rc = cli_main(["record", "--out", str(tmp_path / "cap"), "--prompt", "w4 w5", "--raw", "--model", tiny,
+                   "--device", "cpu", "--max-tokens", "3", "--max-bytes", "100"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "leaves no room for a step" in err
+    assert not (tmp_path / "cap").exists()
+
+
 def test_a_failing_disk_stops_the_trace_not_the_engine(tiny, tmp_path, monkeypatch):
     llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
     rec = Recorder(llm)

@@ -111,11 +111,14 @@ class TraceWriter:
                 raise TraceError(f"{self.path} exists and is a file: choose another --out or delete it")
             if os.listdir(self.path):
                 raise TraceError(f"{self.path} exists and is not empty: choose another --out or delete it")
-        os.makedirs(self.path, exist_ok=True)
         self.manifest = {**manifest, "format": FORMAT_NAME, "version": FORMAT_VERSION,
                          "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
         text = json.dumps(self.manifest, default=_json_default, ensure_ascii=False, indent=2)
         data = (_NUMBER_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n").encode()
+        if max_bytes is not None and len(data) + _FINAL_LINE_RESERVE >= max_bytes:
+            raise TraceError(f"the size cap of {max_bytes} bytes leaves no room for a step: the trace's manifest "
+                             f"alone is {len(data)} bytes; give a cap of several times that, or leave it out")
+        os.makedirs(self.path, exist_ok=True)
         _write_durable(os.path.join(self.path, MANIFEST), data)
         self.bytes_written = len(data)
         self.num_steps = 0
