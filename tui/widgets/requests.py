@@ -40,8 +40,10 @@ class RequestsView(View):
                 table.add_column(col, key=col)
             for sid in ids:
                 r, k = now.get(sid) or {}, known.get(sid) or {}
-                if sid in in_batch:
+                if sid in in_batch:  # a request that ends with this step says so (the header does too)
                     state = Text(seq_role(in_batch[sid]), style="bold")
+                    if r.get("finish_reason"):
+                        state.append(f" → {r['finish_reason']}", style="dim")
                 elif sid in waiting:
                     state = Text("waiting", style="#ffd75f")
                 elif r.get("finish_reason"):
