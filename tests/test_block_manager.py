@@ -63,6 +63,7 @@ def test_random_stream_keeps_invariants(stream):
                 assert seq.block_table == [] and seq.num_computed_tokens == 0
                 running.remove(seq)
         bm.check_invariants(running)
+        assert bm.num_cached_free_blocks == sum(1 for b in bm.free_block_ids if bm.blocks[b].hash != -1)
     for seq in running:
         bm.deallocate(seq)
     bm.check_invariants([])

@@ -11,15 +11,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
 
 from minillama import LLM, SamplingParams
 from minillama.attention import AttentionBackend, get_backend, register_backend
 
 
-def planted_backend(name: str, layer: int, delta: float, num_layers: int, base: str = "torch") -> AttentionBackend:
-    """Register (and return) a backend ``name`` that is ``base`` except that layer ``layer``'s output
-    is shifted by ``delta`` (layers counted per forward pass)."""
+def layer_backend(name: str, layer: int, num_layers: int, change: Callable[[torch.Tensor], torch.Tensor],
+                  base: str = "torch") -> AttentionBackend:
+    """Register (and return) a backend ``name`` that is ``base`` except that layer ``layer``'s output goes
+    through ``change`` (layers counted per forward pass; for a tuple result, its first tensor)."""
     inner = get_backend(base)
     count = {"n": 0}
 
@@ -29,7 +32,7 @@ def planted_backend(name: str, layer: int, delta: float, num_layers: int, base: 
             k = count["n"] % num_layers
             count["n"] += 1
             if k == layer:
-                out = (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta
+                out = (change(out[0]), *out[1:]) if isinstance(out, tuple) else change(out)
             return out
         return call
 
@@ -43,6 +46,11 @@ def planted_backend(name: str, layer: int, delta: float, num_layers: int, base: 
                                   forward_scope=scope)
     register_backend(backend)
     return backend
+
+
+def planted_backend(name: str, layer: int, delta: float, num_layers: int, base: str = "torch") -> AttentionBackend:
+    """``base`` with layer ``layer``'s whole output shifted by ``delta``."""
+    return layer_backend(name, layer, num_layers, lambda t: t + delta, base)
 
 
 def record_trace(path: str | os.PathLike, model: str, prompts: Sequence[str | list[int]], *, shadow: str | None = None,

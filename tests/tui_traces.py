@@ -13,14 +13,13 @@ snapshots on every machine); regenerate them with ``python -m tests.tui_traces``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
 
 import torch
 
-from minillama.attention import AttentionBackend, get_backend, register_backend
+from minillama.attention import AttentionBackend
 
 LAYER, HEAD, DIM, DELTA = 1, 3, 5, 0.25
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], [40, 41, 42, 43, 44]]
@@ -32,30 +31,13 @@ def spot_backend(name: str, layer: int = LAYER, head: int = HEAD, dim: int = DIM
                  num_layers: int = 3, base: str = "torch") -> AttentionBackend:
     """Register (and return) ``base`` with ``delta`` added at one element of layer ``layer``'s output: head
     ``head``, dimension ``dim`` of the last row of the batch (layers counted per forward pass)."""
-    inner = get_backend(base)
-    count = {"n": 0}
+    from tests.traces import layer_backend
 
-    def wrap(fn):
-        def call(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            k = count["n"] % num_layers
-            count["n"] += 1
-            if k == layer:
-                t = out[0] if isinstance(out, tuple) else out
-                t.reshape(-1, t.shape[-2], t.shape[-1])[-1, head, dim] += delta
-            return out
-        return call
+    def plant(t: torch.Tensor) -> torch.Tensor:
+        t.reshape(-1, t.shape[-2], t.shape[-1])[-1, head, dim] += delta
+        return t
 
-    @contextlib.contextmanager
-    def scope() -> Iterator[None]:
-        count["n"] = 0
-        with inner.forward_scope():
-            yield
-
-    backend = dataclasses.replace(inner, name=name, varlen=wrap(inner.varlen), with_kvcache=wrap(inner.with_kvcache),
-                                  forward_scope=scope)
-    register_backend(backend)
-    return backend
+    return layer_backend(name, layer, num_layers, plant, base)
 
 
 @contextlib.contextmanager

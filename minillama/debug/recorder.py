@@ -231,15 +231,15 @@ class Recorder:
         elif x.is_cuda:
             b = self.buffer
             devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
-        elif self.catalog[slot].rows == "tokens" and x.numel() <= CPU_DEFER_ELEMENTS and not hooks.eager:
-            # small token sites (a decode step's): done together at the forward pass's last token site
-            self._cpu_deferred.setdefault((tuple(x.shape), x.dtype), []).append((x, slot))
-            if site == self._last_graph_site:
-                self._flush_cpu(seq, pos)
         else:
-            t = self.buffer.numpy_tables()
-            devstats.site_stats_cpu(x, slot, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"], t["lanes"])
-            if site == self._last_graph_site:
+            if self.catalog[slot].rows == "tokens" and x.numel() <= CPU_DEFER_ELEMENTS and not hooks.eager:
+                # small token sites (a decode step's): done together at the forward pass's last token site
+                self._cpu_deferred.setdefault((tuple(x.shape), x.dtype), []).append((x, slot))
+            else:
+                t = self.buffer.numpy_tables()
+                devstats.site_stats_cpu(x, slot, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"],
+                                        t["lanes"])
+            if site == self._last_graph_site and self._cpu_deferred:
                 self._flush_cpu(seq, pos)
         if hooks.capturing:
             self._captured.add(slot)
@@ -266,7 +266,7 @@ class Recorder:
 
     def _flush_batched(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
         """One launch per dtype for every site gathered in this graph; their address tables are filled in
-        after the capture (``_fill_tables``), since only then may host data be copied."""
+        after the capture (``graphs_captured``), since only then may host data be copied."""
         b = self.buffer
         groups: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
         for x, slot in self._batched:
@@ -281,9 +281,6 @@ class Recorder:
 
     def graphs_captured(self) -> None:
         """Fill the address tables of the graphs just captured (``hooks.graphs_captured``)."""
-        self._fill_tables()
-
-    def _fill_tables(self) -> None:
         with torch.inference_mode():  # the tables were made while capturing, under inference mode
             for table, data in self._to_fill:
                 table.copy_(torch.tensor(data, dtype=torch.int64))

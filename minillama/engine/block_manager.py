@@ -40,7 +40,6 @@ class BlockManager:
         self.free_block_ids: deque[int] = deque(range(num_blocks))  # least recently freed first
         self.used_block_ids: set[int] = set()
         self.num_cache_hit_tokens = 0  # running totals, shown by the debugger
-        self._cached_free = 0  # free blocks still holding a hash: counted as they move, read every step
         # every block's reference count and whether it holds a hash, as arrays the debugger reads each
         # step in one call (mirrors of Block.ref_count and Block.hash != -1, kept at each change)
         self.ref_counts = np.zeros(num_blocks, dtype=np.int32)
@@ -54,15 +53,13 @@ class BlockManager:
     @property
     def num_cached_free_blocks(self) -> int:
         """Free blocks that still hold a prefix-cache entry (a later prompt can revive them)."""
-        return self._cached_free
+        return int(np.count_nonzero(self.hashed & (self.ref_counts == 0)))
 
     def _take(self, block_id: int) -> Block:
         block = self.blocks[block_id]
         assert block.ref_count == 0
-        if block.hash != -1:
-            self._cached_free -= 1
-            if self.hash_to_block.get(block.hash) == block_id:
-                del self.hash_to_block[block.hash]  # evict: its contents are about to be overwritten
+        if block.hash != -1 and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]  # evict: its contents are about to be overwritten
         block.hash, block.token_ids, block.ref_count = -1, [], 1
         self.ref_counts[block_id], self.hashed[block_id] = 1, False
         self.free_block_ids.remove(block_id)
@@ -95,10 +92,9 @@ class BlockManager:
         hits = self._cached_prefix(seq)
         for block_id in hits:
             block = self.blocks[block_id]
-            if block.ref_count == 0:  # revived from the free list (a cached block has a hash)
+            if block.ref_count == 0:
                 self.free_block_ids.remove(block_id)
                 self.used_block_ids.add(block_id)
-                self._cached_free -= 1
             block.ref_count += 1
             self.ref_counts[block_id] += 1
             seq.block_table.append(block_id)
@@ -118,7 +114,6 @@ class BlockManager:
             if block.ref_count == 0:
                 self.used_block_ids.remove(block_id)
                 self.free_block_ids.append(block_id)
-                self._cached_free += block.hash != -1
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
@@ -166,7 +161,5 @@ class BlockManager:
         assert all((self.blocks[b].ref_count > 0) == (b in self.used_block_ids) for b in range(len(self.blocks)))
         assert [b.ref_count for b in self.blocks] == self.ref_counts.tolist(), "ref_counts out of step"
         assert [b.hash != -1 for b in self.blocks] == self.hashed.tolist(), "hashed out of step"
-        cached = sum(1 for b in self.free_block_ids if self.blocks[b].hash != -1)
-        assert self._cached_free == cached, f"cached free blocks counted {self._cached_free}, are {cached}"
         for h, block_id in self.hash_to_block.items():
             assert self.blocks[block_id].hash == h, "hash table points at a block that was overwritten"
