@@ -131,6 +131,22 @@ def test_a_size_cap_mid_run_leaves_a_readable_trace(tiny, tmp_path, capsys):
     assert "stopped" in capsys.readouterr().out
 
 
+def test_a_slow_stop_still_ends_the_trace_with_its_reason(tiny, tmp_path, monkeypatch):
+    """The engine sees the writer stopped before the writer's thread has written its "stopped" line;
+    detaching must wait for that line (a race CI's busy machine found)."""
+    real_stop = TraceWriter._stop
+
+    def slow_stop(self, reason):
+        self.stopped = True
+        time.sleep(0.3)
+        real_stop(self, reason)
+
+    monkeypatch.setattr(TraceWriter, "_stop", slow_stop)
+    rc = cli_main(["record", "--out", str(tmp_path / "cap"), "--prompt", "w4 w5 w6", "--raw", "--model", tiny,
+                   "--device", "cpu", "--max-tokens", "30", "--ignore-eos", "--max-bytes", "30000"])
+    assert rc == 0 and TraceReader(tmp_path / "cap").status.startswith("stopped: size cap")
+
+
 def test_a_size_cap_below_the_manifest_is_refused_before_writing(tiny, tmp_path, capsys):
     rc = cli_main(["record", "--out", str(tmp_path / "cap"), "--prompt", "w4 w5", "--raw", "--model", tiny,
                    "--device", "cpu", "--max-tokens", "3", "--max-bytes", "100"])

@@ -336,8 +336,8 @@ class Recorder:
         if self.keep_history:
             self.history.append(rec)
         if self.sink is not None and not self.sink.submit(lambda r=rec: self.written(r)):
+            # keep the sink: detach() must still wait for its thread to write the "stopped" line
             self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
-            self.sink = None
         if self.on_record is not None:
             self.on_record(rec)
 
