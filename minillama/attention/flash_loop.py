@@ -111,29 +111,48 @@ def exp_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def online_softmax(q: torch.Tensor, tiles: Iterable[tuple[torch.Tensor, torch.Tensor]], k: torch.Tensor,
-                   v: torch.Tensor, gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+class KeyTile(NamedTuple):
+    """One tile of keys for every sequence: where to gather them, and what to add to their scores."""
+
+    idx: torch.Tensor  # (B, T) rows of the flat keys
+    bias: torch.Tensor  # 0 or -inf, broadcasting over the scores viewed as (Hk, B, G, tq, T)
+    # The same bias laid out as (Hk*B, 1, T) when it does not depend on the query row (no causal
+    # part) and the scores are computed in the operands' dtype: then one ``baddbmm`` makes S.
+    row_bias: torch.Tensor | None
+
+
+def scores(q: torch.Tensor, k: torch.Tensor, tile: KeyTile, shape: tuple[int, ...], scale: float,
+           acc: torch.dtype) -> torch.Tensor:
+    """S = Q Kᵀ · scale + bias, float32 (or float64): -inf where a key must not be seen."""
+    if tile.row_bias is not None:  # one product does it all: bias + scale · (Q Kᵀ)
+        return torch.baddbmm(tile.row_bias, q, k.mT, alpha=scale)
+    s = bmm(q, k.mT, acc)
+    scale_and_mask(s.view(*shape, -1), tile.bias, scale)
+    return s
+
+
+def online_softmax(q: torch.Tensor, tiles: Iterable[KeyTile], k: torch.Tensor, v: torch.Tensor,
+                   gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    shape: tuple[int, ...], scale: float, p_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention-2's forward pass of one query tile ``q`` ``(N, R, D)`` over key tiles.
 
-    Each tile is ``(idx, bias)``: ``gather(k, idx)`` / ``gather(v, idx)`` give its keys and values
-    ``(N, T, D)``; ``bias`` (0, or -inf for a key the row must not see) broadcasts over the scores
-    viewed as ``shape + (T,)``; ``scale`` multiplies the scores (1 when ``q`` comes scaled).
+    For each tile, ``gather(k, tile.idx)`` / ``gather(v, tile.idx)`` give its keys and values
+    ``(N, T, D)``, and its bias (0, or -inf for a key the row must not see) is added to the
+    scores viewed as ``shape + (T,)``; ``scale`` multiplies the scores (1 when ``q`` comes scaled).
     Returns the unnormalised output ``O`` ``(N, R, D)``, the running max ``m`` (of scaled scores)
     and sum ``l`` ``(N, R, 1)``; ``l == 0`` for a row that saw no key.
     """
     acc = torch.promote_types(q.dtype, torch.float32)
     m = ell = o = None  # ell: the ℓ of the paper, the running sum
-    for idx, bias in tiles:
-        s = bmm(q, gather(k, idx).mT, acc)                      # S = Q K_jᵀ
-        scale_and_mask(s.view(*shape, -1), bias, scale)        # S·scale; keys not to be seen: -inf
+    for tile in tiles:
+        s = scores(q, gather(k, tile.idx), tile, shape, scale, acc)  # S = Q K_jᵀ·scale; unseen keys -inf
         m_j = s.amax(-1, keepdim=True)                          # rowmax(S)
         m_new = m_j.clamp_(min=NO_KEY) if m is None else torch.maximum(m, m_j)  # m' = max(m, rowmax(S))
         p = exp_to(s.sub_(m_new), p_dtype)                      # P = exp(S - m')
         del s  # each tile's S and P are freed once used: the loop holds one tile
         l_j = p.sum(-1, keepdim=True, dtype=acc)                # rowsum(P)
-        pv = bmm(p, gather(v, idx), acc)                        # P V_j
+        pv = bmm(p, gather(v, tile.idx), acc)                   # P V_j
         del p
         if m is None:                                           # first tile: nothing to rescale yet
             ell, o = l_j, pv
@@ -143,6 +162,28 @@ def online_softmax(q: torch.Tensor, tiles: Iterable[tuple[torch.Tensor, torch.Te
             o = pv.addcmul_(alpha, o)                           # O' = e^(m - m') O + P V_j
         m = m_new
     return o, m, ell
+
+
+def key_tiles(keys: KeyIndex, first: int, n_keys: int, k_tile: int, r0: int, tq: int, causal: bool,
+              kv_heads: int, acc: torch.dtype, one_product: bool) -> list[KeyTile]:
+    """The key tiles a query tile (queries ``r0 .. r0+tq-1``) visits, from key ``first`` on.
+
+    Built once per forward pass (through ``shared``): every layer visits the same tiles.
+    """
+    out = []
+    for start in range(first, n_keys, k_tile):
+        stop = min(start + k_tile, n_keys)
+        idx, bias = shared(key_tile, keys, start, stop, acc)  # one per key range, whatever the query tile
+        bias = bias[:, None, None, :]  # (B, 1, 1, T): the same for every kv head, group and query row
+        if causal and start < r0 + tq - 1:  # some key of this tile is older than some query: u < r
+            r = torch.arange(r0 + tq - 1, r0 - 1, -1, device=idx.device)
+            u = torch.arange(start, stop, device=idx.device)
+            out.append(KeyTile(idx, bias.masked_fill(u[None, :] < r[:, None], float("-inf")), None))  # (B, 1, tq, T)
+        else:
+            B, T = idx.shape
+            row = bias.view(1, B, 1, T).expand(kv_heads, B, 1, T).reshape(kv_heads * B, 1, T) if one_product else None
+            out.append(KeyTile(idx, bias, row))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,22 +212,13 @@ def attend_tile(q: torch.Tensor, r0: int, keys: KeyIndex, k_rows: torch.Tensor, 
         out = q.new_zeros(B, tq, Hk, G, D, dtype=acc)
         return out, (torch.full((B, tq, Hk, G), float("inf"), device=q.device) if need_lse else None)
     qh = q.reshape(B, tq, Hk, G, D).permute(2, 0, 3, 1, 4).reshape(Hk * B, G * tq, D)
-
-    def tiles() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(first, n_keys, k_tile):
-            stop = min(start + k_tile, n_keys)
-            idx, bias = shared(key_tile, keys, start, stop, acc)
-            bias = bias[:, None, None, :]  # (B, 1, 1, T): the same for every kv head, group and query row
-            if causal and start < r0 + tq - 1:  # some key of this tile is older than some query: u < r
-                r = torch.arange(r0 + tq - 1, r0 - 1, -1, device=q.device)
-                u = torch.arange(start, stop, device=q.device)
-                bias = bias.masked_fill(u[None, :] < r[:, None], float("-inf"))  # (B, 1, tq, T)
-            yield idx, bias
-
+    # In the operands' dtype (float32/64; not half on CUDA) a tile's S is one baddbmm.
+    one_product = qh.dtype == k_rows.dtype == acc
+    tiles = shared(key_tiles, keys, first, n_keys, k_tile, r0, tq, causal, Hk, acc, one_product)
     p_dtype = v_rows.dtype if half_on_cuda(v_rows) else acc
-    if qh.dtype == acc:  # float32/64 queries: scaling them first is one small multiply, not a pass over S
-        qh, scale = qh * scale, 1.0
-    o, m, ell = online_softmax(qh, tiles(), k_rows, v_rows, gather_heads, (Hk, B, G, tq), scale, p_dtype)
+    if qh.dtype == acc and any(t.row_bias is None for t in tiles):
+        qh, scale = qh * scale, 1.0  # scaling Q is one small multiply, not a pass over each S
+    o, m, ell = online_softmax(qh, tiles, k_rows, v_rows, gather_heads, (Hk, B, G, tq), scale, p_dtype)
     # O / l. A row that saw a key has l >= 1 (its largest score adds exp(0) = 1); one that saw
     # none has O = 0 and l = 0, and keeps O = 0.
     o = o.div_(ell.clamp(min=1.0))
