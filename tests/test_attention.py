@@ -469,7 +469,7 @@ def test_causal_tiles_no_query_sees_are_skipped(monkeypatch: pytest.MonkeyPatch)
     tile's first r are never gathered, whatever the lengths."""
     gathered = []
     real = flash_loop.gather_heads
-    monkeypatch.setattr(flash_loop, "gather_heads", lambda rows, idx: gathered.append(idx.shape[1]) or real(rows, idx))
+    monkeypatch.setattr(flash_loop, "gather_heads", lambda rows, idx: gathered.append(idx.shape[-1]) or real(rows, idx))
     gen = torch.Generator().manual_seed(5)
     n, H, Hk, D = 96, 4, 2, 64
     q, k, v = randn(gen, 2 * n, H, D), randn(gen, 2 * n, Hk, D), randn(gen, 2 * n, Hk, D)

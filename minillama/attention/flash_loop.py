@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from minillama.attention.paged_gather import KeyIndex, gather_heads, key_tile, shared
+from minillama.attention.paged_gather import KeyIndex, gather_heads, head_rows, heads_flat, key_tile, shared
 
 # Bytes of one key tile (the value tile is as large) and of one tile's float32 scores, by device.
 KV_TILE_BYTES = {"cuda": 64 << 20, "cpu": 64 << 20}
@@ -114,7 +114,7 @@ def exp_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class KeyTile(NamedTuple):
     """One tile of keys for every sequence: where to gather them, and what to add to their scores."""
 
-    idx: torch.Tensor  # (B, T) rows of the flat keys
+    idx: torch.Tensor  # (B, T) rows of the flat keys, or their head_rows (Hk, B, T) for gather_heads on CPU
     bias: torch.Tensor  # 0 or -inf, broadcasting over the scores viewed as (Hk, B, G, tq, T)
     # The same bias laid out as (Hk*B, 1, T) when it does not depend on the query row (no causal
     # part) and the scores are computed in the operands' dtype: then one ``baddbmm`` makes S.
@@ -165,22 +165,25 @@ def online_softmax(q: torch.Tensor, tiles: Iterable[KeyTile], k: torch.Tensor, v
 
 
 def key_tiles(keys: KeyIndex, first: int, n_keys: int, k_tile: int, r0: int, tq: int, causal: bool,
-              kv_heads: int, acc: torch.dtype, one_product: bool) -> list[KeyTile]:
+              kv_heads: int, acc: torch.dtype, one_product: bool, by_head: bool) -> list[KeyTile]:
     """The key tiles a query tile (queries ``r0 .. r0+tq-1``) visits, from key ``first`` on.
 
     Built once per forward pass (through ``shared``): every layer visits the same tiles.
+    ``by_head``: index the keys by head rows (``head_rows``, CPU).
     """
     out = []
     for start in range(first, n_keys, k_tile):
         stop = min(start + k_tile, n_keys)
         idx, bias = shared(key_tile, keys, start, stop, acc)  # one per key range, whatever the query tile
+        if by_head:
+            idx = shared(head_rows, idx, kv_heads)
         bias = bias[:, None, None, :]  # (B, 1, 1, T): the same for every kv head, group and query row
         if causal and start < r0 + tq - 1:  # some key of this tile is older than some query: u < r
             r = torch.arange(r0 + tq - 1, r0 - 1, -1, device=idx.device)
             u = torch.arange(start, stop, device=idx.device)
             out.append(KeyTile(idx, bias.masked_fill(u[None, :] < r[:, None], float("-inf")), None))  # (B, 1, tq, T)
         else:
-            B, T = idx.shape
+            B, T = idx.shape[-2:]
             row = bias.view(1, B, 1, T).expand(kv_heads, B, 1, T).reshape(kv_heads * B, 1, T) if one_product else None
             out.append(KeyTile(idx, bias, row))
     return out
@@ -214,7 +217,8 @@ def attend_tile(q: torch.Tensor, r0: int, keys: KeyIndex, k_rows: torch.Tensor, 
     qh = q.reshape(B, tq, Hk, G, D).permute(2, 0, 3, 1, 4).reshape(Hk * B, G * tq, D)
     # In the operands' dtype (float32/64; not half on CUDA) a tile's S is one baddbmm.
     one_product = qh.dtype == k_rows.dtype == acc
-    tiles = shared(key_tiles, keys, first, n_keys, k_tile, r0, tq, causal, Hk, acc, one_product)
+    by_head = not k_rows.is_cuda and heads_flat(k_rows) and heads_flat(v_rows)
+    tiles = shared(key_tiles, keys, first, n_keys, k_tile, r0, tq, causal, Hk, acc, one_product, by_head)
     p_dtype = v_rows.dtype if half_on_cuda(v_rows) else acc
     if qh.dtype == acc and any(t.row_bias is None for t in tiles):
         qh, scale = qh * scale, 1.0  # scaling Q is one small multiply, not a pass over each S

@@ -146,17 +146,32 @@ def query_tile(cu_seqlens_q: torch.Tensor, start: int, size: int, num_rows: int)
 # ---------------------------------------------------------------------------------------------
 
 
+def head_rows(idx: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Rows ``idx`` ``(batch, length)`` of keys ``(n, Hk, D)`` as rows of the keys viewed ``(n * Hk, D)``,
+    head-major ``(Hk, batch, length)``: gathered in that order they are already bmm's layout (CPU)."""
+    return idx[None] * kv_heads + torch.arange(kv_heads, device=idx.device)[:, None, None]
+
+
+def heads_flat(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` ``(n, Hk, D)`` can be viewed as ``(n * Hk, D)`` (one row per head) without a copy."""
+    n, kv_heads, head_dim = rows.shape
+    return rows.stride(-1) == 1 and rows.stride(-2) == head_dim and (n <= 1 or rows.stride(0) == kv_heads * head_dim)
+
+
 def gather_heads(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``rows[idx]`` for ``rows`` ``(n, Hk, D)`` and in-range ``idx`` ``(batch, length)``, as ``(Hk * batch, length, D)``.
+    """``rows[idx]`` for ``rows`` ``(n, Hk, D)``, as ``(Hk * batch, length, D)``.
 
     That is the layout ``torch.bmm`` wants for grouped-query attention (one matrix per kv head and
-    sequence). On CUDA the gather itself produces it; on CPU whole rows are copied
-    (``index_select`` is several times faster there than the element-wise gather) and then
-    permuted, which for a single sequence is a view that ``bmm`` takes as it is.
+    sequence). ``idx`` is ``(batch, length)`` rows, or on CPU ``head_rows`` of them ``(Hk, batch,
+    length)``: there one ``index_select`` of whole head rows (several times faster than the
+    element-wise gather) lands them in that layout; on CUDA the gather itself produces it.
     """
-    (batch, length), (n, kv_heads, head_dim) = idx.shape, rows.shape
+    (n, kv_heads, head_dim), length = rows.shape, idx.shape[-1]
+    batch = idx.shape[-2]
     if n == 0:
         return rows.new_zeros(kv_heads * batch, length, head_dim)
+    if idx.dim() == 3:
+        return rows.view(n * kv_heads, head_dim).index_select(0, idx.view(-1)).view(kv_heads * batch, length, head_dim)
     if rows.is_cuda:
         # The index kernel pays per element, so move 8-byte words instead of 2-byte bf16 values
         # where the layout allows: the same bytes, a quarter of the work.
