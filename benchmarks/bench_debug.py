@@ -144,6 +144,9 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
     if writer is not None:
         size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
         steps = writer.num_steps
+        if ARGS.keep_trace and mode == ("shadow" if "shadow" in ARGS.modes else "stats"):
+            shutil.rmtree(ARGS.keep_trace, ignore_errors=True)  # the last one kept: a full-size run
+            shutil.move(path, ARGS.keep_trace)
         shutil.rmtree(path, ignore_errors=True)
     return dt, size, steps
 
@@ -164,6 +167,8 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--keep-trace", metavar="DIR", help="keep the last shadow (else stats) recording in DIR, e.g. "
+                    "for `bench_tui.py --trace DIR`")
     ARGS = a = ap.parse_args()
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in ALL_MODES]

@@ -163,6 +163,9 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--skip-live", action="store_true")
     p.add_argument("--append", action="store_true", help="append the numbers to benchmarks/RESULTS.md")
+    p.add_argument("--trace", action="append", default=[], metavar="DIR",
+                   help="replay this trace instead of the generated ones (repeatable), e.g. a GPU recording kept "
+                        "by `bench_debug.py --keep-trace DIR`")
     a = p.parse_args()
     import torch
 
@@ -182,7 +185,8 @@ def main() -> int:
                          f"{r['s'] * 1e3:.0f} ms median (max {r['s_max'] * 1e3:.0f}; target < 1000); redraw alone "
                          f"(ms): {redraws}")
             print(lines[-1])
-    for name, path in make_traces(a.cache).items():
+    traces = {f"given trace {path}": path for path in a.trace} or make_traces(a.cache)
+    for name, path in traces.items():
         r = asyncio.run(bench_open(path))
         keys = ", ".join(f"`{k}` {r['key_' + k] * 1e3:.0f}" for k in ("n", "s", "p", "G", "S", "g"))
         redraws = ", ".join(f"{v} {r['redraw_' + v] * 1e3:.0f}" for v in VIEWS)
