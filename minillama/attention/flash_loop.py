@@ -37,6 +37,9 @@ from minillama.attention.paged_gather import KeyIndex, gather_heads, head_rows, 
 # Bytes of one key tile (the value tile is as large) and of one tile's float32 scores, by device.
 KV_TILE_BYTES = {"cuda": 64 << 20, "cpu": 64 << 20}
 SCORE_TILE_BYTES = {"cuda": 64 << 20, "cpu": 4 << 20}
+# Whether keys are gathered as head rows (``head_rows``) on this device; CUDA's gather makes bmm's
+# layout itself (benchmarks/attn_gpu_variants.py times both there).
+HEAD_ROWS = {"cuda": False, "cpu": True}
 # A finite stand-in for "-inf" as the running max of a row that has seen no key yet: exp(S - m)
 # is then exp(-inf) = 0 for its masked scores instead of exp(-inf + inf) = NaN.
 NO_KEY = -1e30
@@ -217,7 +220,7 @@ def attend_tile(q: torch.Tensor, r0: int, keys: KeyIndex, k_rows: torch.Tensor, 
     qh = q.reshape(B, tq, Hk, G, D).permute(2, 0, 3, 1, 4).reshape(Hk * B, G * tq, D)
     # In the operands' dtype (float32/64; not half on CUDA) a tile's S is one baddbmm.
     one_product = qh.dtype == k_rows.dtype == acc
-    by_head = not k_rows.is_cuda and heads_flat(k_rows) and heads_flat(v_rows)
+    by_head = HEAD_ROWS.get(k_rows.device.type, True) and heads_flat(k_rows) and heads_flat(v_rows)
     tiles = shared(key_tiles, keys, first, n_keys, k_tile, r0, tq, causal, Hk, acc, one_product, by_head)
     p_dtype = v_rows.dtype if half_on_cuda(v_rows) else acc
     if qh.dtype == acc and any(t.row_bias is None for t in tiles):
