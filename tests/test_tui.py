@@ -7,7 +7,8 @@ import pytest
 from rich.text import Text
 
 from minillama.debug.navigation import BEGIN, Pos
-from minillama_tui.app import DebuggerApp, main
+from minillama_tui.app import DebuggerApp
+from minillama_tui.cli import main
 from minillama_tui.screens.error import ErrorScreen
 from tests.tui_pilot import SHIPPED, anyio_backend, clean, planted, preempted, press, settle, table_text, text
 from tests.tui_traces import DELTA, DIM, HEAD, LAYER, PROMPTS

@@ -9,7 +9,6 @@ The command line is ``cli.py`` (checked before anything heavy is imported). The 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -111,14 +110,3 @@ class DebuggerApp(App[None]):
                            ("compare", "A/B (x)")):
             if name != "compare" or main.ctx.compare is not None:
                 yield SystemCommand(f"View: {what}", f"Show the {what} view", lambda n=name: main.action_view(n))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``minillama-tui`` entry point (``cli.main``: the options are checked before anything loads)."""
-    from .cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

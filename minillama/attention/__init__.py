@@ -5,12 +5,7 @@ signatures; pick one with ``get_backend("torch" | "triton" | "flash-attn")``. Im
 package imports neither ``flash_attn`` nor ``triton``.
 """
 
-from minillama.attention.backend import (
-    AttentionBackend,
-    BackendError,
-    available_backends,
-    get_backend,
-    register_backend,
-)
+from minillama.attention.backend import AttentionBackend, BackendError
+from minillama.attention.registry import available_backends, get_backend, register_backend
 
 __all__ = ["AttentionBackend", "BackendError", "available_backends", "get_backend", "register_backend"]

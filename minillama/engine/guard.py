@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from minillama import hooks
 from minillama.context import reset_context
-from minillama.engine.scheduler import ScheduledBatch
+from minillama.engine.scheduler import ScheduledBatch, Scheduler
 from minillama.engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from minillama.engine.llm_engine import LLMEngine
+    from minillama.engine.model_runner import ModelRunner
 
 logger = logging.getLogger("minillama.engine")
 
@@ -68,20 +68,20 @@ def _note(error: Exception) -> None:
     reset_context()
 
 
-def fail_requests(engine: LLMEngine, batch: ScheduledBatch, error: Exception) -> list[Sequence]:
+def fail_requests(scheduler: Scheduler, batch: ScheduledBatch, error: Exception) -> list[Sequence]:
     """Overlapped steps: fail the requests of ``batch`` whose settings no longer validate, or every
     request of the batch when none stands out (the error is then not any one request's)."""
     _note(error)
     culprits = [(s, why) for s in batch.seqs if (why := invalid(s)) is not None]
     for seq, why in culprits or [(s, one_line(error)) for s in batch.seqs]:
-        engine.scheduler.fail(seq, why)
+        scheduler.fail(seq, why)
     return [s for s, _ in culprits] or list(batch.seqs)
 
 
-def run_apart(engine: LLMEngine, batch: ScheduledBatch, error: Exception
+def run_apart(scheduler: Scheduler, runner: ModelRunner, step: int, batch: ScheduledBatch, error: Exception
               ) -> tuple[ScheduledBatch, list[int | None], list[Sequence]]:
-    """Synchronous steps: fail invalid requests, run every other one alone (its KV slots are written
-    again with the same values) and fail those that still raise.
+    """Synchronous steps: fail invalid requests, run every other one alone as engine step ``step`` (its
+    KV slots are written again with the same values) and fail those that still raise.
 
     Returns the batch that ran, its sampled tokens and the failed requests. A seeded request that
     is run again may draw from its generator twice in this step. With a hook listener attached
@@ -99,12 +99,12 @@ def run_apart(engine: LLMEngine, batch: ScheduledBatch, error: Exception
         why = why or (one_line(error) if alone else None)
         if why is None:
             try:
-                token = engine.runner.run(ScheduledBatch([seq], [n]), engine.num_steps)[0]
+                token = runner.run(ScheduledBatch([seq], [n]), step)[0]
             except Exception as e:
                 reset_context()
                 why = one_line(e)
         if why is not None:
-            engine.scheduler.fail(seq, why)
+            scheduler.fail(seq, why)
             failed.append(seq)
             continue
         kept.seqs.append(seq)

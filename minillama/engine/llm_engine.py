@@ -228,7 +228,7 @@ class LLMEngine:
             try:
                 launched = self._launch(batch, step) if batch.seqs else None
             except Exception as e:  # one bad request must not poison the engine: fail it alone
-                launched, failed = None, fail_requests(self, batch, e)
+                launched, failed = None, fail_requests(self.scheduler, batch, e)
             finished = (self._collect() if self._pending is not None else []) + failed
             self._pending = launched
         else:
@@ -239,7 +239,7 @@ class LLMEngine:
                                graphed=self.runner.graphed)
                 sampled = [t if t >= 0 else None for t in tokens.tolist()]
             except Exception as e:  # one bad request must not poison the engine: fail it alone
-                batch, sampled, failed = run_apart(self, batch, e)
+                batch, sampled, failed = run_apart(self.scheduler, self.runner, self.num_steps, batch, e)
             finished = self.scheduler.postprocess(batch, sampled) + failed
             if hooks.enabled:
                 hooks.emit(hooks.STEP_END, None, step=step, batch=batch, sampled=sampled, finished=finished,
