@@ -1,19 +1,19 @@
 """A hooks listener that records every scheduler step at engine speed.
 
-At each tensor site it launches the statistics kernel (``devstats``) into the step's device tables
-(``stepbuf``), at each attention call the shadow (``shadow``), and copies sites matching
+At each tensor site it computes the site's statistics into the step's device tables (``site_stats``,
+``devstats``, ``stepbuf``), at each attention call the shadow (``shadow``), and copies sites matching
 ``full_sites`` (fnmatch patterns over site names, ``layers.3.attn.out@shadow`` included). It never
 reads a value back: when the step is launched one snapshot of its tables (and its full tensors)
 goes to pinned host memory without blocking; when its tokens are known a ``StepRecord`` is kept in
 ``history`` and handed to ``sink`` (``trace.writer.BackgroundWriter``), whose thread waits for the
-copies, decodes the tables and writes. Inside a captured CUDA graph the same work is captured, so
-decode steps replay graphs while recording (``hook_mode = "device"``: overlapped steps too).
+copies, decodes the tables and writes (the tokens' text: ``finishing``). Inside a captured CUDA graph
+the same work is captured, so decode steps replay graphs while recording (``hook_mode = "device"``:
+overlapped steps too).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -25,10 +25,11 @@ import torch
 from minillama import hooks
 from minillama.context import get_context
 from minillama.debug import devstats
+from minillama.debug.finishing import StepFinisher
 from minillama.debug.records import StepRecord, capture_batch, site_catalog, table_tensors
 from minillama.debug.shadow import Shadow
+from minillama.debug.site_stats import SiteStats
 from minillama.debug.stepbuf import StatsBuffer
-from minillama.models.tokenizer import push_tokens
 from minillama.trace.format import SHADOW_FIELDS
 
 #: A recording that starts mid-run saves the cached keys of the running requests up to this size.
@@ -51,10 +52,6 @@ class _Open:
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     snapshot: Any = None
     graphed: bool = False
-
-
-#: CPU token sites up to this many elements wait for the pass's last token site, then go in groups.
-CPU_DEFER_ELEMENTS = 1 << 16
 
 
 class Recorder:
@@ -92,15 +89,10 @@ class Recorder:
         self._full: dict[str, bool] = {}
         self._seen: set[int] = set()
         self._catch_up = False
-        self._decoders: dict[int, Any] = {}
-        self._unfinished: deque[StepRecord] = deque()
-        self._finish_lock = threading.Lock()
+        self.finisher = StepFinisher(llm.tokenizer)
         self._attached = False
-        self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
-        self._cpu_deferred: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # small CPU sites of this pass
-        self._to_fill: list[tuple[torch.Tensor, list[list[int]]]] = []
-        self._kept: list[torch.Tensor] = []
-        self._last_graph_site = next(s.name for s in reversed(self.catalog) if s.rows == "tokens")
+        last = next(i for i in reversed(range(len(self.catalog))) if self.catalog[i].rows == "tokens")
+        self.stats = SiteStats(self.buffer, last)
         self.num_records = 0
         self.last_attention: dict[str, torch.Tensor] = {}  # the latest call's shadow/ref/plain outputs
 
@@ -177,7 +169,7 @@ class Recorder:
             self._site(site, tensor)
 
     def _begin(self, info: dict[str, Any]) -> None:
-        self._cpu_deferred = {}  # left by a forward pass that failed before its last site
+        self.stats.begin_pass()
         batch, engine = info["batch"], info["engine"]
         reqs, rows = len(batch.seqs), batch.num_tokens
         ok = 0 < reqs <= self.buffer.max_reqs and rows <= self.buffer.max_rows
@@ -224,23 +216,7 @@ class Recorder:
             seq, pos = ctx.seq_index, ctx.positions
         x = tensor.detach()
         x = x.to(torch.int32) if x.dtype == torch.int64 else x
-        if x.is_cuda and self._batching(x, slot):
-            self._batched.append((devstats.rows_view(x), slot))  # launched with the others at the graph's end
-            if site == self._last_graph_site:
-                self._flush_batched(seq, pos)
-        elif x.is_cuda:
-            b = self.buffer
-            devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
-        else:
-            if self.catalog[slot].rows == "tokens" and x.numel() <= CPU_DEFER_ELEMENTS and not hooks.eager:
-                # small token sites (a decode step's): done together at the forward pass's last token site
-                self._cpu_deferred.setdefault((tuple(x.shape), x.dtype), []).append((x, slot))
-            else:
-                t = self.buffer.numpy_tables()
-                devstats.site_stats_cpu(x, slot, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"],
-                                        t["lanes"])
-            if site == self._last_graph_site and self._cpu_deferred:
-                self._flush_cpu(seq, pos)
+        self.stats.add(x, slot, self.catalog[slot].rows == "tokens", seq, pos)
         if hooks.capturing:
             self._captured.add(slot)
             if site in self._static:
@@ -250,42 +226,9 @@ class Recorder:
         if self.is_full(site):
             self._cur.full[site] = tensor.detach().clone()
 
-    def _flush_cpu(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
-        """The deferred CPU sites, a group of equal shapes at a time (site tensors are not changed after
-        their site within a forward pass: hooks.py)."""
-        t = self.buffer.numpy_tables()
-        seq_np, pos_np = seq.numpy(), pos.numpy()
-        for items in self._cpu_deferred.values():
-            devstats.sites_stats_cpu(items, seq_np, pos_np, t["moments"], t["keys"], t["bad"], t["lanes"])
-        self._cpu_deferred = {}
-
-    def _batching(self, x: torch.Tensor, slot: int) -> bool:
-        """Inside a CUDA graph capture, token sites are gathered and done by one kernel at the end."""
-        return (hooks.capturing and x.dtype in devstats.BATCHED_DTYPES and self.catalog[slot].rows == "tokens"
-                and torch.cuda.is_current_stream_capturing())
-
-    def _flush_batched(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
-        """One launch per dtype for every site gathered in this graph; their address tables are filled in
-        after the capture (``graphs_captured``), since only then may host data be copied."""
-        b = self.buffer
-        groups: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
-        for x, slot in self._batched:
-            groups.setdefault(x.dtype, []).append((x, slot))
-        for dtype, items in groups.items():
-            # empty, not zeros: a zero fill would be captured too and wipe the addresses at every replay
-            table = torch.empty((len(items), 4), dtype=torch.int64, device=b.device)
-            rows = items[0][0].shape[0]
-            devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
-            self._to_fill.append((table, [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
-        self._batched = []
-
     def graphs_captured(self) -> None:
         """Fill the address tables of the graphs just captured (``hooks.graphs_captured``)."""
-        with torch.inference_mode():  # the tables were made while capturing, under inference mode
-            for table, data in self._to_fill:
-                table.copy_(torch.tensor(data, dtype=torch.int64))
-        self._kept += [t for t, _ in self._to_fill]  # the graphs read them at every replay
-        self._to_fill = []
+        self.stats.graphs_captured()
 
     def _attention(self, out: torch.Tensor, call) -> None:
         if self.shadow is None:
@@ -331,8 +274,7 @@ class Recorder:
             event["note"] = "statistics skipped: the batch is larger than the recorder's tables"
         rec = StepRecord(st.step, event, st.raw, st.snapshot if st.ok else None, st.full, self.num_records)
         self.num_records += 1
-        with self._finish_lock:
-            self._unfinished.append(rec)
+        self.finisher.add(rec)
         if self.keep_history:
             self.history.append(rec)
         if self.sink is not None and not self.sink.submit(lambda r=rec: self.written(r)):
@@ -341,54 +283,21 @@ class Recorder:
         if self.on_record is not None:
             self.on_record(rec)
 
-    # ---- finishing (the writer's thread, or a live view) ----------------------------------------
-    def _finish_upto(self, rec: StepRecord) -> None:
-        with self._finish_lock:  # text pieces are decoded in step order, once
-            while self._unfinished and self._unfinished[0].step <= rec.step:
-                self._finish(self._unfinished.popleft())
-
+    # ---- finished steps (the writer's thread, or a live view: finishing.py) ----------------------
     def event_of(self, rec: StepRecord) -> dict[str, Any]:
         """``rec``'s step event as views read it (its ``batch`` dict included), finishing earlier steps first."""
-        self._finish_upto(rec)
+        self.finisher.upto(rec)
         rec.event["batch"] = rec.batch()
         return rec.event
 
     def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """What the trace writer stores: the event without its ``batch`` (its tables are in the blob)."""
-        self._finish_upto(rec)
+        self.finisher.upto(rec)
         tensors = dict(rec.full)
         if rec.snapshot is not None:
             tensors.update(table_tensors(rec.tables(self.catalog, self.shadow is not None)))
         tensors.update({k: torch.from_numpy(v) for k, v in rec.arrays().items()})
         return {k: v for k, v in rec.event.items() if k != "batch"}, tensors
-
-    def _finish(self, rec: StepRecord) -> None:
-        ev, tok, raw = rec.event, self.llm.tokenizer, rec.raw_batch
-        ev.update(kv=raw["kv"], preempted=raw["preempted"], waiting=raw["waiting"], num_seqs=len(raw["seqs"]),
-                  num_tokens=sum(s[4] for s in raw["seqs"]))
-        for sid, p in ev["prompts"].items():
-            p["text"] = tok.decode(p["token_ids"], skip_special_tokens=False)
-            if p["generated"]:
-                dec = self._decoders[int(sid)] = tok.stream_decoder()
-                p["text_so_far"] = "".join(dec.push(t) for t in p["generated"])
-        sids = list(ev["sampled"])
-        decoders = [self._decoder(int(sid)) for sid in sids]
-        if hasattr(tok, "decode_batch"):  # one call into the tokenizer for the whole batch
-            texts = push_tokens(decoders, [ev["sampled"][sid] for sid in sids])
-        else:
-            texts = [d.push(ev["sampled"][sid]) for d, sid in zip(decoders, sids, strict=True)]
-        pieces = dict(zip(sids, texts, strict=True))
-        for sid, _reason in ev["finished"]:
-            dec = self._decoders.pop(int(sid), None)
-            if dec is not None:
-                pieces[str(sid)] = pieces.get(str(sid), "") + dec.flush()
-        ev["pieces"] = pieces
-
-    def _decoder(self, sid: int):
-        dec = self._decoders.get(sid)
-        if dec is None:
-            dec = self._decoders[sid] = self.llm.tokenizer.stream_decoder()
-        return dec
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

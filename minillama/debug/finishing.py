@@ -1,0 +1,63 @@
+"""Finishing step records in step order: the batch counters and the text of the tokens they sampled.
+
+Text is decoded with one streaming decoder per request (a token's text can depend on the tokens
+before it), so steps are finished once each, in order, whoever asks first: the trace writer's
+thread, or a live view reading a step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any
+
+from minillama.debug.records import StepRecord
+from minillama.models.tokenizer import push_tokens
+
+
+class StepFinisher:
+    """Finishes the ``StepRecord`` s handed to ``add``, in order, when ``upto`` asks for one."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._decoders: dict[int, Any] = {}
+        self._unfinished: deque[StepRecord] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, rec: StepRecord) -> None:
+        with self._lock:
+            self._unfinished.append(rec)
+
+    def upto(self, rec: StepRecord) -> None:
+        """Finish every step up to ``rec``'s (those before it first)."""
+        with self._lock:
+            while self._unfinished and self._unfinished[0].step <= rec.step:
+                self._finish(self._unfinished.popleft())
+
+    def _finish(self, rec: StepRecord) -> None:
+        ev, tok, raw = rec.event, self.tokenizer, rec.raw_batch
+        ev.update(kv=raw["kv"], preempted=raw["preempted"], waiting=raw["waiting"], num_seqs=len(raw["seqs"]),
+                  num_tokens=sum(s[4] for s in raw["seqs"]))
+        for sid, p in ev["prompts"].items():
+            p["text"] = tok.decode(p["token_ids"], skip_special_tokens=False)
+            if p["generated"]:
+                dec = self._decoders[int(sid)] = tok.stream_decoder()
+                p["text_so_far"] = "".join(dec.push(t) for t in p["generated"])
+        sids = list(ev["sampled"])
+        decoders = [self._decoder(int(sid)) for sid in sids]
+        if hasattr(tok, "decode_batch"):  # one call into the tokenizer for the whole batch
+            texts = push_tokens(decoders, [ev["sampled"][sid] for sid in sids])
+        else:
+            texts = [d.push(ev["sampled"][sid]) for d, sid in zip(decoders, sids, strict=True)]
+        pieces = dict(zip(sids, texts, strict=True))
+        for sid, _reason in ev["finished"]:
+            dec = self._decoders.pop(int(sid), None)
+            if dec is not None:
+                pieces[str(sid)] = pieces.get(str(sid), "") + dec.flush()
+        ev["pieces"] = pieces
+
+    def _decoder(self, sid: int) -> Any:
+        dec = self._decoders.get(sid)
+        if dec is None:
+            dec = self._decoders[sid] = self.tokenizer.stream_decoder()
+        return dec

@@ -1,0 +1,91 @@
+"""Where a site's statistics are computed, by device and mode, into the step's tables (``stepbuf``).
+
+* CUDA, eager: one statistics kernel per site, launched at the site.
+* CUDA, inside a graph capture: the pass's token sites are gathered and done by one kernel per
+  dtype at its last token site; the kernel reads the sites' addresses from a device table that is
+  filled in after the capture (``graphs_captured``), since only then may host data be copied.
+* CPU: small token sites (a decode step's) wait for the pass's last token site and are done in
+  groups of equal shape; others at once. Site tensors are not changed after their site within a
+  forward pass (``hooks.py``), so waiting is safe.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minillama import hooks
+from minillama.debug import devstats
+from minillama.debug.stepbuf import StatsBuffer
+
+#: CPU token sites up to this many elements wait for the pass's last token site, then go in groups.
+CPU_DEFER_ELEMENTS = 1 << 16
+
+
+class SiteStats:
+    """Statistics of tensor sites into ``buffer``; ``last_token_site`` ends a forward pass's token sites."""
+
+    def __init__(self, buffer: StatsBuffer, last_token_site: int) -> None:
+        self.buffer = buffer
+        self.last_token_site = last_token_site
+        self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
+        self._cpu_deferred: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # small CPU sites of this pass
+        self._to_fill: list[tuple[torch.Tensor, list[list[int]]]] = []  # address tables of new graphs
+        self._kept: list[torch.Tensor] = []  # address tables the captured graphs read at every replay
+
+    def begin_pass(self) -> None:
+        """Forget sites left by a forward pass that failed before its last site."""
+        self._cpu_deferred = {}
+
+    def add(self, x: torch.Tensor, slot: int, token_rows: bool, seq: torch.Tensor, pos: torch.Tensor) -> None:
+        """Statistics of ``x`` (rows of requests ``seq`` at positions ``pos``) into the tables' ``slot``."""
+        last = slot == self.last_token_site
+        if x.is_cuda and self._batching(x, token_rows):
+            self._batched.append((devstats.rows_view(x), slot))  # launched with the others at the graph's end
+            if last:
+                self._flush_batched(seq, pos)
+        elif x.is_cuda:
+            b = self.buffer
+            devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
+        else:
+            if token_rows and x.numel() <= CPU_DEFER_ELEMENTS and not hooks.eager:
+                self._cpu_deferred.setdefault((tuple(x.shape), x.dtype), []).append((x, slot))
+            else:
+                t = self.buffer.numpy_tables()
+                devstats.site_stats_cpu(x, slot, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"],
+                                        t["lanes"])
+            if last and self._cpu_deferred:
+                self._flush_cpu(seq, pos)
+
+    def _flush_cpu(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
+        t = self.buffer.numpy_tables()
+        seq_np, pos_np = seq.numpy(), pos.numpy()
+        for items in self._cpu_deferred.values():
+            devstats.sites_stats_cpu(items, seq_np, pos_np, t["moments"], t["keys"], t["bad"], t["lanes"])
+        self._cpu_deferred = {}
+
+    @staticmethod
+    def _batching(x: torch.Tensor, token_rows: bool) -> bool:
+        return (hooks.capturing and x.dtype in devstats.BATCHED_DTYPES and token_rows
+                and torch.cuda.is_current_stream_capturing())
+
+    def _flush_batched(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
+        """One launch per dtype for every site gathered in this graph."""
+        b = self.buffer
+        groups: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
+        for x, slot in self._batched:
+            groups.setdefault(x.dtype, []).append((x, slot))
+        for dtype, items in groups.items():
+            # empty, not zeros: a zero fill would be captured too and wipe the addresses at every replay
+            table = torch.empty((len(items), 4), dtype=torch.int64, device=b.device)
+            rows = items[0][0].shape[0]
+            devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
+            self._to_fill.append((table, [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
+        self._batched = []
+
+    def graphs_captured(self) -> None:
+        """Fill the address tables of the graphs just captured (``hooks.graphs_captured``)."""
+        with torch.inference_mode():  # the tables were made while capturing, under inference mode
+            for table, data in self._to_fill:
+                table.copy_(torch.tensor(data, dtype=torch.int64))
+        self._kept += [t for t, _ in self._to_fill]
+        self._to_fill = []
