@@ -24,10 +24,9 @@ import numpy as np
 from minillama.trace.batch import T_SEQS
 from minillama.trace.format import DATA, EVENTS, SHADOW_FIELDS, T_SHADOW
 from minillama.trace.safetensors_blob import Blob
-from minillama.trace.tables import BUDGET_RATIO, judge
+from minillama.trace.tables import BUDGET_RATIO, budget_floor, judge
 
 _F = {name: i for i, name in enumerate(SHADOW_FIELDS)}
-_EPS = {"float32": 2.0**-23, "float64": 2.0**-52, "bfloat16": 2.0**-7, "float16": 2.0**-10}
 RATIO_KEYS = ("budget_ratio", "budget_ratio_rms", "budget_ratio_shadow", "budget_ratio_rms_shadow")
 _NUM_NEW = 4  # batch.SEQ_COLUMNS.index("num_new")
 
@@ -83,7 +82,7 @@ def layer_ratios(shadow: np.ndarray, num_new: np.ndarray, per_row: int, dtype: s
         return None
     v = shadow[picked].astype(np.float64)  # (P, L, F)
     n = float(num_new[picked].sum()) * per_row
-    unit = _EPS.get(dtype, 2.0**-23) * v[:, :, _F["ref_absmax"]].max(0)
+    unit = budget_floor(dtype) * v[:, :, _F["ref_absmax"]].max(0)
     budget = np.maximum(np.maximum(v[:, :, _F["budget_max"]].max(0), unit), 1e-30)
     budget_rms = np.maximum(np.maximum(np.sqrt(v[:, :, _F["budget_sq"]].sum(0) / n), unit / 4), 1e-30)
     out = {}
