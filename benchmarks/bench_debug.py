@@ -39,7 +39,8 @@ from minillama.debug.breakpoints import Breakpoint  # noqa: E402
 from minillama.debug.manifest import build_manifest  # noqa: E402
 from minillama.debug.recorder import Recorder  # noqa: E402
 from minillama.debug.session import DebugSession  # noqa: E402
-from minillama.trace.writer import BackgroundWriter, TraceWriter  # noqa: E402
+from minillama.trace.background import BackgroundWriter  # noqa: E402
+from minillama.trace.writer import TraceWriter  # noqa: E402
 
 ALL_MODES = ("plain", "eager", "stats", "shadow", "nan", "session")
 LABEL = {"plain": "plain graphs", "eager": "plain eager", "stats": "stats", "shadow": "stats + shadow",

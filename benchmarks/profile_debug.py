@@ -23,7 +23,8 @@ from bench_debug import build, workload  # noqa: E402
 
 from minillama.debug.manifest import build_manifest  # noqa: E402
 from minillama.debug.recorder import Recorder  # noqa: E402
-from minillama.trace.writer import BackgroundWriter, TraceWriter  # noqa: E402
+from minillama.trace.background import BackgroundWriter  # noqa: E402
+from minillama.trace.writer import TraceWriter  # noqa: E402
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from minillama import LLM, SamplingParams  # noqa: E402
 from minillama.debug import devstats  # noqa: E402
 from minillama.debug.manifest import build_manifest  # noqa: E402
 from minillama.debug.recorder import Recorder  # noqa: E402
-from minillama.trace.writer import BackgroundWriter, TraceWriter  # noqa: E402
+from minillama.trace.background import BackgroundWriter  # noqa: E402
+from minillama.trace.writer import TraceWriter  # noqa: E402
 from tests.conftest import make_tiny_llama  # noqa: E402
 
 

@@ -152,9 +152,11 @@ def cmd_record(a: argparse.Namespace) -> int:
 
     from minillama.debug.manifest import build_manifest
     from minillama.debug.recorder import Recorder
+    from minillama.trace.background import BackgroundWriter
     from minillama.trace.cli import human_bytes
-    from minillama.trace.reader import TraceError, TraceReader
-    from minillama.trace.writer import BackgroundWriter, TraceWriter
+    from minillama.trace.format import TraceError
+    from minillama.trace.reader import TraceReader
+    from minillama.trace.writer import TraceWriter
 
     if a.max_bytes is not None and a.max_bytes <= 0:
         raise TraceError(f"--max-bytes must be a positive number of bytes, got {a.max_bytes}: leave it out for no cap")

@@ -240,8 +240,9 @@ def test_shadow_diff_of_a_format_2_trace(llm, tmp_path, capsys):
     from minillama.debug.manifest import build_manifest
     from minillama.debug.recorder import Recorder
     from minillama.trace import diff_shadow
+    from minillama.trace.background import BackgroundWriter
     from minillama.trace.tables import judge
-    from minillama.trace.writer import BackgroundWriter, TraceWriter
+    from minillama.trace.writer import TraceWriter
 
     fresh_cache(llm)
     rec = Recorder(llm, shadow="reference")

@@ -17,7 +17,8 @@ from minillama.cli import main as cli_main
 from minillama.debug.manifest import build_manifest
 from minillama.debug.recorder import Recorder
 from minillama.trace import TraceReader
-from minillama.trace.writer import BackgroundWriter, TraceWriter
+from minillama.trace.background import BackgroundWriter
+from minillama.trace.writer import TraceWriter
 from tests.traces import record_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -171,7 +171,7 @@ def test_foreign_and_corrupt_folders_fail_in_one_line(recorded, tmp_path):
 
 def test_size_cap_stops_cleanly(tiny_llama_dir, tmp_path):
     from minillama.debug.manifest import build_manifest
-    from minillama.trace.writer import BackgroundWriter
+    from minillama.trace.background import BackgroundWriter
 
     llm = LLM(tiny_llama_dir, device="cpu", num_kvcache_blocks=64, max_model_len=256)
     rec = Recorder(llm)

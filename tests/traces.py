@@ -59,7 +59,8 @@ def record_trace(path: str | os.PathLike, model: str, prompts: Sequence[str | li
     """Record ``prompts`` on ``model`` (a folder or GGUF) into a new trace folder; returns its path."""
     from minillama.debug.manifest import build_manifest
     from minillama.debug.recorder import Recorder
-    from minillama.trace.writer import BackgroundWriter, TraceWriter
+    from minillama.trace.background import BackgroundWriter
+    from minillama.trace.writer import TraceWriter
 
     if llm is None:
         engine.setdefault("num_kvcache_blocks", 64)

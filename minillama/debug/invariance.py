@@ -25,9 +25,10 @@ from minillama.engine.block_manager import BlockManager
 from minillama.engine.llm_engine import resolve_device
 from minillama.llm import LLM
 from minillama.sampling_params import SamplingParams
+from minillama.trace.background import BackgroundWriter
 from minillama.trace.diff import RequestDiff, diff_request
 from minillama.trace.reader import TraceReader
-from minillama.trace.writer import BackgroundWriter, TraceWriter
+from minillama.trace.writer import TraceWriter
 
 
 @dataclass(frozen=True)

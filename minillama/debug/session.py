@@ -173,7 +173,8 @@ class DebugSession:
     def start_recording(self, path: str, max_bytes: int | None = None) -> None:
         """Write every following step to a trace folder (``minillama.trace`` format)."""
         from minillama.debug.manifest import build_manifest
-        from minillama.trace.writer import BackgroundWriter, TraceWriter
+        from minillama.trace.background import BackgroundWriter
+        from minillama.trace.writer import TraceWriter
 
         self._writer = BackgroundWriter(TraceWriter(path, build_manifest(self.llm, self.recorder,
                                                                          max_bytes=max_bytes), max_bytes))

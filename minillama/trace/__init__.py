@@ -7,8 +7,9 @@ and export to ui.perfetto.dev with ``export_perfetto``.
 """
 
 from minillama.trace.diff import RequestDiff, TraceDiff, TraceMismatchError, diff_traces
+from minillama.trace.format import FORMAT_NAME, FORMAT_VERSION, TraceError
 from minillama.trace.perfetto import export_perfetto
-from minillama.trace.reader import FORMAT_NAME, FORMAT_VERSION, TraceError, TraceReader
+from minillama.trace.reader import TraceReader
 from minillama.trace.shadow_diff import ShadowDiff, diff_shadow
 from minillama.trace.writer import TraceWriter
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from minillama.trace.reader import TraceError, TraceReader
+from minillama.trace.format import TraceError
+from minillama.trace.reader import TraceReader
 
 
 def human_bytes(n: float) -> str:

@@ -23,7 +23,8 @@ import os
 import re
 from typing import Any
 
-from minillama.trace.reader import TraceError, TraceReader
+from minillama.trace.format import TraceError
+from minillama.trace.reader import TraceReader
 
 PID = 1
 ENGINE_TID = 1

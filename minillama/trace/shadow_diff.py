@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from minillama.trace.reader import TraceError, TraceReader
+from minillama.trace.format import TraceError
+from minillama.trace.reader import TraceReader
 from minillama.trace.tables import judge
 
 #: ``diff --shadow --threshold`` absent and no budgets recorded: max abs difference that still counts as equal.

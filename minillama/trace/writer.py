@@ -8,9 +8,8 @@ Layout (documented in traces/README.md)::
                           safetensors blob each, appended; a step's line names its blob's offset
 
 A step's blob is written (and synced) before the line that names it, so a line never points at
-data that is not complete on disk. ``BackgroundWriter`` runs a ``TraceWriter`` on its own thread:
-the engine hands it a callable per step and never waits for JSON or the disk; the thread writes
-whatever is queued, then syncs both files once (a group commit).
+data that is not complete on disk. ``write_step(..., sync=False)`` and ``sync()`` let
+``BackgroundWriter`` (trace/background.py, on its own thread) sync many steps at once.
 """
 
 from __future__ import annotations
@@ -18,14 +17,12 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import queue
 import re
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from minillama.trace.background import BackgroundWriter  # noqa: F401  (re-exported; home: background)
 from minillama.trace.format import DATA, EVENTS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TraceError
 
 # room kept under the size cap for the final "stopped" line
@@ -231,69 +228,3 @@ class TraceWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close("finished" if exc_type is None else f"interrupted by {exc_type.__name__}")
-
-
-class BackgroundWriter:
-    """A ``TraceWriter`` on its own thread. ``submit(fn)`` queues ``fn() -> (event, tensors)``; the
-    thread runs it, writes the step, and syncs once the queue is empty. ``submit`` blocks only when
-    ``depth`` steps are waiting (the disk cannot keep up), and returns False once the writer stopped."""
-
-    def __init__(self, writer: TraceWriter, depth: int = 256) -> None:
-        self.writer = writer
-        self._queue: queue.Queue[Callable[[], tuple[dict, dict]] | threading.Event | None] = queue.Queue(depth)
-        self._thread = threading.Thread(target=self._run, name="minillama-trace-writer", daemon=True)
-        self._thread.start()
-
-    @property
-    def path(self) -> str:
-        return self.writer.path
-
-    @property
-    def num_steps(self) -> int:
-        return self.writer.num_steps
-
-    @property
-    def stopped(self) -> bool:
-        return self.writer.stopped
-
-    def submit(self, fn: Callable[[], tuple[dict, dict]]) -> bool:
-        """Queue one step; False once the writer stopped (size cap, disk error)."""
-        if self.writer.stopped or self.writer.closed:
-            return False
-        self._queue.put(fn)
-        return True
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if not isinstance(item, threading.Event) and not self.writer.stopped:
-                self._write(item)
-            if (self._queue.empty() or isinstance(item, threading.Event)) and not self.writer.stopped:
-                try:
-                    self.writer.sync()
-                except OSError as e:
-                    self.writer._stop(f"syncing the trace failed ({e})")
-            if isinstance(item, threading.Event):
-                item.set()
-
-    def _write(self, fn: Callable[[], tuple[dict, dict]]) -> None:
-        try:
-            event, tensors = fn()
-        except Exception as e:  # a step that cannot be finished ends the trace, not the engine
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            self.writer._stop(f"preparing a step failed ({type(e).__name__}: {msg})")
-            return
-        self.writer.write_step(event, tensors, sync=False)
-
-    def flush(self) -> None:
-        """Wait until every step submitted so far is written and synced."""
-        if self._thread.is_alive():
-            done = threading.Event()
-            self._queue.put(done)
-            done.wait()
-
-    def close(self, reason: str = "finished") -> None:
-        """Write what is queued, then the end line; waits for the thread. Safe to call twice."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-        self.writer.close(reason)
