@@ -12,7 +12,7 @@ import math
 import re
 
 #: The attention backends minillama ships (``minillama.attention`` may register more at run time).
-BUILTIN_BACKENDS = ("torch", "flash-attn")
+BUILTIN_BACKENDS = ("torch", "triton", "flash-attn")
 #: dtype spellings -> the torch dtype's name (``auto`` is decided per device by the engine).
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "float64": "float64"}

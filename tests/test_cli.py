@@ -50,10 +50,23 @@ def test_version_help_and_command_errors(capsys):
     (["generate", "hi", "--top-p", "0"], "--top-p: must be in (0, 1]"),
     (["generate", "hi", "--dtype", "float8"], "--dtype: choose one of auto"),
     (["info", "--device", "gpu"], "--device: choose auto, cpu, cuda or cuda:N"),
-    (["record", "--out", "x", "--prompt", "p", "--backend", "magic"], "--backend: choose one of torch, flash-attn"),
+    (["record", "--out", "x", "--prompt", "p", "--backend", "magic"], "--backend: choose one of torch, triton, flash-attn"),
 ])
 def test_bad_options_are_one_line(capsys, argv, needle):
     one_line(capsys, main(argv), needle)
+
+
+def test_backend_triton_is_accepted_by_the_command_line(capsys):
+    """--help and the README offer `--backend triton`; the option check refused it ('choose one of torch,
+    flash-attn'). Where triton cannot run, the engine says why in one line."""
+    from minillama.options import check_backend
+
+    assert check_backend("triton") == "triton"
+    rc = main(["generate", "hi", "--backend", "triton", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert "choose one of" not in err
+    if rc != 0:
+        assert rc == 2 and err.count("\n") == 1 and "triton" in err
 
 
 @pytest.mark.parametrize("argv", [["generate", "hi", "--backend", "magic"], ["info", "--device", "gpu"],

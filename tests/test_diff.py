@@ -234,6 +234,16 @@ def test_shadow_diff_of_the_shipped_format_1_trace(capsys):
     assert "no layer over" in out and "…" not in out and "torch" in out  # piped: full values
 
 
+def test_shadow_diff_json_is_json(capsys):
+    """``diff --shadow --json`` prints one JSON object (it used to ignore --json and print the table)."""
+    from minillama.cli import main
+
+    assert main(["diff", "--shadow", "traces/h200-flash-attn-vs-torch", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["exit_code"] == 0 and res["first_over"] is None and len(res["layers"]) == 30
+    assert res["layers"][0]["backend"] == "torch" and res["layers"][0]["over"] is False
+
+
 def test_shadow_diff_of_a_format_2_trace(llm, tmp_path, capsys):
     """``diff --shadow`` reads format 2's per-request shadow tables and judges with ``tables.judge``."""
     from minillama.cli import main

@@ -102,6 +102,16 @@ async def test_heatmap_f_and_enter_jump(planted):
         assert app.main.pos == Pos(2, f"layers.{LAYER + 1}.attn.out")
 
 
+async def test_heatmap_without_a_shadow_does_not_claim_every_cell_within_the_budget(preempted):
+    """A run without a shadow has nothing to judge: the heatmap says so (it said 'every cell within the budget')."""
+    app = DebuggerApp(trace=preempted)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await press(pilot, app, "h")
+        shown = text(app, "heatmap")
+        assert "no shadow attention in this run" in shown and "within the budget" not in shown
+
+
 async def test_locator_finds_the_planted_element(planted):
     """D11: l finds the largest |active - shadow| (request, token, head, dimension) and moves the slice there."""
     app = DebuggerApp(trace=planted)

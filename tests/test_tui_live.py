@@ -206,3 +206,26 @@ async def test_record_mid_run_then_replay_keeps_prompts_and_keys(live, tmp_path)
         await press(pilot, replay, "n", "a")
         shown = text(replay, "attention")
         assert "cache snapshot taken when the recording began" in shown and "no weights" not in shown
+
+
+async def test_heatmap_of_a_recording_started_mid_run_labels_rows_with_engine_steps(live, tmp_path):
+    """A recording begun at step 2 replays with 'step 2 (#0 here)'; the heatmap names the same step numbers
+    (it labelled rows with the trace's own index: 'cell: step 0' beside 'step 2')."""
+    app = live(max_tokens=5)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        await press(pilot, app, "s", "s", "r")
+        path = app.main.ctx.recording
+        await press(pilot, app, "s", "s", "r")
+    replay = DebuggerApp(trace=path)
+    async with replay.run_test(size=SIZE) as pilot:
+        await settle(pilot, replay)
+        first = replay.main.ctx.timeline.event(0)["step"]
+        assert first > 0 and f"step {first} (#0 here)" in text(replay, "where")
+        await press(pilot, replay, "h")
+        await settle(pilot, replay)
+        assert f"cell: step {first}, layer 0" in text(replay, "heatmap")
+        grid = replay.main.query_one("#heat-grid")
+        assert grid.render_line(0).text.split()[0] == str(first)
+        await press(pilot, replay, "down", "enter")
+        assert replay.main.pos.step == 1 and f"heatmap cell (step {first + 1}, layer 0)" in replay.main.ctx.reason

@@ -37,7 +37,10 @@ def cmd_diff(a: argparse.Namespace) -> int:
         if len(a.traces) != 1:
             raise TraceError(f"diff --shadow takes one trace, got {len(a.traces)}: use `minillama diff --shadow DIR`")
         res = diff_shadow(TraceReader(a.traces[0]), a.threshold)
-        render_shadow(res)
+        if a.json:
+            print(json.dumps(res.to_json(), indent=1))
+        else:
+            render_shadow(res)
         return res.exit_code
     if len(a.traces) != 2:
         raise TraceError(f"diff takes two traces, got {len(a.traces)}: use `minillama diff A B`, or "

@@ -64,6 +64,17 @@ class ShadowDiff:
     def exit_code(self) -> int:
         return 1 if self.first_over is not None else 0
 
+    def to_json(self) -> dict:
+        """Plain JSON for ``diff --shadow --json`` (values that are not finite become null)."""
+        from dataclasses import asdict
+
+        from minillama.trace.diff import json_safe
+
+        first = self.first_over
+        return json_safe({"trace": self.path, "steps": self.steps, "gate": self.gate, "threshold": self.threshold,
+                          "exit_code": self.exit_code, "first_over": None if first is None else first.layer,
+                          "layers": [{**asdict(lay), "over": lay.over} for lay in self.layers]})
+
 
 # ---- one trace's shadow records -------------------------------------------------------------------
 def _num(x: object) -> float:

@@ -47,14 +47,18 @@ class HeatGrid(ScrollView, can_focus=True):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.index: list[int] = []
+        self.labels: list[int] = []
         self.values: np.ndarray = np.zeros((0, 0))
         self.over: np.ndarray = np.zeros((0, 0), bool)
         self.kind = "ratio"
         self.threshold = 2.0
 
-    def show(self, index: list[int], values: np.ndarray, over: np.ndarray, kind: str, threshold: float) -> None:
-        """Draw ``values`` (rows: timeline ``index``), red where ``over`` (ratio) or over ``threshold`` (difference)."""
+    def show(self, index: list[int], values: np.ndarray, over: np.ndarray, kind: str, threshold: float,
+             labels: list[int] | None = None) -> None:
+        """Draw ``values`` (rows: timeline ``index``, labelled with the engine's step numbers ``labels``), red
+        where ``over`` (ratio) or over ``threshold`` (difference)."""
         self.index, self.values, self.over, self.kind, self.threshold = index, values, over, kind, threshold
+        self.labels = labels if labels is not None and len(labels) == len(index) else list(index)
         self.virtual_size = Size(LABEL + 2 * values.shape[1] + 1, len(index))
         self.refresh()
 
@@ -68,7 +72,7 @@ class HeatGrid(ScrollView, can_focus=True):
         if r >= len(self.index):
             return Strip.blank(self.size.width)
         cr, cc = self.cursor
-        segs = [Segment(f"{self.index[r]:>6} ", Style(dim=r != cr, bold=r == cr))]
+        segs = [Segment(f"{self.labels[r]:>6} ", Style(dim=r != cr, bold=r == cr))]
         colour = ratio_colour if self.kind == "ratio" else diff_colour
         for c in range(self.values.shape[1]):
             v = self.cell(r, c)
@@ -99,7 +103,7 @@ class HeatGrid(ScrollView, can_focus=True):
     def action_jump(self) -> None:
         if self.index:
             r, c = self.cursor
-            self.post_message(Jump(Pos(self.index[r], f"layers.{c}.attn.out"), f"heatmap cell (step {self.index[r]}, "
+            self.post_message(Jump(Pos(self.index[r], f"layers.{c}.attn.out"), f"heatmap cell (step {self.labels[r]}, "
                                                                                f"layer {c})"))
 
     class Moved(Message):
@@ -143,13 +147,17 @@ class HeatmapView(View):
         else:
             values, what = m.ratio, "error-budget ratio"
         kind = "ratio" if values is m.ratio else "diff"
-        grid.show(m.index, values, m.over, kind, m.threshold if kind == "ratio" else DIFF_THRESHOLD)
+        labels = self._step_labels(m.index)
+        grid.show(m.index, values, m.over, kind, m.threshold if kind == "ratio" else DIFF_THRESHOLD, labels)
         if self.pos is not None and self.pos != getattr(self, "_synced", None) and self.pos.step in m.index:
             self._synced = self.pos  # the cell cursor follows the debugger's cursor (not the other way round)
             grid.cursor = (m.index.index(self.pos.step), self.cur_layer or 0)
         head = Text(f"{what}, step × layer: {plural(len(m.index), 'step')}, {plural(m.num_layers, 'layer')}; ",
                     style="bold")
-        if kind == "ratio":
+        if kind == "ratio" and not np.isfinite(values).any():
+            head.append("no shadow attention in this run, nothing to judge (record or start with --shadow)",
+                        style="#d7af00")
+        elif kind == "ratio":
             head.append(f"{m.num_over} cells over the budget" if m.num_over else "every cell within the budget",
                         style="#ff5f5f" if m.num_over else "#5fd75f")
         else:
@@ -172,7 +180,7 @@ class HeatmapView(View):
         here = Text("")
         if m.index:
             v = grid.cell(min(r, len(m.index) - 1), c)
-            here = Text(f"cell: step {m.index[min(r, len(m.index) - 1)]}, layer {c}: "
+            here = Text(f"cell: step {labels[min(r, len(m.index) - 1)]}, layer {c}: "
                         f"{'-' if v is None else format(v, '.3g')}")
             why = m.why.get((m.index[min(r, len(m.index) - 1)], c))
             if why:
@@ -183,6 +191,20 @@ class HeatmapView(View):
         axis.append(" ← layer", style="dim")
         axis.truncate(max(self.size.width - 2, 10))
         return Text("\n").join([head, legend, here, axis])
+
+    def _step_labels(self, index: list[int]) -> list[int]:
+        """The engine's step number of each row (a recording started mid-run begins after step 0); each row
+        is looked up once per timeline, finished steps never change."""
+        tl = self.ctx.timeline
+        if getattr(self, "_labels_of", None) is not tl:
+            self._labels_of, self._labels = tl, {}
+        for i in index:
+            if i not in self._labels:
+                try:
+                    self._labels[i] = int((tl.event(i) or {}).get("step", i))
+                except (TypeError, ValueError):
+                    self._labels[i] = i
+        return [self._labels[i] for i in index]
 
     def on_heat_grid_moved(self, _msg: Any) -> None:
         self.schedule()
