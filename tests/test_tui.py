@@ -214,6 +214,17 @@ async def test_toasts_do_not_stack(planted):
         assert [n.message for n in app._notifications].count("At the end of the trace.") == 1
 
 
+async def test_x_without_a_second_trace_says_how_to_get_one(planted):
+    """The A/B key in a run with no --compare says what it needs instead of doing nothing."""
+    app = DebuggerApp(trace=planted)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, app)
+        view = app.main.view
+        await press(pilot, app, "x", "x")
+        notes = [n.message for n in app._notifications]
+        assert notes.count("A/B needs a second trace: minillama-tui A --compare B") == 1 and app.main.view == view
+
+
 async def test_split_layout_from_140_columns(planted):
     app = DebuggerApp(trace=planted)
     async with app.run_test(size=(160, 48)) as pilot:

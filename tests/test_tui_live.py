@@ -117,8 +117,9 @@ async def test_typed_prompts_are_checked_and_refused_alone(builtin_small, tmp_pa
             assert any(n.startswith("Prompt refused: the prompt is empty") for n in notes), notes
             assert any(n.startswith("Prompt refused: the prompt has") and "max_model_len is 128" in n for n in notes)
             assert not app.main.run.session._pending
-            await press(pilot, app, "slash", *"Hello", "enter")
-            assert any(n.startswith("Queued (") for n in (n.message for n in app._notifications))
+            await press(pilot, app, "slash", *"Hello xylophone", "enter")  # "x" is typed, not the A/B key
+            notes = [n.message for n in app._notifications]
+            assert any(n.startswith("Queued (") for n in notes) and not any(n.startswith("A/B") for n in notes)
             await press(pilot, app, "s", "s")
             assert app.main.pos == Pos(2, BEGIN) and app.main.run.session.error is None
             assert len(app.main.ctx.timeline.event(1)["batch"]["seqs"]) >= 1

@@ -29,7 +29,9 @@ class DebuggerApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "minillama-tui"
     AUTO_FOCUS = None
-    BINDINGS = [Binding("ctrl+p", "command_palette", "palette", show=False)]
+    # "x" reaches the app only when the screen's A/B binding is off (no second trace): say why.
+    BINDINGS = [Binding("ctrl+p", "command_palette", "palette", show=False),
+                Binding("x", "no_compare", show=False)]
 
     def __init__(self, trace: str | None = None, compare: str | None = None, options: LiveOptions | None = None,
                  llm: Any = None, record_dir: str = "traces") -> None:
@@ -57,6 +59,10 @@ class DebuggerApp(App[None]):
                 self.push_screen(ErrorScreen("Cannot read the trace", str(cause), fatal=True))
             return
         super()._handle_exception(error)
+
+    def action_no_compare(self) -> None:
+        if self.main is not None:
+            self.main.toast("A/B needs a second trace: minillama-tui A --compare B")
 
     def action_help(self) -> None:
         from .screens.help import HelpScreen

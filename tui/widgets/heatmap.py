@@ -76,7 +76,9 @@ class HeatGrid(ScrollView, can_focus=True):
         colour = ratio_colour if self.kind == "ratio" else diff_colour
         for c in range(self.values.shape[1]):
             v = self.cell(r, c)
-            bg = "#ff0000" if self.kind == "ratio" and self.over[r, c] else colour(v, self.threshold)
+            if self.kind == "ratio" and self.over[r, c] and not (v is not None and v > self.threshold):
+                v = self.threshold * 1.5  # over by the other measure (RMS): at least the legend's "over" colour
+            bg = colour(v, self.threshold)
             text = "▐▌" if (r, c) == (cr, cc) else "  "
             segs.append(Segment(text, Style.parse(f"bold white on {bg}")))
         return Strip(segs).crop(sx, sx + self.size.width)
