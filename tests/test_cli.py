@@ -148,3 +148,10 @@ def test_dev_sh_prints_usage_without_installing(tmp_path, args, rc):
     assert done.returncode == rc and "usage: scripts/dev.sh" in done.stdout + done.stderr
     assert "test -m \"not slow\"" in done.stdout + done.stderr
     assert not venv.exists(), "usage must not set anything up"
+
+
+def test_record_into_a_folder_that_cannot_be_made_is_one_line(tiny_llama_dir, capsys):
+    rc = main(["record", "--out", "/proc/minillama-nope/x", "--prompt", "w4", "--raw", "--model", tiny_llama_dir,
+               "--device", "cpu", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "cannot write the trace folder" in err and "--out" in err

@@ -189,7 +189,7 @@ class LLMEngine:
         limit = self.config.max_model_len
         if len(token_ids) >= limit:
             raise RequestError(f"the prompt has {len(token_ids)} tokens but max_model_len is {limit}: "
-                               f"shorten the prompt or raise max_model_len (the model allows "
+                               f"shorten the prompt or raise max_model_len (--max-model-len; the model allows "
                                f"{self.model_config.max_position_embeddings})")
         if max(token_ids) >= self.model_config.vocab_size or min(token_ids) < 0:
             raise RequestError(f"token ids must be in [0, {self.model_config.vocab_size}): the prompt has "

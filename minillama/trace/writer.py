@@ -115,8 +115,12 @@ class TraceWriter:
         if max_bytes is not None and len(data) + _FINAL_LINE_RESERVE >= max_bytes:
             raise TraceError(f"the size cap of {max_bytes} bytes leaves no room for a step: the trace's manifest "
                              f"alone is {len(data)} bytes; give a cap of several times that, or leave it out")
-        os.makedirs(self.path, exist_ok=True)
-        _write_durable(os.path.join(self.path, MANIFEST), data)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            _write_durable(os.path.join(self.path, MANIFEST), data)
+        except OSError as e:
+            raise TraceError(f"cannot write the trace folder {self.path} ({e.strerror or e}): choose a folder "
+                             "you can write to (--out)") from None
         self.bytes_written = len(data)
         self.num_steps = 0
         self.last_step: int | None = None
