@@ -28,7 +28,7 @@ from minillama.debug import devstats
 from minillama.debug.records import StepRecord, capture_batch, site_catalog, table_tensors
 from minillama.debug.shadow import Shadow
 from minillama.debug.stepbuf import StatsBuffer
-from minillama.models.tokenizer import push_tokens
+from minillama.models.detokenizer import push_tokens
 from minillama.trace.format import SHADOW_FIELDS
 
 #: A recording that starts mid-run saves the cached keys of the running requests up to this size.
