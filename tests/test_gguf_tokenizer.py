@@ -143,7 +143,7 @@ def test_iter_matches_load(loaded, gguf_path):
 
 def test_unpermute_round_trip():
     """The q/k row order fix is the exact inverse of the llama.cpp converter's permutation."""
-    from minillama.models.gguf_loader import _unpermute
+    from minillama.models.gguf_tensors import _unpermute
 
     n_head, head_dim, cols = 3, 8, 5
     w = np.arange(n_head * head_dim * cols, dtype=np.float32).reshape(n_head * head_dim, cols)

@@ -181,7 +181,7 @@ def test_fuzzed_model_files_fail_in_one_line(models, capsys):
     weights = open(os.path.join(good, "model.safetensors"), "rb").read()
     (n,) = struct.unpack("<Q", weights[:8])
     gguf_bytes = open(models["gguf"], "rb").read()
-    from minillama.models.gguf_loader import _open_gguf
+    from minillama.models.gguf_file import _open_gguf
 
     data_start = _open_gguf(models["gguf"])[0].data_start
     # a decoy shard next to the folder: nothing may ever read it

@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any
 
 from minillama.debug.records import StepRecord
-from minillama.models.tokenizer import push_tokens
+from minillama.models.detokenizer import push_tokens
 
 
 class StepFinisher:

@@ -26,7 +26,7 @@ from minillama.models.safetensors_files import find_shards
 from minillama.models.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from minillama.models.gguf_loader import GGUFWeights
+    from minillama.models.gguf_tensors import GGUFWeights
 
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

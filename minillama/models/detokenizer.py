@@ -1,0 +1,68 @@
+"""Streaming decode: generated token ids to text pieces, never splitting a UTF-8 character."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from minillama.models.tokenizer import Tokenizer
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text pieces, never splitting a character.
+
+    Byte-level tokens can end in the middle of a multi-byte UTF-8 character (one emoji is often
+    two or three tokens); decoding such a prefix yields U+FFFD. We keep the ids since the last
+    emitted piece, decode them as one span, and hold back while the span ends in U+FFFD.
+    Decoding a short window (not the whole history) keeps each push cheap, and starting the window
+    one emitted token back lets decoders that treat a sequence's first token specially see context.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._prefix = 0  # window start: the first id whose text is already emitted
+        self._read = 0  # ids before this are fully emitted
+        self.text = ""  # everything emitted so far
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes ("" while a character is still partial)."""
+        self.ids.append(int(token_id))
+        return self._advance(self._decode(self.ids[self._prefix : self._read]), self._decode(self.ids[self._prefix :]))
+
+    def _windows(self, token_id: int) -> tuple[list[int], list[int]]:
+        self.ids.append(int(token_id))
+        return self.ids[self._prefix : self._read], self.ids[self._prefix :]
+
+    def _advance(self, done: str, full: str) -> str:
+        # Hold back while the last character is incomplete, or when nothing new appeared (a
+        # skipped special token): those ids stay in the window and are decoded with the next.
+        if len(full) <= len(done) or full.endswith("\ufffd"):
+            return ""
+        piece = full[len(done) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        """Text still held back at the end of generation (a trailing partial character as U+FFFD)."""
+        done = self._decode(self.ids[self._prefix : self._read])
+        full = self._decode(self.ids[self._prefix :])
+        piece = full[len(done) :] if full.startswith(done) else ""
+        self._prefix = self._read = len(self.ids)
+        self.text += piece
+        return piece
+
+
+def push_tokens(decoders: list[IncrementalDecoder], token_ids: list[int]) -> list[str]:
+    """``d.push(t)`` for many decoders of one tokenizer at once, with one batched decode call."""
+    if not decoders:
+        return []
+    first = decoders[0]
+    windows = [w for d, t in zip(decoders, token_ids, strict=True) for w in d._windows(t)]
+    texts = first.tokenizer.decode_batch(windows, skip_special_tokens=first.skip_special_tokens)
+    return [d._advance(texts[2 * k], texts[2 * k + 1]) for k, d in enumerate(decoders)]
