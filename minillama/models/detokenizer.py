@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from minillama.models.tokenizer import Tokenizer
+
+class Decodes(Protocol):
+    """What a decoder needs of a tokenizer (``tokenizer.Tokenizer``)."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDecoder:
@@ -18,7 +21,7 @@ class IncrementalDecoder:
     one emitted token back lets decoders that treat a sequence's first token specially see context.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Decodes, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []

@@ -8,12 +8,11 @@ Every way a model can be broken on disk ends in a one-line ``ModelLoadError``.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from torch import nn
 from minillama import progress
 from minillama.models.config import ModelConfig
 from minillama.models.config_checks import num_parameters
-from minillama.models.errors import ModelLoadError
+from minillama.models.errors import ModelLoadError, read_json
 from minillama.models.safetensors_files import find_shards
 from minillama.models.tokenizer import Tokenizer
 
@@ -104,18 +103,6 @@ def corrupt(path: str, e: BaseException) -> ModelLoadError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return ModelLoadError(f"{path} is corrupt or not a model minillama reads ({type(e).__name__}"
                           f"{': ' + first[:200] if first else ''}): copy or download it again")
-
-
-def read_json(path: str, what: str) -> Any:
-    """Parse a JSON file; a missing or broken one is a ``ModelLoadError`` naming ``what`` it is."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ModelLoadError(f"{what} {path} is missing: the model folder is incomplete, copy it again") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ModelLoadError(f"{what} {path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}): "
-                             "copy the model folder again") from None
 
 
 def _open_hf_folder(folder: str) -> LoadedModel:

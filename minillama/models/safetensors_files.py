@@ -52,7 +52,7 @@ def _bad_copy(path: str, detail: str) -> ModelLoadError:
 
 
 def _index_names(folder: str, index: str) -> list[str]:
-    from minillama.models.loader import read_json
+    from minillama.models.errors import read_json
 
     data = read_json(index, "safetensors index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
