@@ -10,10 +10,8 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only for the annotations: writer.py re-exports this module's class
-    from minillama.trace.writer import TraceWriter
+from minillama.trace.writer import TraceWriter
 
 
 class BackgroundWriter:

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 
-from minillama.trace.background import BackgroundWriter  # noqa: F401  (re-exported; home: background)
 from minillama.trace.format import DATA, EVENTS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TraceError
 
 # room kept under the size cap for the final "stopped" line
