@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     core = _command(argv) in _CORE
     try:
         if not core:  # the trace commands' parser imports torch: check the cheap things first
-            early = Parser(prog="minillama", add_help=False, allow_abbrev=False)
+            cmd = _command(argv)
+            early = Parser(prog=f"minillama {cmd}" if cmd else "minillama", add_help=False, allow_abbrev=False)
             for flag, kind in (("--backend", backend_arg), ("--device", device_arg), ("--dtype", dtype_arg)):
                 early.add_argument(flag, type=kind)
             early.parse_known_args(argv)

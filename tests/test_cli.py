@@ -56,6 +56,11 @@ def test_bad_options_are_one_line(capsys, argv, needle):
     one_line(capsys, main(argv), needle)
 
 
+def test_a_bad_option_of_a_command_points_at_that_command_s_help(capsys):
+    assert main(["record", "--out", "x", "--prompt", "p", "--backend", "magic"]) == 2
+    assert "(see 'minillama record --help')" in capsys.readouterr().err
+
+
 def test_backend_triton_is_accepted_by_the_command_line(capsys):
     """--help and the README offer `--backend triton`; the option check refused it ('choose one of torch,
     flash-attn'). Where triton cannot run, the engine says why in one line."""
