@@ -97,6 +97,12 @@ def builtin_small():
     return LLM(None, device="cpu", max_model_len=128, num_kvcache_blocks=16, max_num_batched_tokens=64)
 
 
+def _where_text(app) -> str:
+    from minillama_tui.widgets.where import WhereView
+
+    return " ".join(r.plain for r in app.main.query_one(WhereView).render_view().renderables if hasattr(r, "plain"))
+
+
 async def test_typed_prompts_are_checked_and_refused_alone(builtin_small, tmp_path):
     """D1: an empty prompt and one longer than max_model_len are refused with a toast when submitted; nothing
     that would kill the next step is queued, and the engine and its requests go on."""
@@ -120,8 +126,10 @@ async def test_typed_prompts_are_checked_and_refused_alone(builtin_small, tmp_pa
             await press(pilot, app, "slash", *"Hello xylophone", "enter")  # "x" is typed, not the A/B key
             notes = [n.message for n in app._notifications]
             assert any(n.startswith("Queued (") for n in notes) and not any(n.startswith("A/B") for n in notes)
+            assert "queued 1 (joins at the next step)" in _where_text(app)  # listed before it joins
             await press(pilot, app, "s", "s")
             assert app.main.pos == Pos(2, BEGIN) and app.main.run.session.error is None
+            assert "queued" not in _where_text(app)
             assert len(app.main.ctx.timeline.event(1)["batch"]["seqs"]) >= 1
     finally:
         app.shutdown()

@@ -50,6 +50,8 @@ class LiveControl:
 
     def on_engine_paused(self, msg: EnginePaused) -> None:
         self.loaded = True
+        if self.ctx.queued:
+            self.set_ctx(queued=self.run.session.num_pending)
         pos = msg.position
         move = self.driver.paused(msg.index, pos.site, pos.reason.startswith("breakpoint"))
         self.tick += 1
@@ -189,4 +191,5 @@ class LiveControl:
             self.driver.idle, self.driver.following = False, True
             self.run_engine("step")
         else:
+            self.set_ctx(queued=self.run.session.num_pending)
             self.toast(f"Queued ({len(ids)} tokens): the request joins the batch at the next step.")

@@ -141,6 +141,12 @@ class DebugSession:
         return self._paused
 
     @property
+    def num_pending(self) -> int:
+        """Requests submitted that join the batch at the next step boundary."""
+        with self._cond:
+            return len(self._pending)
+
+    @property
     def idle(self) -> bool:
         """True when the worker has nothing to do (all requests finished)."""
         return self._idle

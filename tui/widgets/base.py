@@ -36,6 +36,7 @@ class Context:
     reason: str = ""
     recording: str | None = None
     head: Pos | None = None  # live: where the engine is paused
+    queued: int = 0  # live: prompts submitted that join the batch at the next step
 
     @property
     def live(self) -> bool:

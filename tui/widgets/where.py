@@ -81,6 +81,8 @@ class WhereView(View):
                 info.append(" (now: " + ", ".join(f"#{s}" for s in b["preempted"]) + ")", style="bold #ff5f5f")
             if b.get("waiting"):
                 info.append(" · waiting " + " ".join(f"#{s}" for s in b["waiting"]), style="#ffd75f")
+            if self.ctx.queued:
+                info.append(f" · queued {self.ctx.queued} (joins at the next step)", style="#ffd75f")
             rows.append(info)
         bps = [bp.describe() for bp in self.ctx.breakpoints if bp.enabled]
         if bps:
