@@ -258,10 +258,10 @@ def _command(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """The ``minillama`` entry point."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    core = _command(argv) in _CORE
+    cmd = _command(argv)
+    core = cmd in _CORE
     try:
         if not core:  # the trace commands' parser imports torch: check the cheap things first
-            cmd = _command(argv)
             early = Parser(prog=f"minillama {cmd}" if cmd else "minillama", add_help=False, allow_abbrev=False)
             for flag, kind in (("--backend", backend_arg), ("--device", device_arg), ("--dtype", dtype_arg)):
                 early.add_argument(flag, type=kind)

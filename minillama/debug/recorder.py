@@ -210,13 +210,14 @@ class Recorder:
         if slot is None:
             return
         ctx = get_context()
-        if self.catalog[slot].rows == "samples":
+        rows = self.catalog[slot].rows
+        if rows == "samples":
             seq, pos = ctx.sample_index, ctx.positions[ctx.sample_rows]
         else:
             seq, pos = ctx.seq_index, ctx.positions
         x = tensor.detach()
         x = x.to(torch.int32) if x.dtype == torch.int64 else x
-        self.stats.add(x, slot, self.catalog[slot].rows == "tokens", seq, pos)
+        self.stats.add(x, slot, rows == "tokens", seq, pos)
         if hooks.capturing:
             self._captured.add(slot)
             if site in self._static:
