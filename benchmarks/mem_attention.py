@@ -8,7 +8,8 @@ Each call runs once to warm up (Triton compiles, cuBLAS workspaces), then once m
 
 The torch backend's bound is 2x the output plus one tile (a key tile, the float32 scores and
 bfloat16 probabilities of a query tile against it, the accumulators: ``flash_loop.tile_bytes``
-for the call's plan); flash-attn's and triton's numbers are printed beside it.
+for the call's plan) plus the call's key index (each sequence's length and block-table row as
+int64, kept for the whole forward pass); flash-attn's and triton's numbers are printed beside it.
 
     python benchmarks/mem_attention.py [--backends torch,triton,flash-attn] [--cases decode]
 """
@@ -100,7 +101,9 @@ def measure(backend: str, case: Case) -> dict:
     peak = torch.cuda.max_memory_allocated()
     out_bytes = out.numel() * out.element_size()
     t = tile(case)
-    row = dict(backend=backend, extra=peak - before - out_bytes, out=out_bytes, tile=t, bound=2 * out_bytes + t)
+    index = case.batch * (2 + (x["table"].shape[1] if x["table"] is not None else 0)) * 8
+    row = dict(backend=backend, extra=peak - before - out_bytes, out=out_bytes, tile=t, index=index,
+               bound=2 * out_bytes + t + index)
     del out, x
     torch.cuda.empty_cache()
     return row

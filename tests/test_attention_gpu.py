@@ -352,7 +352,7 @@ def _mem_probe():
                                   "prefill 2x4096", "prefill 2x4096 on 4096 cached", "prefill 512 on 2048 cached",
                                   "decode 256 x 1024", "decode 256 x 4096"])
 def test_torch_backend_memory_bound(case: str) -> None:
-    """Peak memory of one call beyond its inputs and output stays within 2x the output plus one tile."""
+    """Peak memory of one call beyond its inputs and output stays within 2x the output, one tile and its key index."""
     probe = _mem_probe()
     row = probe.measure("torch", probe.CASES[case])
     print(f"\n{case}: extra {row['extra'] / 2**20:.1f} MiB, output {row['out'] / 2**20:.1f} MiB, "

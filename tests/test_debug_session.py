@@ -239,3 +239,28 @@ def test_hooks_off_after_session(llm):
     out = llm.generate(["still works"], SamplingParams(temperature=0, max_tokens=2))[0]
     assert len(out.token_ids) >= 1
     assert torch.is_tensor(llm.runner.kv_cache)
+
+
+def test_a_failed_graph_capture_ends_the_session_with_its_error(llm, monkeypatch):
+    """A capture that raises (on CUDA: a kernel the graph cannot hold) is the session's error, shown by
+    the UI, and the hooks come off; before, the worker thread died silently and the UI waited."""
+
+    class BrokenGraphs:
+        sizes = [1, 2]
+
+        def capture(self) -> None:
+            raise RuntimeError("capture broke")
+
+    monkeypatch.setattr(llm.runner, "graphs", BrokenGraphs())
+    seen: list[str] = []
+    s = DebugSession(llm, pause_at_start=False)
+    s.on_event = lambda kind, data: seen.append(kind)
+    s.submit("never runs", PARAMS)
+    s.start()
+    try:
+        assert s.wait(60)
+        assert isinstance(s.error, RuntimeError) and "capture broke" in str(s.error)
+        assert "error" in seen and "step" not in seen
+    finally:
+        s.stop()
+    assert not hooks.enabled

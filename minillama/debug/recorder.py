@@ -93,6 +93,9 @@ class Recorder:
         self._attached = False
         last = next(i for i in reversed(range(len(self.catalog))) if self.catalog[i].rows == "tokens")
         self.stats = SiteStats(self.buffer, last)
+        graphs = getattr(llm.runner, "graphs", None)
+        if graphs is not None:  # before any capture, whoever triggers it (attach, a session, a replay)
+            self.stats.reserve(len(graphs.sizes), len(self.catalog))
         self.num_records = 0
         self.last_attention: dict[str, torch.Tensor] = {}  # the latest call's shadow/ref/plain outputs
 

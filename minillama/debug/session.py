@@ -336,10 +336,10 @@ class DebugSession:
 
     def _run(self) -> None:
         hooks.attach(self)
-        graphs = getattr(self.llm.runner, "graphs", None)
-        if graphs is not None:
-            graphs.capture()
         try:
+            graphs = getattr(self.llm.runner, "graphs", None)
+            if graphs is not None:
+                graphs.capture()  # inside the try: a failed capture is shown, not a silent dead thread
             while True:
                 with self._cond:
                     if self._stop:

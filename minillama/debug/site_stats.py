@@ -4,6 +4,9 @@
 * CUDA, inside a graph capture: the pass's token sites are gathered and done by one kernel per
   dtype at its last token site; the kernel reads the sites' addresses from a device table that is
   filled in after the capture (``graphs_captured``), since only then may host data be copied.
+  The tables are rows of an arena made before any capture (``reserve``): memory allocated during
+  a capture comes from the graphs' pool, where the kernels of a replay, this graph's or another
+  sharing the pool, write their intermediates over anything the host put there.
 * CPU: small token sites (a decode step's) wait for the pass's last token site and are done in
   groups of equal shape; others at once. Site tensors are not changed after their site within a
   forward pass (``hooks.py``), so waiting is safe.
@@ -29,8 +32,20 @@ class SiteStats:
         self.last_token_site = last_token_site
         self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
         self._cpu_deferred: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # small CPU sites of this pass
-        self._to_fill: list[tuple[torch.Tensor, list[list[int]]]] = []  # address tables of new graphs
-        self._kept: list[torch.Tensor] = []  # address tables the captured graphs read at every replay
+        self._to_fill: list[tuple[int, list[list[int]]]] = []  # arena row and rows of new graphs' tables
+        self._arena: torch.Tensor | None = None  # (rows, 4) int64: every table of the live recorded graphs
+        self._used = 0  # arena rows taken by the graphs being captured
+
+    def reserve(self, num_graphs: int, sites_per_pass: int) -> None:
+        """Make the address arena for ``num_graphs`` graphs of up to ``sites_per_pass`` sites each.
+
+        Call before capturing (outside any capture). Only one set of recorded graphs lives at a
+        time (``DecodeGraphs.capture`` drops the others first), so each capture reuses the arena.
+        """
+        rows = num_graphs * sites_per_pass
+        self._to_fill, self._used = [], 0
+        if self._arena is None or self._arena.shape[0] < rows:
+            self._arena = torch.empty((rows, 4), dtype=torch.int64, device=self.buffer.device)
 
     def begin_pass(self) -> None:
         """Forget sites left by a forward pass that failed before its last site."""
@@ -75,17 +90,20 @@ class SiteStats:
         for x, slot in self._batched:
             groups.setdefault(x.dtype, []).append((x, slot))
         for dtype, items in groups.items():
-            # empty, not zeros: a zero fill would be captured too and wipe the addresses at every replay
-            table = torch.empty((len(items), 4), dtype=torch.int64, device=b.device)
+            if self._arena is None or self._used + len(items) > self._arena.shape[0]:
+                raise RuntimeError("recording under CUDA graphs: the address arena is too small (reserve() "
+                                   "must be called before capturing, for every graph size)")
+            table = self._arena[self._used: self._used + len(items)]
+            self._used += len(items)
             rows = items[0][0].shape[0]
             devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
-            self._to_fill.append((table, [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
+            self._to_fill.append((self._used - len(items),
+                                  [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
         self._batched = []
 
     def graphs_captured(self) -> None:
         """Fill the address tables of the graphs just captured (``hooks.graphs_captured``)."""
-        with torch.inference_mode():  # the tables were made while capturing, under inference mode
-            for table, data in self._to_fill:
-                table.copy_(torch.tensor(data, dtype=torch.int64))
-        self._kept += [t for t, _ in self._to_fill]
+        for start, data in self._to_fill:  # views made here: ones made under the capture's inference mode
+            self._arena[start: start + len(data)].copy_(torch.tensor(data, dtype=torch.int64))  # are read-only
         self._to_fill = []
+        self._used = 0  # a later capture first drops these graphs, so it may take the arena again
