@@ -9,7 +9,7 @@ The command line is ``cli.py`` (checked before anything heavy is imported). The 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from textual.app import App, SystemCommand
@@ -49,16 +49,31 @@ class DebuggerApp(App[None]):
         """True when the trace or the engine failed to load (``cli.main`` exits 1 then)."""
         return self.main is not None and self.main.ctx.mode == "failed"
 
-    def _handle_exception(self, error: Exception) -> None:
+    def trace_failed(self, error: TraceError) -> None:
         """A trace damaged past its opening (a step or a table read later) ends in the error screen's one
-        line, like one that fails to open; anything else is a bug and goes to Textual's report."""
+        line, like one that fails to open (shown once)."""
+        if self.main is not None and self.main.ctx.mode != "failed":
+            self.main.set_ctx(mode="failed")
+            self.push_screen(ErrorScreen("Cannot read the trace", str(error), fatal=True))
+
+    def _handle_exception(self, error: Exception) -> None:
+        """A worker that met a damaged trace ends in the error screen (``trace_failed``); anything else is a
+        bug and goes to Textual's report. Code on the UI thread catches its own ``TraceError`` (``reads_trace``,
+        ``run_action``): one escaping a message handler would end that widget's message loop for good."""
         cause = getattr(error, "error", error)  # a worker's failure wraps the exception it raised
         if isinstance(cause, TraceError) and self.main is not None:
-            if self.main.ctx.mode != "failed":
-                self.main.set_ctx(mode="failed")
-                self.push_screen(ErrorScreen("Cannot read the trace", str(cause), fatal=True))
+            self.trace_failed(cause)
             return
         super()._handle_exception(error)
+
+    async def run_action(self, action: Any, default_namespace: Any = None, namespaces: Any = None) -> bool:
+        """Key bindings run their actions in the app's message loop: a damaged step met by one (a cursor move,
+        ``l``, ``+``) ends in the error screen, and the keys (``q`` on that screen) keep working."""
+        try:
+            return await super().run_action(action, default_namespace, namespaces)
+        except TraceError as e:
+            self.trace_failed(e)
+            return True
 
     def action_no_compare(self) -> None:
         if self.main is not None:
@@ -85,6 +100,20 @@ class DebuggerApp(App[None]):
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        for cmd in self._debugger_commands():  # the palette runs them in the app's message loop, as keys
+            yield cmd._replace(callback=self._reading(cmd.callback))
+
+    def _reading(self, callback: Callable[[], Any]) -> Callable[[], Any]:
+        """``callback``, with a damaged step it meets ending in the error screen (as ``run_action`` for keys)."""
+        def run() -> Any:
+            try:
+                return callback()
+            except TraceError as e:
+                self.trace_failed(e)
+                return None
+        return run
+
+    def _debugger_commands(self) -> Iterable[SystemCommand]:
         main = self.main
         if main is None:
             return

@@ -12,6 +12,8 @@ from textual.message import Message
 
 from minillama.debug.navigation import Pos
 
+from .screens.error import reads_trace
+
 
 class Loaded(Message):
     def __init__(self, ctx: dict[str, Any], run: Any = None) -> None:
@@ -73,6 +75,9 @@ class Opening:
                     from minillama.debug.compare import Comparison
 
                     compare = Comparison(tl, sources.Locked(sources.open_trace(src["compare"])))
+                for t in (tl, compare.b) if compare is not None else (tl,):
+                    if t.num_steps():  # the step the cursor opens on, parsed here: a damaged one refuses the
+                        t.event(0)  # trace now, in words, instead of on the UI thread (the reader caches it)
                 ctx = dict(timeline=tl, keys=KeyBook(tl), budget=BudgetMapper(tl), compare=compare,
                            tokens=TokenText(manifest=tl.reader.manifest),
                            book=RequestBook(tl, tl.reader.manifest.get("requests")))
@@ -91,6 +96,7 @@ class Opening:
         self.post_message(Loaded(dict(timeline=tl, keys=KeyBook(tl), budget=BudgetMapper(tl),
                                       tokens=TokenText(tokenizer=llm.tokenizer), book=tl.book), run))
 
+    @reads_trace
     def on_loaded(self, msg: Loaded) -> None:
         from .cursor import Driver
 

@@ -24,6 +24,7 @@ from .cursor import Driver, Move
 from .footer import DebugFooter
 from .live import LiveControl
 from .opening import Opening
+from .screens.error import reads_trace
 from .selection import Selection
 from .widgets.attention import AttentionView
 from .widgets.base import Context, Jump, View
@@ -213,6 +214,7 @@ class DebugScreen(Opening, LiveControl, Breaks, Selection, Screen):
         else:
             self.goto(move)
 
+    @reads_trace
     def on_jump(self, msg: Jump) -> None:
         msg.stop()
         if self.driver is None:

@@ -20,6 +20,8 @@ from textual.widgets import Static
 
 from minillama.debug.navigation import BEGIN, Pos
 
+from ..screens.error import reads_trace
+
 
 @dataclass
 class Context:
@@ -119,6 +121,7 @@ class View(VerticalScroll):
         return self.display and self.is_mounted and all(n.display for n in self.ancestors_with_self
                                                         if hasattr(n, "display"))
 
+    @reads_trace
     def redraw(self) -> None:
         """Render now (nothing while hidden: a view redraws when shown)."""
         self._scheduled = False
