@@ -170,6 +170,35 @@ def test_overlapped_steps_match_synchronous(backend, chat_prompts):
     assert {r for _, r in b} == {"stop", "length"}, "the prompts were meant to end both ways"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_recapturing_graphs_leaves_the_kv_cache_alone(backend, chat_prompts):
+    """A new set of decode graphs (a debugger attaching: a new hooks generation) runs a warm-up forward
+    for real on the static buffers. After decode steps those hold the last step's slots, which the
+    warm-up must not write: the prefix-cached blocks stay bit for bit (before the fix it wrote K/V of
+    token 0 into them, and a later prefix hit in batch-invariant mode came out different)."""
+    from minillama import hooks
+
+    llm = engine(backend, False)
+    greedy(llm, chat_prompts[:3], 8)  # decode steps through the graphs; the blocks stay as prefix-cache entries
+    assert llm.runner.graphs.num_replays > 0
+    before = llm.runner.kv_cache[:, :, :-1].clone()  # every block but the spare (padding rows write there)
+
+    class DeviceListener:  # enqueues nothing: only makes the graphs be captured again
+        hook_mode = "device"
+
+        def __call__(self, site, tensor, info) -> None:
+            pass
+
+    listener = DeviceListener()
+    hooks.attach(listener)
+    try:
+        llm.runner.graphs.capture()
+        torch.cuda.synchronize()
+    finally:
+        hooks.detach(listener)
+    assert torch.equal(llm.runner.kv_cache[:, :, :-1], before)
+
+
 def test_fused_gpu_ops_keep_the_logits(monkeypatch, chat_prompts):
     """The Triton elementwise kernels move the bf16 logits no further from float32 than the plain
     PyTorch layers do (their roundings differ in the last bit here and there, so the two bf16

@@ -72,6 +72,13 @@ class DecodeGraphs:
         if not self.sets:  # the pool died with its last graphs; capturing into it again trips the allocator
             self.pool = None
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # The warm-up forward below really runs, on the static buffers: after a replay they hold that
+        # step's slots, so it would write K/V over live and prefix-cached blocks. Padding rows only.
+        self.slot_mapping.fill_(-1)
+        self.context_lens.zero_()
+        self.block_tables.zero_()
+        self.input_ids.zero_()
+        self.positions.zero_()
         hooks.capturing = True
         try:
             for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
