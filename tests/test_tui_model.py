@@ -81,6 +81,19 @@ def test_vectorised_ratios_equal_layer_metrics():
             assert diff[layer] == pytest.approx(m["max_abs"])
 
 
+def test_over_budget_is_judge_for_many_layers():
+    """The array form of the rule says over exactly where ``judge`` names a reason, NaN and gaps included."""
+    from minillama.trace.tables import RULE_KEYS, over_budget
+
+    rng = np.random.default_rng(1)
+    for keys in (RULE_KEYS, RULE_KEYS[:1], RULE_KEYS[:2]):
+        ratios = {k: rng.choice([0.1, 1.99, 2.0, 2.01, 50.0, np.nan], size=40) for k in keys}
+        over = over_budget(ratios)
+        for c in range(40):
+            assert over[c] == (judge({k: float(v[c]) for k, v in ratios.items()}) is not None), (keys, c)
+    assert over_budget({}) is None
+
+
 def test_budget_map_matches_judge_and_is_fast(planted):
     tl = open_trace(planted)
     m = BudgetMapper(tl).build()
@@ -91,6 +104,7 @@ def test_budget_map_matches_judge_and_is_fast(planted):
     assert m.over[:, LAYER].all() and not m.over[:, LAYER + 1].any()
     assert m.first_over() == (0, LAYER, judge(tl.shadow(0)[str(LAYER)]))
     assert m.first_over((0, LAYER))[:2] == (1, LAYER)
+    assert m.steps == [tl.event(i)["step"] for i in m.index]  # the engine's step numbers, read with the rows
     slow = BudgetMapper(tl)
     slow._fast = None
     assert np.allclose(slow.build().ratio, m.ratio, equal_nan=True)

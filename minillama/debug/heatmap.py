@@ -24,20 +24,36 @@ import numpy as np
 from minillama.trace.batch import T_SEQS
 from minillama.trace.format import DATA, EVENTS, SHADOW_FIELDS, T_SHADOW
 from minillama.trace.safetensors_blob import Blob
-from minillama.trace.tables import BUDGET_RATIO, budget_floor, judge
+from minillama.trace.tables import BUDGET_RATIO, RULE_KEYS, budget_floor, judge, over_budget
 
 _F = {name: i for i, name in enumerate(SHADOW_FIELDS)}
-RATIO_KEYS = ("budget_ratio", "budget_ratio_rms", "budget_ratio_shadow", "budget_ratio_rms_shadow")
 _NUM_NEW = 4  # batch.SEQ_COLUMNS.index("num_new")
 
 
 @dataclass
-class Cell:
-    """One (step, layer): the worst budget ratio, ``judge``'s verdict (None: within) and max |a - s|."""
+class _Row:
+    """One step's cells, by layer: worst budget ratio, over the rule, max |a - s| (NaN: none), why."""
 
-    ratio: float
-    why: str | None
-    diff: float | None
+    ratio: np.ndarray
+    over: np.ndarray
+    diff: np.ndarray
+    why: dict[int, str]
+
+
+def _row(ratios: dict[str, np.ndarray], diff: np.ndarray | None, layers: int) -> _Row:
+    """A step's row from its layers' ratios (arrays by ``RULE_KEYS``), judged by the one rule."""
+    n = min([layers] + [len(v) for v in ratios.values()])
+    row = _Row(np.full(layers, np.nan), np.zeros(layers, bool), np.full(layers, np.nan), {})
+    vals = [np.asarray(ratios[k][:n], np.float64) for k in RULE_KEYS if k in ratios]
+    if not vals or n == 0:
+        return row
+    row.ratio[:n] = np.max(vals, axis=0)  # the worst; NaN wins (a NaN ratio is over)
+    row.over[:n] = over_budget({k: v[:n] for k, v in ratios.items()})
+    if diff is not None:
+        row.diff[:n] = diff[:n]
+    for c in np.flatnonzero(row.over).tolist():  # judge's words for the few cells over
+        row.why[c] = judge({k: float(v[c]) for k, v in ratios.items()}) or "over the budget"
+    return row
 
 
 @dataclass
@@ -51,6 +67,7 @@ class BudgetMap:
     diff: np.ndarray | None = None
     threshold: float = BUDGET_RATIO
     why: dict[tuple[int, int], str] = field(default_factory=dict)
+    steps: list[int] = field(default_factory=list)  # the engine's step number of each row (mid-run recordings)
 
     @property
     def num_over(self) -> int:
@@ -66,13 +83,6 @@ class BudgetMap:
         return None
 
 
-def metrics_from_cell(ratios: dict[str, float], diff: float | None) -> Cell:
-    """A cell from one layer's ratios (a shadow record or the map's vectorised ones), judged by ``judge``."""
-    vals = [x for k in RATIO_KEYS if (x := ratios.get(k)) is not None]
-    worst = max(vals, key=lambda x: math.inf if math.isnan(x) else x) if vals else math.nan
-    return Cell(float(worst), judge(ratios), diff)
-
-
 def layer_ratios(shadow: np.ndarray, num_new: np.ndarray, per_row: int, dtype: str,
                  has_backend: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None] | None:
     """Every layer's budget ratios of one step at once, as ``trace.tables.layer_metrics`` computes them
@@ -80,16 +90,17 @@ def layer_ratios(shadow: np.ndarray, num_new: np.ndarray, per_row: int, dtype: s
     picked = num_new > 0
     if not picked.any():
         return None
-    v = shadow[picked].astype(np.float64)  # (P, L, F)
+    v = (shadow if picked.all() else shadow[picked]).astype(np.float64)  # (P, L, F)
     n = float(num_new[picked].sum()) * per_row
-    unit = budget_floor(dtype) * v[:, :, _F["ref_absmax"]].max(0)
-    budget = np.maximum(np.maximum(v[:, :, _F["budget_max"]].max(0), unit), 1e-30)
-    budget_rms = np.maximum(np.maximum(np.sqrt(v[:, :, _F["budget_sq"]].sum(0) / n), unit / 4), 1e-30)
+    mx, sm = v.max(0), v.sum(0)  # (L, F): every field's largest and sum over the requests, in two passes
+    unit = budget_floor(dtype) * mx[:, _F["ref_absmax"]]
+    budget = np.maximum(np.maximum(mx[:, _F["budget_max"]], unit), 1e-30)
+    budget_rms = np.maximum(np.maximum(np.sqrt(sm[:, _F["budget_sq"]] / n), unit / 4), 1e-30)
     out = {}
     for suffix, who in [("", "err_active")] + ([("_shadow", "err_shadow")] if has_backend else []):
-        out["budget_ratio" + suffix] = v[:, :, _F[who + "_max"]].max(0) / budget
-        out["budget_ratio_rms" + suffix] = np.sqrt(v[:, :, _F[who + "_sq"]].sum(0) / n) / budget_rms
-    return out, (v[:, :, _F["diff_max"]].max(0) if has_backend else None)
+        out["budget_ratio" + suffix] = mx[:, _F[who + "_max"]] / budget
+        out["budget_ratio_rms" + suffix] = np.sqrt(sm[:, _F[who + "_sq"]] / n) / budget_rms
+    return out, (mx[:, _F["diff_max"]] if has_backend else None)
 
 
 class BudgetMapper:
@@ -97,7 +108,8 @@ class BudgetMapper:
 
     def __init__(self, tl: Any) -> None:
         self.tl = tl
-        self._rows: dict[int, list[Cell | None]] = {}
+        self._rows: dict[int, _Row] = {}
+        self._steps: dict[int, int] = {}  # timeline index -> the engine's step number, read with the row
         reader = getattr(tl, "reader", None)
         self._fast = reader if reader is not None and getattr(reader, "version", 1) >= 2 else None
         self._mm: mmap.mmap | None = None
@@ -115,41 +127,46 @@ class BudgetMapper:
             if i not in self._rows:
                 row = self._row_slow(i)
                 ev = tl.event(i) or {}
+                self._steps[i] = _step_number(ev, i)
                 if not ev.get("in_progress"):
                     self._rows[i] = row
                 else:
                     return self._assemble(first, i - 1, layers, extra=(i, row))
         return self._assemble(first, last, layers)
 
-    def _assemble(self, first: int, last: int, layers: int, extra: tuple[int, list] | None = None) -> BudgetMap:
+    def _assemble(self, first: int, last: int, layers: int, extra: tuple[int, _Row] | None = None) -> BudgetMap:
         index = list(range(first, last + 1))
         rows = [self._rows[i] for i in index]
         if extra is not None:
             index.append(extra[0])
             rows.append(extra[1])
-        ratio = np.full((len(rows), layers), np.nan)
-        over = np.zeros((len(rows), layers), bool)
-        diff = np.full((len(rows), layers), np.nan)
-        why: dict[tuple[int, int], str] = {}
-        for r, (i, row) in enumerate(zip(index, rows, strict=True)):
-            for c, cell in enumerate(row[:layers]):
-                if cell is None:
-                    continue
-                ratio[r, c] = cell.ratio
-                if cell.diff is not None:
-                    diff[r, c] = cell.diff
-                if cell.why is not None:
-                    over[r, c] = True
-                    why[(i, c)] = cell.why
+        if not rows:
+            empty = np.zeros((0, layers))
+            return BudgetMap(layers, [], empty, empty.astype(bool), None, BUDGET_RATIO, {}, [])
+        ratio = np.stack([r.ratio for r in rows])
+        over = np.stack([r.over for r in rows])
+        diff = np.stack([r.diff for r in rows])
+        why = {(i, c): w for i, r in zip(index, rows, strict=True) for c, w in r.why.items()}
         has_diff = bool(np.isfinite(diff).any())
-        return BudgetMap(layers, index, ratio, over, diff if has_diff else None, BUDGET_RATIO, why)
+        steps = [self._steps.get(i, i) for i in index]
+        return BudgetMap(layers, index, ratio, over, diff if has_diff else None, BUDGET_RATIO, why, steps)
 
-    def _row_slow(self, i: int) -> list[Cell | None]:
-        row: list[Cell | None] = [None] * int(self.tl.num_layers)
+    def _row_slow(self, i: int) -> _Row:
+        """A step's row from its shadow records, one layer at a time (live, format 1)."""
+        layers = int(self.tl.num_layers)
+        row = _Row(np.full(layers, np.nan), np.zeros(layers, bool), np.full(layers, np.nan), {})
         for key, m in (self.tl.shadow(i) or {}).items():
             layer = int(key)
-            if 0 <= layer < len(row) and isinstance(m, dict):
-                row[layer] = metrics_from_cell(m, m.get("max_abs"))
+            if not (0 <= layer < layers and isinstance(m, dict)):
+                continue
+            vals = [float(x) for k in RULE_KEYS if (x := m.get(k)) is not None]
+            if vals:
+                row.ratio[layer] = max(vals, key=lambda x: math.inf if math.isnan(x) else x)  # NaN wins
+            if m.get("max_abs") is not None:
+                row.diff[layer] = m["max_abs"]
+            why = judge(m)
+            if why is not None:
+                row.over[layer], row.why[layer] = True, why
         return row
 
     def _read_fast(self, todo: list[int]) -> None:
@@ -172,9 +189,10 @@ class BudgetMapper:
         with open(os.path.join(reader.path, EVENTS), "rb") as f:
             for i in todo:
                 f.seek(offsets[i])
-                span = json.loads(f.readline()).get("data")
-                row: list[Cell | None] = [None] * layers
-                self._rows[i] = row
+                line = json.loads(f.readline())
+                span = line.get("data")
+                self._rows[i] = _Row(np.full(layers, np.nan), np.zeros(layers, bool), np.full(layers, np.nan), {})
+                self._steps[i] = _step_number(line, i)
                 if not (isinstance(span, list) and len(span) == 2):
                     continue
                 blob = Blob(self._mm, span[0], span[1], f"step {i} of {reader.path}")
@@ -182,9 +200,13 @@ class BudgetMapper:
                 if shadow is None or seqs is None or not shadow.numel():
                     continue
                 got = layer_ratios(shadow.numpy(), seqs.numpy()[:, _NUM_NEW], per_row, dtype, backend)
-                if got is None:
-                    continue
-                ratios, diff = got
-                for c in range(min(layers, shadow.shape[1])):
-                    row[c] = metrics_from_cell({k: float(v[c]) for k, v in ratios.items()},
-                                               None if diff is None else float(diff[c]))
+                if got is not None:
+                    self._rows[i] = _row(got[0], got[1], layers)
+
+
+def _step_number(event: dict[str, Any], index: int) -> int:
+    """The engine's step number an event names (its timeline index where it names none or garbage)."""
+    try:
+        return int(event.get("step", index))
+    except (TypeError, ValueError):
+        return index

@@ -79,5 +79,6 @@ class Blob:
         dtype, shape, begin, end = e
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        raw = bytearray(self._mm[self._base + begin: self._base + end])
+        with memoryview(self._mm) as mv:  # one copy, straight from the map (a slice of mm would be two)
+            raw = bytearray(mv[self._base + begin: self._base + end])
         return torch.frombuffer(raw, dtype=dtype).reshape(shape)

@@ -125,18 +125,35 @@ def _root(x: float) -> float:
     return math.sqrt(x) if x >= 0 else math.nan
 
 
+#: The ratios the rule reads, in the order ``judge`` names them: either backend's, by max-abs and by RMS.
+RULE_KEYS = ("budget_ratio", "budget_ratio_rms", "budget_ratio_shadow", "budget_ratio_rms_shadow")
+
+
 def judge(metrics: dict[str, Any], ratio: float = BUDGET_RATIO) -> str | None:
     """Why a layer's shadow record is over the budget (None: within it). The one rule.
 
     Over: either backend's error, by max-abs or by RMS, is more than ``ratio`` times plain attention's
     at the same precision (the budget is floored at rounding units of the output: one for half
-    precision, eight for float32, so two correct kernels are never over on rounding alone). Records of format 1 carry only ``budget_ratio``.
+    precision, eight for float32, so two correct kernels are never over on rounding alone). Records of
+    format 1 carry only ``budget_ratio``. A ratio that is NaN is over.
     """
-    for who, suffix in (("active", ""), ("shadow", "_shadow")):
-        for kind in ("", "_rms"):
-            x = metrics.get(f"budget_ratio{kind}{suffix}")
-            if x is not None and not x <= ratio:
-                what = "RMS" if kind else "max-abs"
-                return f"{who} backend's {what} error is {x:.2f}x the plain-attention budget (over {ratio:g}x)"
+    for key in RULE_KEYS:
+        x = metrics.get(key)
+        if x is not None and not x <= ratio:
+            who = "shadow" if key.endswith("_shadow") else "active"
+            what = "RMS" if "_rms" in key else "max-abs"
+            return f"{who} backend's {what} error is {x:.2f}x the plain-attention budget (over {ratio:g}x)"
     return None
+
+
+def over_budget(ratios: dict[str, np.ndarray], ratio: float = BUDGET_RATIO) -> np.ndarray | None:
+    """``judge`` for many layers at once (arrays of equal shape by key): True where it would say over
+    (None when no ratio is given)."""
+    over = None
+    for key in RULE_KEYS:
+        x = ratios.get(key)
+        if x is not None:
+            o = ~(np.asarray(x) <= ratio)
+            over = o if over is None else over | o
+    return over
 

@@ -149,7 +149,7 @@ class HeatmapView(View):
         else:
             values, what = m.ratio, "error-budget ratio"
         kind = "ratio" if values is m.ratio else "diff"
-        labels = self._step_labels(m.index)
+        labels = m.steps
         grid.show(m.index, values, m.over, kind, m.threshold if kind == "ratio" else DIFF_THRESHOLD, labels)
         if self.pos is not None and self.pos != getattr(self, "_synced", None) and self.pos.step in m.index:
             self._synced = self.pos  # the cell cursor follows the debugger's cursor (not the other way round)
@@ -193,20 +193,6 @@ class HeatmapView(View):
         axis.append(" ← layer", style="dim")
         axis.truncate(max(self.size.width - 2, 10))
         return Text("\n").join([head, legend, here, axis])
-
-    def _step_labels(self, index: list[int]) -> list[int]:
-        """The engine's step number of each row (a recording started mid-run begins after step 0); each row
-        is looked up once per timeline, finished steps never change."""
-        tl = self.ctx.timeline
-        if getattr(self, "_labels_of", None) is not tl:
-            self._labels_of, self._labels = tl, {}
-        for i in index:
-            if i not in self._labels:
-                try:
-                    self._labels[i] = int((tl.event(i) or {}).get("step", i))
-                except (TypeError, ValueError):
-                    self._labels[i] = i
-        return [self._labels[i] for i in index]
 
     def on_heat_grid_moved(self, _msg: Any) -> None:
         self.schedule()
