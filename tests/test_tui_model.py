@@ -123,6 +123,31 @@ def test_request_book_checkpoints_equal_a_fresh_fold(planted):
     assert all(r["prompt"] for r in book.after(0).values())  # D2: prompts known at step 0
 
 
+def test_request_book_folds_of_two_threads_do_not_mix(planted):
+    """A background fold (the TUI warms the book on a worker) and the UI thread's each continue their own last
+    fold; interleaved, both still equal a fresh fold at every step."""
+    import threading
+
+    tl = open_trace(planted)
+    manifest = tl.reader.manifest.get("requests")
+    book = RequestBook(tl, manifest)
+    n = tl.num_steps()
+
+    def fresh(i):
+        fold = RequestFold(manifest)
+        for k in range(i + 1):
+            fold.add(tl.event(k), k)
+        return fold.snapshot()
+
+    seen: dict[int, dict] = {}
+    for i in range(n):  # the worker walks forward while the UI thread jumps back to the start each time
+        t = threading.Thread(target=lambda i=i: seen.__setitem__(i, book.after(i)))
+        t.start()
+        t.join()
+        assert book.after(-1) == fresh(-1) and book.after(0) == fresh(0)
+        assert seen[i] == fresh(i), i
+
+
 def test_trace_keys_equal_the_recorded_ones_and_reproduce_the_output(planted):
     """Keys rebuilt through the slot mappings are the recorded k rows; their weights give the reference output."""
     tl = open_trace(planted)

@@ -23,7 +23,8 @@ class RequestBook:
         self.tl = tl
         self._manifest = manifest_requests
         self._checkpoints: dict[int, RequestFold] = {-1: RequestFold(manifest_requests)}
-        self._last: tuple[int, RequestFold] | None = None
+        # the last fold of each thread: a background fold and the UI thread's do not undo each other's work
+        self._last: dict[int, tuple[int, RequestFold]] = {}
         self._lock = threading.Lock()
         #: seq id -> what is known of a request failed by an engine error: ``reason``, ``at`` (the first step
         #: index after it), ``prompt_token_ids`` and ``prompt`` (it may never have finished a step)
@@ -45,7 +46,10 @@ class RequestBook:
                 if (k + 1) % EVERY == 0 and k not in self._checkpoints:
                     self._checkpoints[k] = copy.deepcopy(fold)
                 at = k
-            self._last = (at, fold)
+            self._last.pop(threading.get_ident(), None)
+            self._last[threading.get_ident()] = (at, fold)
+            while len(self._last) > 4:  # threads come and go (workers): keep the recent ones' folds
+                self._last.pop(next(iter(self._last)))
             out = fold.snapshot()
         for sid, f in self.failed.items():
             if i < f["at"]:
@@ -82,6 +86,7 @@ class RequestBook:
     def _start(self, i: int) -> tuple[RequestFold, int]:
         """A fold to continue from: the last one if it is not past ``i``, else the nearest checkpoint."""
         at = max(k for k in self._checkpoints if k <= i)
-        if self._last is not None and at <= self._last[0] <= i:
-            return self._last[1], self._last[0]
+        last = self._last.get(threading.get_ident())
+        if last is not None and at <= last[0] <= i:
+            return last[1], last[0]
         return copy.deepcopy(self._checkpoints[at]), at
