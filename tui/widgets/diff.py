@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
 from minillama.debug.navigation import Pos
-from minillama.trace.tables import BUDGET_RATIO, judge
+from minillama.trace.tables import BUDGET_RATIO, floor_units, judge
 
 from ..format import bars, num, plural
 from .base import Jump, View
@@ -83,8 +83,10 @@ class DiffView(View):
             head.append("the only layer is within the error budget" if total == 1 else
                         f"all {total} layers within the error budget", style="bold #5fd75f")
         backend = recs[layers[0]].get("backend", "?")
+        dtype = str(getattr(self.tl, "dtype", "float32"))
         sub = Text(f"step {(self.tl.event(i) or {}).get('step', i)} · active vs {backend} · over = error > "
-                   f"{BUDGET_RATIO:g}x plain attention's (max-abs or RMS, floored at one rounding unit)", style="dim")
+                   f"{BUDGET_RATIO:g}x plain attention's (max-abs or RMS; the budget floored at {plural(floor_units(dtype), 'rounding unit')} "
+                   f"of the {dtype} output)", style="dim")
         by_layer = [max((x for x in (recs[k].get("budget_ratio"), recs[k].get("budget_ratio_shadow"))
                          if x is not None), default=None) if k in recs else None for k in map(str, range(total))]
         spark = Text("ratio by layer, log 0.1…100, red over 2: ".rjust(42))
