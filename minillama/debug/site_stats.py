@@ -103,7 +103,8 @@ class SiteStats:
 
     def graphs_captured(self) -> None:
         """Fill the address tables of the graphs just captured (``hooks.graphs_captured``)."""
-        for start, data in self._to_fill:  # views made here: ones made under the capture's inference mode
-            self._arena[start: start + len(data)].copy_(torch.tensor(data, dtype=torch.int64))  # are read-only
+        # the views are made here, not kept from the capture: views made under inference mode are read-only
+        for start, data in self._to_fill:
+            self._arena[start: start + len(data)].copy_(torch.tensor(data, dtype=torch.int64))
         self._to_fill = []
         self._used = 0  # a later capture first drops these graphs, so it may take the arena again
