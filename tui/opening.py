@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from typing import Any
 
 from rich.markup import escape
@@ -16,7 +17,9 @@ from minillama.debug.navigation import Pos
 from .screens.error import reads_trace
 
 #: Steps the background fold takes per hold of the book's lock (the UI thread waits at most that long).
-WARM_CHUNK = 4
+WARM_CHUNK = 1
+#: Seconds the background fold rests after each hold (it shares the GIL with the UI thread).
+WARM_PAUSE = 0.002
 
 
 class Loaded(Message):
@@ -141,6 +144,7 @@ class Opening:
         for k in [*range(min(WARM_CHUNK, last + 1) - 1, last, WARM_CHUNK), last]:
             book.after(k)
             gc.freeze()
+            time.sleep(WARM_PAUSE)  # a window with the GIL free, so the UI thread need not wait for a switch
 
     @work(thread=True, group="tokens")
     def _load_tokens(self) -> None:
