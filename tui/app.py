@@ -20,7 +20,7 @@ from minillama.debug.sources import LiveOptions
 from minillama.trace import TraceError
 
 from .screen import DebugScreen
-from .screens.error import ErrorScreen
+from .screens.error import ErrorScreen, trace_errors
 
 
 class DebuggerApp(App[None]):
@@ -69,11 +69,9 @@ class DebuggerApp(App[None]):
     async def run_action(self, action: Any, default_namespace: Any = None, namespaces: Any = None) -> bool:
         """Key bindings run their actions in the app's message loop: a damaged step met by one (a cursor move,
         ``l``, ``+``) ends in the error screen, and the keys (``q`` on that screen) keep working."""
-        try:
+        with trace_errors(self):
             return await super().run_action(action, default_namespace, namespaces)
-        except TraceError as e:
-            self.trace_failed(e)
-            return True
+        return True
 
     def action_no_compare(self) -> None:
         if self.main is not None:
@@ -106,11 +104,9 @@ class DebuggerApp(App[None]):
     def _reading(self, callback: Callable[[], Any]) -> Callable[[], Any]:
         """``callback``, with a damaged step it meets ending in the error screen (as ``run_action`` for keys)."""
         def run() -> Any:
-            try:
+            with trace_errors(self):
                 return callback()
-            except TraceError as e:
-                self.trace_failed(e)
-                return None
+            return None
         return run
 
     def _debugger_commands(self) -> Iterable[SystemCommand]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from textual.app import ComposeResult
@@ -17,19 +18,26 @@ from minillama.trace.format import TraceError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@contextlib.contextmanager
+def trace_errors(app: Any) -> Iterator[None]:
+    """Code run on the UI thread that reads the trace: a damaged step it meets ends in the error screen
+    (``DebuggerApp.trace_failed``). A ``TraceError`` must not escape into Textual: after a handler raises,
+    the widget's message loop stops for good, so it never handles another message (nor the callbacks a
+    test pilot waits on); after a key's action raises, the app's own loop stops."""
+    try:
+        yield
+    except TraceError as e:
+        app.trace_failed(e)
+
+
 def reads_trace(handler: F) -> F:
-    """A message handler (or callback) of a widget that reads the trace on the UI thread: a damaged step it
-    meets ends in the error screen (``DebuggerApp.trace_failed``). A ``TraceError`` must not escape into
-    Textual: after a handler raises, the widget's message loop stops for good, so it never handles another
-    message (nor the callbacks a test pilot waits on)."""
+    """A widget's message handler (or callback) run under ``trace_errors``."""
 
     @functools.wraps(handler)
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with trace_errors(self.app):
             return handler(self, *args, **kwargs)
-        except TraceError as e:
-            self.app.trace_failed(e)
-            return None
+        return None
 
     return run  # type: ignore[return-value]
 
