@@ -39,11 +39,16 @@ class _Row:
     diff: np.ndarray
     why: dict[int, str]
 
+    @classmethod
+    def empty(cls, layers: int) -> _Row:
+        """A row with no cell (a step without shadow records)."""
+        return cls(np.full(layers, np.nan), np.zeros(layers, bool), np.full(layers, np.nan), {})
+
 
 def _row(ratios: dict[str, np.ndarray], diff: np.ndarray | None, layers: int) -> _Row:
     """A step's row from its layers' ratios (arrays by ``RULE_KEYS``), judged by the one rule."""
     n = min([layers] + [len(v) for v in ratios.values()])
-    row = _Row(np.full(layers, np.nan), np.zeros(layers, bool), np.full(layers, np.nan), {})
+    row = _Row.empty(layers)
     vals = [np.asarray(ratios[k][:n], np.float64) for k in RULE_KEYS if k in ratios]
     if not vals or n == 0:
         return row
@@ -154,7 +159,7 @@ class BudgetMapper:
     def _row_slow(self, i: int) -> _Row:
         """A step's row from its shadow records, one layer at a time (live, format 1)."""
         layers = int(self.tl.num_layers)
-        row = _Row(np.full(layers, np.nan), np.zeros(layers, bool), np.full(layers, np.nan), {})
+        row = _Row.empty(layers)
         for key, m in (self.tl.shadow(i) or {}).items():
             layer = int(key)
             if not (0 <= layer < layers and isinstance(m, dict)):
@@ -191,7 +196,7 @@ class BudgetMapper:
                 f.seek(offsets[i])
                 line = json.loads(f.readline())
                 span = line.get("data")
-                self._rows[i] = _Row(np.full(layers, np.nan), np.zeros(layers, bool), np.full(layers, np.nan), {})
+                self._rows[i] = _Row.empty(layers)
                 self._steps[i] = _step_number(line, i)
                 if not (isinstance(span, list) and len(span) == 2):
                     continue
