@@ -5,18 +5,15 @@ decode. This times one decode call of Llama-3.2-1B's attention (32/8 heads, head
 256-token pages, a shuffled block table) at the nano-vllm workload's batch (256 sequences, contexts
 uniform in [100, 1124]) for each variant, with CUDA events, median of --repeat:
 
-  pages    today's CUDA path (``page_walk``): one ``index_select`` of whole pages per page column,
-           queries laid out block-diagonally; also with the block table padded to a CUDA graph's
-           width (``--graph-width``, max_model_len / page), whose extra columns are all masked
-  gather   the per-token key tiles of ``flash_loop`` (the path before): ``words`` (advanced
-           indexing of 8-byte words, giving bmm's layout) or ``head-rows`` (one index_select of
-           whole 128-byte head rows, the CPU path)
-  tile     their key-tile budget in MiB (``flash_loop.KV_TILE_BYTES``)
+  gather   how keys reach bmm: ``words`` (today's CUDA path: advanced indexing of 8-byte words,
+           giving bmm's layout) or ``head-rows`` (one index_select of whole 128-byte head rows,
+           today's CPU path)
+  tile     the key-tile budget in MiB (``flash_loop.KV_TILE_BYTES``): 64 today; larger budgets
+           mean fewer, larger steps of the online softmax (and more memory)
 
-plus the copy that bounds them all: ``index_select`` of every sequence's pages, K and V,
 and checks every variant's output against flash-attn (or the first variant) within bf16 rounding.
 
-    python benchmarks/attn_gpu_variants.py [--batch 256] [--repeat 20] [--tiles 64,1024] [--graph-width 8]
+    python benchmarks/attn_gpu_variants.py [--batch 256] [--repeat 20] [--tiles 16,64,256,1024]
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minillama.attention import available_backends, flash_loop, get_backend, page_walk  # noqa: E402
+from minillama.attention import available_backends, flash_loop, get_backend  # noqa: E402
 from minillama.attention.paged_gather import reuse_key_indices  # noqa: E402
 
 H, HK, D, PAGE = 32, 8, 64, 256
@@ -76,8 +73,7 @@ def main() -> None:
     ap.add_argument("--lo", type=int, default=100)
     ap.add_argument("--hi", type=int, default=1124)
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--tiles", default="64,1024", help="key-tile budgets in MiB of the per-token gathers")
-    ap.add_argument("--graph-width", type=int, default=8, help="block-table width of a CUDA graph (0: skip)")
+    ap.add_argument("--tiles", default="16,64,256,1024", help="key-tile budgets in MiB")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
@@ -91,40 +87,25 @@ def main() -> None:
         ref = call()
         rows.append(("flash-attn", "-", time_call(call, a.repeat, a.device), 0.0))
     torch_kv = get_backend("torch").with_kvcache
-
-    def timed(name: str, tile: str, tab: torch.Tensor) -> None:
-        def call():
-            with reuse_key_indices():  # as in the engine: the indices are the forward pass's
-                return torch_kv(q, k, v, cache_seqlens=lens, block_table=tab, softmax_scale=scale, causal=True)
-
-        nonlocal ref
-        out = call()
-        if ref is None:
-            ref = out
-        err = (out.float() - ref.float()).abs().max().item()
-        rows.append((name, tile, time_call(call, a.repeat, a.device), err))
-
-    saved = dict(flash_loop.KV_TILE_BYTES), dict(flash_loop.HEAD_ROWS), dict(page_walk.PAGE_WALK)
+    saved = dict(flash_loop.KV_TILE_BYTES), dict(flash_loop.HEAD_ROWS)
     try:
-        page_walk.PAGE_WALK[a.device] = True
-        timed("torch, pages", "-", table)
-        if a.graph_width > table.shape[1]:
-            wide = torch.zeros(table.shape[0], a.graph_width, dtype=table.dtype, device=table.device)
-            wide[:, :table.shape[1]] = table
-            timed(f"torch, pages, w{a.graph_width}", "-", wide)
-        flat = table.long().flatten()
-        rows.append(("copy K+V pages", "-", time_call(lambda: (k.index_select(0, flat), v.index_select(0, flat)),
-                                                      a.repeat, a.device), 0.0))
-        page_walk.PAGE_WALK[a.device] = False
         for gather, tile in itertools.product(("words", "head-rows"), [int(t) for t in a.tiles.split(",")]):
             flash_loop.HEAD_ROWS[a.device] = gather == "head-rows"
             flash_loop.KV_TILE_BYTES[a.device] = tile << 20
             flash_loop.plan.cache_clear()
-            timed(f"torch, {gather}", f"{tile}", table)
+
+            def call():
+                with reuse_key_indices():  # as in the engine: the indices are the forward pass's
+                    return torch_kv(q, k, v, cache_seqlens=lens, block_table=table, softmax_scale=scale, causal=True)
+
+            out = call()
+            if ref is None:
+                ref = out
+            err = (out.float() - ref.float()).abs().max().item()
+            rows.append((f"torch, {gather}", f"{tile}", time_call(call, a.repeat, a.device), err))
     finally:
         flash_loop.KV_TILE_BYTES.update(saved[0])
         flash_loop.HEAD_ROWS.update(saved[1])
-        page_walk.PAGE_WALK.update(saved[2])
         flash_loop.plan.cache_clear()
     base = rows[0][2]
     print(f"decode, {a.batch} sequences, contexts {a.lo}..{a.hi}, {H}/{HK} heads, head_dim {D}, pages {PAGE}, "

@@ -8,9 +8,8 @@ Each call runs once to warm up (Triton compiles, cuBLAS workspaces), then once m
 
 The torch backend's bound is 2x the output plus one tile (a key tile, the float32 scores and
 bfloat16 probabilities of a query tile against it, the accumulators: ``flash_loop.tile_bytes``
-for the call's plan; a decode on CUDA walks whole pages: ``page_walk.tile_bytes``) plus the
-call's key index (each sequence's length and block-table row as int64, kept for the whole
-forward pass); flash-attn's and triton's numbers are printed beside it.
+for the call's plan) plus the call's key index (each sequence's length and block-table row as
+int64, kept for the whole forward pass); flash-attn's and triton's numbers are printed beside it.
 
     python benchmarks/mem_attention.py [--backends torch,triton,flash-attn] [--cases decode]
 """
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minillama.attention import available_backends, flash_loop, get_backend, page_walk  # noqa: E402
+from minillama.attention import available_backends, flash_loop, get_backend  # noqa: E402
 
 H, HK, D, PAGE = 32, 8, 64, 256
 DTYPE = torch.bfloat16
@@ -83,8 +82,6 @@ def tile(case: Case) -> int:
     n_keys = case.new + case.cached
     if case.kind == "decode":
         n_keys = -(-n_keys // PAGE) * PAGE  # a decode visits the block table at its full width
-        if page_walk.PAGE_WALK["cuda"]:
-            return page_walk.tile_bytes(case.batch, n_keys // PAGE, PAGE, H, HK, D, DTYPE.itemsize)
     page = PAGE if case.paged else 1
     p = flash_loop.plan(case.batch, case.new, n_keys, H, HK, D, DTYPE.itemsize, page, "cuda")
     return flash_loop.tile_bytes(p, case.batch, H, HK, D, DTYPE.itemsize)

@@ -507,42 +507,6 @@ def test_decode_over_many_key_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.testing.assert_close(lse[b].double(), ref_lse, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp64"])
-@pytest.mark.parametrize("gqa", GQA + [(1, 4), (3, 3)], ids=lambda g: f"hk{g[0]}x{g[1]}")
-@pytest.mark.parametrize("block_size", [16, 256])
-def test_page_walk_decode(monkeypatch: pytest.MonkeyPatch, block_size: int, gqa: tuple[int, int],
-                          precision: str) -> None:
-    """The CUDA decode path (whole pages, block-diagonal queries), forced on CPU: ragged lengths, an
-    empty sequence, padding entries past a sequence's blocks, appends; float64 reference."""
-    from minillama.attention import page_walk
-
-    walked = []
-    real = page_walk.decode_pages
-    monkeypatch.setitem(page_walk.PAGE_WALK, "cpu", True)
-    monkeypatch.setattr(torch_ref, "decode_pages", lambda *a: walked.append(1) or real(*a))
-    dtype = torch.float32 if precision == "fp32" else torch.float64
-    Hk, group = gqa
-    H, D = Hk * group, 32
-    gen = torch.Generator().manual_seed(block_size + 10 * Hk + group)
-    cached = [0, 1, block_size - 1, block_size, 3 * block_size + 5, 40]
-    ks = [randn(gen, c + 1, Hk, D, dtype=dtype) for c in cached]
-    vs = [randn(gen, c + 1, Hk, D, dtype=dtype) for c in cached]
-    k_cache, v_cache, table = build_paged(gen, [x[:c] for x, c in zip(ks, cached, strict=True)],
-                                          [x[:c] for x, c in zip(vs, cached, strict=True)], block_size, 10**6,
-                                          capacity=[c + 1 for c in cached])
-    q = randn(gen, len(cached), 1, H, D, dtype=dtype)
-    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, torch.stack([x[c:] for x, c in zip(ks, cached, strict=True)]),
-                                       torch.stack([x[c:] for x, c in zip(vs, cached, strict=True)]),
-                                       cache_seqlens=torch.tensor(cached, dtype=torch.int32), block_table=table,
-                                       causal=True, return_softmax_lse=True)
-    assert walked and out.dtype == dtype and lse.shape == (len(cached), H, 1)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    for b in range(len(cached)):
-        ref_out, ref_lse = ref_attention(q[b], ks[b], vs[b], True)
-        torch.testing.assert_close(out[b].double(), ref_out, atol=tol, rtol=tol)
-        torch.testing.assert_close(lse[b].double(), ref_lse, atol=1e-4, rtol=1e-5)
-
-
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_plan_tiles(device: str) -> None:
     """Key tiles are whole pages within the budget (one page at least), query tiles keep the

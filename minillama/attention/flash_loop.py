@@ -97,16 +97,8 @@ def bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 def scale_and_mask(s: torch.Tensor, bias: torch.Tensor, scale: float) -> None:
-    """``s = s * scale + bias`` in place (one pass; bias is 0 or -inf, so -inf stays -inf).
-
-    A bool ``bias`` marks the keys not to see instead: their scores become -inf whatever they
-    were (NaN included: a slot that may hold anything, ``page_walk``).
-    """
-    if bias.dtype == torch.bool:
-        if scale != 1.0:
-            s.mul_(scale)
-        s.masked_fill_(bias, float("-inf"))
-    elif scale == 1.0:
+    """``s = s * scale + bias`` in place (one pass; bias is 0 or -inf, so -inf stays -inf)."""
+    if scale == 1.0:
         s.add_(bias)
     else:
         torch.add(bias, s, alpha=scale, out=s)
@@ -126,7 +118,7 @@ class KeyTile(NamedTuple):
     """One tile of keys for every sequence: where to gather them, and what to add to their scores."""
 
     idx: torch.Tensor  # (B, T) rows of the flat keys, or their head_rows (Hk, B, T) for gather_heads on CPU
-    bias: torch.Tensor  # 0 or -inf (or True: unseen), broadcasting over the scores viewed as (Hk, B, G, tq, T)
+    bias: torch.Tensor  # 0 or -inf, broadcasting over the scores viewed as (Hk, B, G, tq, T)
     # The same bias laid out as (Hk*B, 1, T) when it does not depend on the query row (no causal
     # part) and the scores are computed in the operands' dtype: then one ``baddbmm`` makes S.
     row_bias: torch.Tensor | None
@@ -142,31 +134,28 @@ def scores(q: torch.Tensor, k: torch.Tensor, tile: KeyTile, shape: tuple[int, ..
     return s
 
 
-def online_softmax(q: torch.Tensor, tiles: Iterable[KeyTile], keys: Callable[[KeyTile], torch.Tensor],
-                   values: Callable[[KeyTile], torch.Tensor], shape: tuple[int, ...], scale: float,
-                   p_dtype: torch.dtype, pick: Callable[[torch.Tensor], torch.Tensor] | None = None
+def online_softmax(q: torch.Tensor, tiles: Iterable[KeyTile], k: torch.Tensor, v: torch.Tensor,
+                   gather: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   shape: tuple[int, ...], scale: float, p_dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention-2's forward pass of one query tile ``q`` ``(N, R, D)`` over key tiles.
 
-    For each tile, ``keys(tile)`` / ``values(tile)`` gather its keys and values ``(N, T, D)``,
-    and its bias (0, or -inf for a key the row must not see) is added to the scores viewed as
-    ``shape + (T,)``; ``scale`` multiplies the scores (1 when ``q`` comes scaled); ``pick``, if
-    given, takes the columns of each ``P V_j`` that are kept (``page_walk``).
+    For each tile, ``gather(k, tile.idx)`` / ``gather(v, tile.idx)`` give its keys and values
+    ``(N, T, D)``, and its bias (0, or -inf for a key the row must not see) is added to the
+    scores viewed as ``shape + (T,)``; ``scale`` multiplies the scores (1 when ``q`` comes scaled).
     Returns the unnormalised output ``O`` ``(N, R, D)``, the running max ``m`` (of scaled scores)
     and sum ``l`` ``(N, R, 1)``; ``l == 0`` for a row that saw no key.
     """
     acc = torch.promote_types(q.dtype, torch.float32)
     m = ell = o = None  # ell: the ℓ of the paper, the running sum
     for tile in tiles:
-        s = scores(q, keys(tile), tile, shape, scale, acc)      # S = Q K_jᵀ·scale; unseen keys -inf
+        s = scores(q, gather(k, tile.idx), tile, shape, scale, acc)  # S = Q K_jᵀ·scale; unseen keys -inf
         m_j = s.amax(-1, keepdim=True)                          # rowmax(S)
         m_new = m_j.clamp_(min=NO_KEY) if m is None else torch.maximum(m, m_j)  # m' = max(m, rowmax(S))
         p = exp_to(s.sub_(m_new), p_dtype)                      # P = exp(S - m')
         del s  # each tile's S and P are freed once used: the loop holds one tile
         l_j = p.sum(-1, keepdim=True, dtype=acc)                # rowsum(P)
-        pv = bmm(p, values(tile), acc)                          # P V_j
-        if pick is not None:
-            pv = pick(pv)
+        pv = bmm(p, gather(v, tile.idx), acc)                   # P V_j
         del p
         if m is None:                                           # first tile: nothing to rescale yet
             ell, o = l_j, pv
@@ -236,8 +225,7 @@ def attend_tile(q: torch.Tensor, r0: int, keys: KeyIndex, k_rows: torch.Tensor, 
     p_dtype = v_rows.dtype if half_on_cuda(v_rows) else acc
     if qh.dtype == acc and any(t.row_bias is None for t in tiles):
         qh, scale = qh * scale, 1.0  # scaling Q is one small multiply, not a pass over each S
-    o, m, ell = online_softmax(qh, tiles, lambda t: gather_heads(k_rows, t.idx), lambda t: gather_heads(v_rows, t.idx),
-                               (Hk, B, G, tq), scale, p_dtype)
+    o, m, ell = online_softmax(qh, tiles, k_rows, v_rows, gather_heads, (Hk, B, G, tq), scale, p_dtype)
     # O / l. A row that saw a key has l >= 1 (its largest score adds exp(0) = 1); one that saw
     # none has O = 0 and l = 0, and keeps O = 0.
     o = o.div_(ell.clamp(min=1.0))

@@ -30,7 +30,6 @@ import torch
 from minillama.attention.backend import AttentionBackend
 from minillama.attention.checks import check_kvcache, check_varlen, reject_unsupported
 from minillama.attention.flash_loop import attend_tile, plan
-from minillama.attention.page_walk import PAGE_WALK, decode_pages
 from minillama.attention.paged_gather import (
     kvcache_keys,
     query_tile,
@@ -226,10 +225,6 @@ def attend_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     k_rows, v_rows = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
     keys = shared(kvcache_keys, cache_seqlens, seqlen_new, batch, block_table, k_cache.shape[1], max_keys,
                   k_rows.shape[0], q.device)
-    if paged and seqlen_q == 1 and PAGE_WALK.get(q.device.type, False):  # a decode: whole pages at a time
-        o, o_lse = decode_pages(q.view(batch, nheads, headdim), k_cache, v_cache, keys, scale, return_softmax_lse)
-        out = q.new_empty(o.shape).copy_(o).view(q.shape)
-        return (out, o_lse.view(batch, nheads, 1)) if return_softmax_lse else out
     tiles = plan(batch, seqlen_q, max_keys, nheads, Hk, headdim, q.element_size(), k_cache.shape[1] if paged else 1,
                  q.device.type)
     if tiles.q_tile >= seqlen_q:  # one query tile (every decode): its layout is the output's
