@@ -150,3 +150,24 @@ async def test_trace_error_on_the_ui_thread_keeps_the_app_responsive(base, monke
         assert app.screen.title_text == "Cannot read the trace" and "(planted)" in app.screen.message
         await asyncio.wait_for(pilot.press("q"), 10)
     assert app.return_code == 0
+
+
+async def test_a_damaged_blob_met_by_the_heatmap_ends_in_the_error_screen(base, monkeypatch):
+    """The heatmap reads every step's blob (in slices on the UI thread): one that cannot be read ends in
+    the error screen with its line, and the keys keep working."""
+    app = DebuggerApp(trace=base)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot, app, timeout=30)
+
+        def damaged(self, i, names, span=...):
+            raise TraceError(f"step {i}'s blob is damaged (planted)")
+
+        monkeypatch.setattr(TraceReader, "step_arrays", damaged)
+        await asyncio.wait_for(pilot.press("h"), 10)
+        for _ in range(100):
+            if isinstance(app.screen, ErrorScreen):
+                break
+            await asyncio.wait_for(pilot.pause(0.02), 10)
+        assert isinstance(app.screen, ErrorScreen) and "(planted)" in app.screen.message
+        await asyncio.wait_for(pilot.press("q"), 10)
+    assert app.return_code == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 from typing import Any
 
 from minillama.trace import schema
@@ -118,6 +119,28 @@ def _index_line(data: mmap.mmap, start: int, end: int, offsets: list[int], tail:
         offsets.append(start)
     elif isinstance(record, dict):
         tail.append(record)
+
+
+# Where the writer puts a step line's step number and blob span (``dumps_record``: "type" first, then
+# the event's keys in order, "data" added last), so a reader after just those two skips the JSON parse.
+_HEAD = re.compile(rb'\{"type": "step", "step": (-?\d+)[,}]')
+_SPAN = re.compile(rb'"data": \[(\d+), (\d+)\]\}\s*$')
+
+
+def step_heads(path: str, offsets: list[int]) -> list[dict[str, Any]]:
+    """``{"step", "data"}`` of each step line of ``path`` starting at ``offsets``: read where the writer
+    puts them, else (another layout) from the whole parsed event."""
+    out: list[dict[str, Any]] = []
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for off in offsets:
+            end = mm.find(b"\n", off)
+            end = len(mm) if end < 0 else end
+            head, span = _HEAD.match(mm, off, min(end, off + 64)), _SPAN.search(mm, max(off, end - 64), end)
+            if head and span:
+                out.append({"step": int(head[1]), "data": [int(span[1]), int(span[2])]})
+            else:
+                out.append(parse_line(path, off))
+    return out
 
 
 def parse_line(path: str, offset: int) -> dict[str, Any]:

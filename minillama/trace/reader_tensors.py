@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Collection, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
-from minillama.trace.format import DATA, TraceError
-from minillama.trace.reader_open import clip, inside
+from minillama.trace.format import DATA, EVENTS, TraceError
+from minillama.trace.reader_open import clip, inside, step_heads
 from minillama.trace.safetensors_blob import Blob
 
 
@@ -24,9 +27,12 @@ class StepTensors:
     path: str
     version: int
     _data: mmap.mmap | None
+    _offsets: list[int]
 
-    def _blob(self, i: int) -> Blob | None:
-        span = self.step(i).get("data")
+    def _blob(self, i: int, names: Collection[str] | None = None, span: object = ...) -> Blob | None:
+        """Step ``i``'s blob (only ``names`` checked, if given); ``span``: its ``data`` if already known."""
+        if span is ...:
+            span = self.step(i).get("data")
         if span is None:
             return None
         if not (isinstance(span, list) and len(span) == 2):
@@ -39,7 +45,17 @@ class StepTensors:
                                  "copy it again or record it again")
             with open(path, "rb") as f:
                 self._data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return Blob(self._data, span[0], span[1], f"step {i} of {self.path}")
+        return Blob(self._data, span[0], span[1], f"step {i} of {self.path}", names)
+
+    def step_heads(self, indices: list[int]) -> list[dict[str, Any]]:
+        """``{"step", "data"}`` of steps ``indices``, without parsing their whole events (format 2)."""
+        return step_heads(inside(self.path, EVENTS), [self._offsets[i] for i in indices])
+
+    def step_arrays(self, i: int, names: Sequence[str], span: object = ...) -> list[np.ndarray | None]:
+        """Tensors ``names`` of step ``i`` as read-only numpy views of data.bin (None: not saved), only
+        those checked; ``span``: the step's ``data`` (``step_heads``), if known. Format 2."""
+        blob = self._blob(i, names, span)
+        return [None] * len(names) if blob is None else [blob.array(name) for name in names]
 
     def tensor_file(self, i: int) -> str | None:
         """Format 1: absolute path of step ``i``'s safetensors file, or None if that step saved no tensors."""

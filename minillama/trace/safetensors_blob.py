@@ -11,8 +11,10 @@ import json
 import math
 import mmap
 import struct
+from collections.abc import Collection
 from typing import Any
 
+import numpy as np
 import torch
 
 from minillama.trace.format import TraceError
@@ -20,6 +22,7 @@ from minillama.trace.format import TraceError
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+_NUMPY = {t: torch.empty(0, dtype=t).numpy().dtype for t in _DTYPES.values() if t != torch.bfloat16}
 #: A header longer than this is not one the writer makes.
 MAX_HEADER = 64 << 20
 
@@ -27,7 +30,9 @@ MAX_HEADER = 64 << 20
 class Blob:
     """The tensors of one blob at ``[offset, offset + length)`` of a memory-mapped file."""
 
-    def __init__(self, mm: mmap.mmap, offset: int, length: int, where: str) -> None:
+    def __init__(self, mm: mmap.mmap, offset: int, length: int, where: str,
+                 names: Collection[str] | None = None) -> None:
+        """``names``: check (and hold) only these tensors' entries, for a reader that needs a few of many."""
         self.where = where
         if not (isinstance(offset, int) and isinstance(length, int)) or offset < 0 or length < 8 \
                 or offset + length > len(mm):
@@ -46,7 +51,7 @@ class Blob:
         self._mm, self._base, self._end = mm, offset + 8 + n, offset + length
         self._entries: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
         for name, e in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or (names is not None and name not in names):
                 continue
             self._entries[str(name)] = self._check(str(name), e)
 
@@ -70,6 +75,17 @@ class Blob:
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
+
+    def array(self, name: str) -> np.ndarray | None:
+        """Tensor ``name`` as a read-only numpy view of the map, no copy (None if the blob does not hold
+        it); a dtype numpy lacks (bfloat16) comes as a copy."""
+        e = self._entries.get(name)
+        if e is None:
+            return None
+        dtype, shape, begin, end = e
+        if dtype not in _NUMPY:
+            return self.get(name).float().numpy()
+        return np.frombuffer(self._mm, _NUMPY[dtype], math.prod(shape), self._base + begin).reshape(shape)
 
     def get(self, name: str) -> torch.Tensor | None:
         """A copy of tensor ``name`` (None if the blob does not hold it)."""

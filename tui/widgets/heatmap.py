@@ -8,6 +8,7 @@ The grid draws only its visible lines (Textual's line API), so 1,000 steps cost 
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -32,6 +33,7 @@ from .base import Jump, View
 
 LABEL = 7  # "  1234 " step labels
 DIFF_THRESHOLD = 1e-3
+SLICE = 64  # steps of a trace's map read at a time on the UI thread (~10 ms on a small CPU)
 
 
 class HeatGrid(ScrollView, can_focus=True):
@@ -131,13 +133,18 @@ class HeatmapView(View):
     def watch_kind(self) -> None:
         self.schedule()
 
+    def on_show(self) -> None:  # a trace's map starts now, not at the first redraw (after the footer's keys)
+        if self.map is None and self.ctx.timeline is not None and not self.ctx.live:
+            self._start()
+        super().on_show()
+
     def toggle(self) -> None:
         """Switch between the budget ratio and the difference."""
         self.kind = "diff" if self.kind == "ratio" else "ratio"
 
     def render_view(self) -> Any:
         if self.map is None or self.ctx.live or (self.ctx.compare is not None and self.diffs is None):
-            self._build()
+            self._start()
         if self.map is None:
             return Text("computing the heatmap…", style="dim italic")
         grid = self.query_one(HeatGrid)
@@ -197,11 +204,30 @@ class HeatmapView(View):
     def on_heat_grid_moved(self, _msg: Any) -> None:
         self.schedule()
 
-    @work(thread=True, exclusive=True, group="heatmap")
-    def _build(self) -> None:
+    def _start(self) -> None:
+        """Build the map in the background, unless a build is under way."""
         if self._busy:
             return
         self._busy = True
+        if self.ctx.compare is None and self.ctx.budget.sliceable:
+            self._build_in_slices()
+        else:
+            self._build()
+
+    @work(group="heatmap")
+    async def _build_in_slices(self) -> None:
+        """A trace's map in slices between the UI's frames (a thread fought the UI for the GIL: 2x slower)."""
+        try:
+            while self.ctx.budget.read_slice(SLICE):
+                await asyncio.sleep(0)
+            m = self.ctx.budget.build()
+        finally:
+            self._busy = False
+        self._built(m, None)
+
+    @work(thread=True, group="heatmap")
+    def _build(self) -> None:
+        """A live or A/B map in a worker thread (a live timeline's lock may be held by the engine)."""
         try:
             m = self.ctx.budget.build()
             diffs = self._diffs(m) if self.ctx.compare is not None else None
