@@ -96,6 +96,24 @@ def in_thread(fn, *args):
     return box[0]
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds each live Python thread has used, by thread name (Linux /proc; {} elsewhere).
+
+    At 256 requests a recording's cost is host work (the engine thread's and the trace writer's
+    Python, which share the GIL), so the table says how much of it each thread does per step.
+    """
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out = {}
+    for t in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{t.native_id}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, TypeError):
+            continue
+        out[t.name] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
 def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int]:
     """Seconds for the workload in ``mode``, and the trace's bytes and steps (0 without a trace)."""
     graphs = llm.runner.graphs
@@ -115,6 +133,7 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
     if llm.device.type == "cuda":
         torch.cuda.synchronize()
     ENGINE_STEPS[mode] = -llm.num_steps
+    cpu0 = thread_cpu()
     t = time.perf_counter()
     try:
         if session is not None:
@@ -135,6 +154,8 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
             torch.cuda.synchronize()
         dt = time.perf_counter() - t
         ENGINE_STEPS[mode] += llm.num_steps
+        cpu = thread_cpu()
+        THREAD_CPU[mode] = {name: cpu[name] - cpu0.get(name, 0.0) for name in cpu}
     finally:
         llm.runner.graphs = graphs
         if rec is not None:
@@ -202,6 +223,11 @@ def main() -> None:
         per = f"{size / steps:,.0f}" if steps else "-"
         label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
         print(f"{label:<16}{len(prompts):>9}{tokens:>9}{t:>10.3f}{tokens / t:>10.0f}{t / base:>9.2f}x{per:>12}")
+    print("host CPU per engine step (ms), by thread, during the timed run (Linux):")
+    for mode in modes:
+        n = max(ENGINE_STEPS.get(mode, 1), 1)
+        busy = {k: v for k, v in THREAD_CPU.get(mode, {}).items() if v > 0.01}
+        print(f"  {LABEL[mode]:<16}" + ", ".join(f"{k} {v / n * 1e3:.2f}" for k, v in sorted(busy.items())))
     per_check = min(timeit.repeat("if hooks.enabled: pass", globals={"hooks": hooks}, number=200_000,
                                   repeat=5)) / 200_000
     checks = len(hooks.expected_sites(llm.model_config.num_hidden_layers)) + 8 * llm.model_config.num_hidden_layers
@@ -213,6 +239,7 @@ def main() -> None:
 
 ARGS: argparse.Namespace
 ENGINE_STEPS: dict[str, int] = {}  # engine steps of each mode's last run
+THREAD_CPU: dict[str, dict[str, float]] = {}  # CPU seconds per thread during each mode's last timed run
 
 if __name__ == "__main__":
     main()

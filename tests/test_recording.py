@@ -190,3 +190,51 @@ def test_the_shipped_format_1_trace_still_opens():
     assert st is not None and st["shape"][0] == r.step(0)["batch"]["num_tokens"]
     assert r.stats(0, "layers.0.attn.out", seq_id=r.step(0)["batch"]["seqs"][0]["seq_id"]) is None
     assert r.shadow(0)["0"]["budget_ratio"] > 0
+
+
+def test_a_recorder_without_a_writer_does_not_keep_every_step(tiny):
+    """With no trace, steps the history dropped are passed, not kept unfinished: the backlog stays
+    bounded over a long run, and the steps still in the history decode the same text as one
+    recorded with nothing dropped (the tiny model's tokenizer: one piece per token id)."""
+    def run(history: int) -> tuple[Recorder, list]:
+        llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+        rec = Recorder(llm, history=history)
+        with rec:
+            params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+            llm.generate([llm.tokenizer.encode(p) for p in PROMPTS], [params] * len(PROMPTS))
+        return rec, list(rec.history)
+
+    short, kept = run(2)
+    assert len(short.finisher._unfinished) <= short._keep < 40
+    full, every = run(64)
+    assert len(every) >= 40 > short._keep
+    def pieces(rec: Recorder, records: list) -> list[list[str]]:  # seq ids differ between the two engines
+        return [[p for _, p in sorted(rec.event_of(r)["pieces"].items(), key=lambda kv: int(kv[0]))] for r in records]
+
+    tail = pieces(full, every[-2:])
+    assert pieces(short, kept) == tail and all(all(p) for p in tail)
+
+
+def test_a_session_on_an_engine_without_a_tokenizer_runs_past_the_backlog():
+    """A random-weight engine built from a bare ModelConfig (token ids only, as the benchmarks use)
+    passes its dropped steps too; the session runs every step to the end."""
+    from minillama.config import ModelConfig
+    from minillama.debug.breakpoints import Breakpoint
+    from minillama.debug.session import DebugSession
+
+    cfg = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_ids=[2])
+    llm = LLM(cfg, device="cpu", num_kvcache_blocks=32, max_model_len=128)
+    s = DebugSession(llm, breakpoints=[Breakpoint("*", "nan")], pause_at_start=False, keep_steps=2).start()
+    try:
+        assert s.wait(60)
+        s.submit([1, 5, 7], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), chat=False)
+        deadline = time.monotonic() + 60
+        while llm.num_steps < 30 and time.monotonic() < deadline and s.error is None:
+            s.wait(1)
+        assert s.wait(60) and s.idle and s.error is None and not s.paused
+        assert llm.num_steps >= 30 and len(s.recorder.finisher._unfinished) <= s.recorder._keep < 30
+    finally:
+        s.stop()

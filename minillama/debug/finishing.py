@@ -16,10 +16,16 @@ from minillama.models.detokenizer import push_tokens
 
 
 class StepFinisher:
-    """Finishes the ``StepRecord`` s handed to ``add``, in order, when ``upto`` asks for one."""
+    """Finishes the ``StepRecord`` s handed to ``add``, in order, when ``upto`` asks for one.
 
-    def __init__(self, tokenizer: Any) -> None:
+    ``keep``: with nobody writing the steps out (a session without a trace), at most this many
+    wait; an older one, which no view can ask for any more, only moves its requests' decoders
+    past its tokens (no text is made), so records do not pile up over a long run.
+    """
+
+    def __init__(self, tokenizer: Any, keep: int | None = None) -> None:
         self.tokenizer = tokenizer
+        self.keep = keep
         self._decoders: dict[int, Any] = {}
         self._unfinished: deque[StepRecord] = deque()
         self._lock = threading.Lock()
@@ -27,6 +33,8 @@ class StepFinisher:
     def add(self, rec: StepRecord) -> None:
         with self._lock:
             self._unfinished.append(rec)
+            while self.keep is not None and len(self._unfinished) > self.keep:
+                self._skip(self._unfinished.popleft())
 
     def upto(self, rec: StepRecord) -> None:
         """Finish every step up to ``rec``'s (those before it first)."""
@@ -55,6 +63,18 @@ class StepFinisher:
             if dec is not None:
                 pieces[str(sid)] = pieces.get(str(sid), "") + dec.flush()
         ev["pieces"] = pieces
+
+    def _skip(self, rec: StepRecord) -> None:
+        """Pass ``rec`` without finishing it: its tokens count as decoded for the steps after it."""
+        ev = rec.event
+        for sid, p in ev["prompts"].items():
+            if p["generated"]:
+                self._decoders[int(sid)] = self.tokenizer.stream_decoder()
+                self._decoders[int(sid)].skip(p["generated"])
+        for sid, token in ev["sampled"].items():
+            self._decoder(int(sid)).skip([token])
+        for sid, _reason in ev["finished"]:
+            self._decoders.pop(int(sid), None)
 
     def _decoder(self, sid: int) -> Any:
         dec = self._decoders.get(sid)

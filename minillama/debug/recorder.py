@@ -29,7 +29,7 @@ from minillama.debug.finishing import StepFinisher
 from minillama.debug.records import StepRecord, capture_batch, site_catalog, table_tensors
 from minillama.debug.shadow import Shadow
 from minillama.debug.site_stats import SiteStats
-from minillama.debug.stepbuf import StatsBuffer
+from minillama.debug.stepbuf import RING, StatsBuffer
 from minillama.trace.format import SHADOW_FIELDS
 
 #: A recording that starts mid-run saves the cached keys of the running requests up to this size.
@@ -89,7 +89,9 @@ class Recorder:
         self._full: dict[str, bool] = {}
         self._seen: set[int] = set()
         self._catch_up = False
-        self.finisher = StepFinisher(llm.tokenizer)
+        # Without a trace writer nobody finishes old steps: keep what the history and ring can hold.
+        self._keep = max(history, 1) + RING
+        self.finisher = StepFinisher(llm.tokenizer, keep=None if sink is not None else self._keep)
         self._attached = False
         last = next(i for i in reversed(range(len(self.catalog))) if self.catalog[i].rows == "tokens")
         self.stats = SiteStats(self.buffer, last)
@@ -132,7 +134,14 @@ class Recorder:
     def set_sink(self, sink) -> None:
         """Send the following steps to ``sink``; its first step also lists the requests already running."""
         self.sink = sink
+        if sink is not None:  # every step is finished, in order, by the writer
+            self.finisher.keep = None
         self._catch_up = sink is not None
+
+    def sink_closed(self) -> None:
+        """The last sink wrote everything it was given: old steps may be passed unfinished again."""
+        if self.sink is None:
+            self.finisher.keep = self._keep
 
     def __enter__(self) -> Recorder:
         return self.attach()

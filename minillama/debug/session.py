@@ -192,6 +192,7 @@ class DebugSession:
         if writer is not None:
             self.recorder.set_sink(None)
             writer.close("recording switched off")
+            self.recorder.sink_closed()
 
     @property
     def recording(self) -> bool:
@@ -295,15 +296,20 @@ class DebugSession:
 
     def _on_record(self, rec) -> None:
         """A step finished: check conditional breakpoints on its statistics (steps that ran at speed)."""
-        if self._stop or hooks.eager or not any(bp.enabled and bp.condition for bp in self.breakpoints):
+        armed = [bp for bp in self.breakpoints if bp.enabled and bp.condition]
+        if self._stop or hooks.eager or not armed:
             return
+        if rec.snapshot is None:
+            return  # statistics skipped for this step (the batch was larger than the tables)
+        if all(bp.condition == "nan" for bp in armed) and not rec.snapshot.any_bad():
+            return  # the common case of "continue to the next NaN", without decoding the tables
         event = {**rec.event, "batch": rec.rows()}  # the row layout is all the conditions need
         tables = rec.tables(self.recorder.catalog, self.recorder.shadow is not None)
         catalog = [s.to_json() for s in self.recorder.catalog]
         dtype = str(self.llm.dtype).removeprefix("torch.")
         backend = self.recorder.shadow is not None and self.recorder.shadow.backend is not None
-        for bp in self.breakpoints:
-            site = bp.enabled and bp.first_hit(event, tables, catalog, dtype, backend)
+        for bp in armed:
+            site = bp.first_hit(event, tables, catalog, dtype, backend)
             if site:
                 self._pause(Position(rec.step, site, hooks.site_layer(site), f"breakpoint: {bp.describe()}"))
                 return

@@ -20,18 +20,23 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from minillama.debug.devstats import KEY_MAX_INIT, KEY_MIN_INIT
 
+T = TypeVar("T")
+
 #: Pinned host slots: steps whose tables may be in flight or waiting for the trace writer at once.
 RING = 8
 
 
 class Snapshot:
-    """A step's tables on their way to the host: pinned ring memory until ``tables()`` copies them out."""
+    """A step's tables on their way to the host: pinned ring memory until ``decoded`` reads them there
+    or ``copy_out`` copies them out (when the ring needs the slot)."""
 
     def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
                  done: torch.cuda.Event | None) -> None:
@@ -39,22 +44,58 @@ class Snapshot:
         self.req, self.rows, self.done = req, rows, done
         self.num_sites, self.shadow_shape = (buffer.num_sites, buffer.shadow_shape) if buffer else (0, (0, 0))
         self._tables: dict[str, np.ndarray] | None = None
+        self._any_bad: bool | None = None  # known once decoded in place
         self._lock = threading.Lock()
 
     def tables(self) -> dict[str, np.ndarray]:
         """The raw tables (moments, keys, bad, shadow, lanes) as numpy arrays of their own; the first call
         waits for the copies and gives the ring slot back."""
+        self.copy_out()
+        if self._tables is None:
+            raise RuntimeError("this step's raw tables were decoded in place (decoded) and are gone")
+        return self._tables
+
+    def copy_out(self) -> None:
+        """Copy the raw tables out of the ring slot and give it back (nothing to do once that happened)."""
         with self._lock:
-            if self._tables is None:
+            if self._tables is None and self.req is not None:
                 if self.done is not None:
                     self.done.synchronize()
-                own = {k: v.copy() for k, v in views(self.req.numpy(), self.rows.numpy(), self.num_sites,
-                                                     self.shadow_shape).items()}
-                self._tables = own
-                self.req = self.rows = None  # type: ignore[assignment]
-                if self._buffer is not None and self._slot is not None:
-                    self._buffer._release(self._slot, self)
-            return self._tables
+                self._tables = {k: v.copy() for k, v in views(self.req.numpy(), self.rows.numpy(), self.num_sites,
+                                                              self.shadow_shape).items()}
+                self._give_back()
+
+    def decoded(self, fn: Callable[[dict[str, np.ndarray]], T]) -> T:
+        """``fn(raw tables)``, read in place in the ring slot if the tables are still there (the trace
+        writer's way: no copy of the raw tables), which gives the slot back. ``fn`` must return
+        arrays of its own, not views of its argument."""
+        with self._lock:
+            if self._tables is not None:
+                return fn(self._tables)
+            if self.done is not None:
+                self.done.synchronize()
+            raw = views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape)
+            out = fn(raw)
+            self._any_bad = bool(raw["bad"].any())
+            self._give_back()
+            return out
+
+    def any_bad(self) -> bool:
+        """Whether some site of the step saw a NaN or Inf, without copying or decoding the tables."""
+        with self._lock:
+            if self._any_bad is not None:
+                return self._any_bad
+            if self._tables is not None:
+                return bool(self._tables["bad"].any())
+            if self.done is not None:
+                self.done.synchronize()
+            s = self.num_sites
+            return bool(self.req.numpy()[:, 3 * s: 4 * s].any())
+
+    def _give_back(self) -> None:
+        self.req = self.rows = None  # type: ignore[assignment]
+        if self._buffer is not None and self._slot is not None:
+            self._buffer._release(self._slot, self)
 
 
 def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -152,7 +193,7 @@ class StatsBuffer:
                 if self._free:
                     return self._free.popleft()
                 oldest = self._holders[self._order[0]]
-            oldest.tables()
+            oldest.copy_out()
 
     def _release(self, slot: int, snap: Snapshot) -> None:
         with self._ring_lock:

@@ -60,6 +60,9 @@ class TokenIdsOnly:
     def push(self, token_id: int) -> str:
         return ""
 
+    def skip(self, token_ids: list[int]) -> None:
+        pass
+
     def flush(self) -> str:
         return ""
 

@@ -51,6 +51,18 @@ class IncrementalDecoder:
         self.text += piece
         return piece
 
+    def skip(self, token_ids: list[int]) -> None:
+        """Take ids whose text nobody will read: the next ``push`` decodes from the last of them on.
+
+        A character split across the skipped ids and the next one loses its first bytes (the
+        next piece starts after them); skipping is for steps that are dropped unread.
+        """
+        if not token_ids:
+            return
+        self.ids.extend(int(t) for t in token_ids)
+        self._read = len(self.ids)
+        self._prefix = self._read - 1
+
     def flush(self) -> str:
         """Text still held back at the end of generation (a trailing partial character as U+FFFD)."""
         done = self._decode(self.ids[self._prefix : self._read])
