@@ -30,7 +30,9 @@ def _tables(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, reqs: int, de
     else:
         t = buf.numpy_tables()
         devstats.site_stats_cpu(x, 0, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"], t["lanes"])
-    snap = buf.snapshot(reqs, x.shape[0]).tables()
+    counts = np.zeros((reqs, 2))
+    counts[:, 0] = np.bincount(seq.numpy(), minlength=reqs)  # every row a new token, none samples
+    snap = buf.snapshot(reqs, x.shape[0], counts).tables()
     return {k: v.copy() for k, v in snap.items() if k != "shadow"}
 
 
@@ -53,6 +55,7 @@ def test_kernel_equals_the_definition(dtype, width):
     assert np.array_equal(gpu["lanes"], cpu["lanes"]), "the kernel's hash lanes differ from the definition"
     assert np.array_equal(gpu["keys"], cpu["keys"]) and np.array_equal(gpu["bad"], cpu["bad"])
     np.testing.assert_allclose(gpu["moments"], cpu["moments"], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(gpu["stats"], cpu["stats"], rtol=1e-5, atol=1e-4)  # finished on either device
     words = row_words(x)
     for row in (0, 10, 36):  # and both against the plain-Python yardstick
         assert tuple(int(v) & M32 for v in gpu["lanes"][row, 0]) == py_lanes(words[row].tolist(), int(pos[row]))
@@ -136,7 +139,7 @@ def test_bf16_step_stats_match_the_host(llm):
         hooks.detach(spy)
     last = rec.history[-1]
     event = rec.event_of(last)
-    tables = last.tables(rec.catalog, False)
+    tables = last.tables(False)
     catalog = [s.to_json() for s in rec.catalog]
     for slot, spec in enumerate(catalog):
         x, seq, pos = spy.seen[spec["name"]]
@@ -182,7 +185,7 @@ def test_graph_recording_equals_eager_recording(llm):
     same_math = ["embed", "layers.0.input", "layers.0.attn.q", "layers.0.attn.k", "layers.0.attn.v"]
     for rg, re_, eg, ee in zip(g_rec.history, e_rec.history, g, e, strict=True):
         assert not eg["missing_sites"] and not ee["missing_sites"]
-        tg, te = rg.tables(g_rec.catalog, False), re_.tables(e_rec.catalog, False)
+        tg, te = rg.tables(False), re_.tables(False)
         for name in same_math:
             slot = next(k for k, s in enumerate(catalog) if s["name"] == name)
             for req in range(len(eg["batch"]["seqs"])):
@@ -231,7 +234,7 @@ def test_shadow_metrics_on_the_gpu(flash_llm):
     per_row = 9 * 64
     for r in rec.history:
         ev = rec.event_of(r)
-        t = r.tables(rec.catalog, True)
+        t = r.tables(True)
         for layer in range(30):
             m = layer_metrics(t["shadow"], ev["batch"], layer, per_row, "bfloat16", True)
             assert m["budget"] > 0 and 0 < m["err_active"] < 0.1

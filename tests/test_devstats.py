@@ -124,7 +124,7 @@ def test_per_request_stats_and_hashes_match_the_host(llm, spy_mode, monkeypatch)
     checked_rows = 0
     for k, r in enumerate(rec.history):
         event = rec.event_of(r)
-        tables = r.tables(rec.catalog, False)
+        tables = r.tables(False)
         seen = spy_steps[k]
         assert not event["missing_sites"]
         for slot, spec in enumerate(catalog):
@@ -170,7 +170,7 @@ def test_one_flipped_bit_changes_only_that_requests_hash(llm):
         out = []
         for r in rec.history:
             ev = rec.event_of(r)
-            out.append((ev, r.tables(rec.catalog, False)))
+            out.append((ev, r.tables(False)))
         return rec, out
 
     rec, a = run(False)
@@ -210,7 +210,32 @@ def test_nan_and_inf_are_counted_per_request(llm):
     catalog = [s.to_json() for s in rec.catalog]
     slot = next(k for k, s in enumerate(catalog) if s["name"] == "layers.2.attn.v")
     ev = rec.event_of(rec.history[0])
-    t = rec.history[0].tables(rec.catalog, False)
+    t = rec.history[0].tables(False)
     got = site_stats(t, catalog[slot], slot, ev["batch"], 0)
     assert (got["nan"], got["inf"]) == (1, 2)
     assert math.isfinite(got["mean"]) and math.isfinite(got["max"])
+
+
+def test_a_snapshot_is_decoded_once_whoever_asks():
+    """The trace writer and a live view may both ask for a step's tables: the first decode (in place, in
+    the ring slot, which it gives back) is the one every later caller gets."""
+    import threading
+
+    from minillama.debug.stepbuf import StatsBuffer
+
+    buf = StatsBuffer(2, 3, 4, (0, 0), torch.device("cpu"))
+    buf.reset(3)
+    snap = buf.snapshot(3, 4, np.ones((3, 2)))
+    got, start = [], threading.Barrier(4)
+
+    def ask():
+        start.wait()
+        got.append(snap.decoded(lambda raw: np.array(raw["stats"])))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(g is got[0] for g in got) and got[0].shape == (3, 2, 4)
+    assert snap.decoded(lambda raw: 1 / 0) is got[0] and not snap.any_bad()

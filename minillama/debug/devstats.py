@@ -72,14 +72,6 @@ def float_keys_np(f: np.ndarray) -> np.ndarray:
     return np.where(i >= 0, i, i ^ np.int32(0x7FFFFFFF))
 
 
-def keys_to_float(k: np.ndarray) -> np.ndarray:
-    """Inverse of ``float_keys_np`` (the init values come back as NaN)."""
-    k = np.asarray(k, dtype=np.int32)
-    out = np.where(k >= 0, k, k ^ np.int32(0x7FFFFFFF)).view(np.float32).copy()
-    out[(k == KEY_MIN_INIT) | (k == KEY_MAX_INIT)] = np.nan
-    return out
-
-
 # ---- CPU: numpy on the tensor's own memory --------------------------------------------------------
 def site_stats_cpu(x: torch.Tensor, slot: int, seq_index: np.ndarray, pos: np.ndarray, moments: np.ndarray,
                    keys: np.ndarray, bad: np.ndarray, lanes: np.ndarray) -> None:

@@ -26,7 +26,14 @@ from minillama import hooks
 from minillama.context import get_context
 from minillama.debug import devstats
 from minillama.debug.finishing import StepFinisher
-from minillama.debug.records import StepRecord, capture_batch, site_catalog, table_tensors
+from minillama.debug.records import (
+    StepRecord,
+    capture_batch,
+    site_catalog,
+    site_columns,
+    step_counts,
+    table_tensors,
+)
 from minillama.debug.shadow import Shadow
 from minillama.debug.site_stats import SiteStats
 from minillama.debug.stepbuf import RING, StatsBuffer
@@ -76,7 +83,8 @@ class Recorder:
         layers = cfg.num_hidden_layers if self.shadow else 0
         reqs = llm.config.max_num_seqs
         self.buffer = StatsBuffer(len(self.catalog), reqs, max(llm.config.max_num_batched_tokens, reqs),
-                                  (layers, len(SHADOW_FIELDS) if self.shadow else 0), llm.device)
+                                  (layers, len(SHADOW_FIELDS) if self.shadow else 0), llm.device,
+                                  *site_columns(self.catalog))
         self.sink = sink
         self.history: deque[StepRecord] = deque(maxlen=max(history, 1))
         self.keep_history = history > 0
@@ -267,7 +275,7 @@ class Recorder:
             st.fired |= self._captured
             for name, buf in self._static.items():
                 st.full[name] = buf[: st.rows]
-        st.snapshot = self.buffer.snapshot(st.reqs, max(st.rows, st.samples))
+        st.snapshot = self.buffer.snapshot(st.reqs, max(st.rows, st.samples), step_counts(st.raw))
         st.full = {k: _to_host(t) for k, t in st.full.items()}
         if st.full and st.snapshot.done is not None:
             st.snapshot.done.record()  # the event now also covers the full tensors' copies
@@ -308,7 +316,7 @@ class Recorder:
         self.finisher.upto(rec)
         tensors = dict(rec.full)
         if rec.snapshot is not None:
-            tensors.update(table_tensors(rec.tables(self.catalog, self.shadow is not None)))
+            tensors.update(table_tensors(rec.tables(self.shadow is not None)))
         tensors.update({k: torch.from_numpy(v) for k, v in rec.arrays().items()})
         return {k: v for k, v in rec.event.items() if k != "batch"}, tensors
 

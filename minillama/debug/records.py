@@ -8,7 +8,6 @@ on the trace writer's thread, or on demand by a live view.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillama.debug.devstats import keys_to_float
 from minillama.trace.batch import (
     FLAG_RECOMPUTE,
     FLAG_SAMPLES,
@@ -101,41 +99,32 @@ def batch_summary(raw: dict[str, Any], arrays: dict[str, np.ndarray] | None = No
                    raw["waiting"])
 
 
-def decode_tables(raw: dict[str, np.ndarray], catalog: list[SiteSpec], batch: dict[str, Any],
-                  shadow: bool) -> dict[str, np.ndarray]:
-    """A step's raw device tables (``stepbuf.views``) -> the trace's tables, as ``TraceReader.tables`` gives them.
+def decode_tables(raw: dict[str, np.ndarray], shadow: bool) -> dict[str, np.ndarray]:
+    """A step's raw tables (``stepbuf.views``, with its ``stats_table``) -> the trace's tables, as
+    ``TraceReader.tables`` gives them: the statistics, the NaN/Inf counts as a sparse list, the hashes.
 
-    Runs on the trace writer's thread once per step (about 30,000 cells at 256 requests), so each
-    line is one numpy pass.
+    Copies, never views: ``raw`` may be a ring slot that is reused once this returns (``Snapshot.decoded``).
     """
-    seqs = batch["seqs"]
-    tokens = np.array([s["num_new"] for s in seqs], dtype=np.float64)
-    samples = np.array([1.0 if s["samples"] else 0.0 for s in seqs])
-    per_sample, width = _catalog_columns(tuple(catalog))
-    rows = np.where(per_sample, samples[:, None], tokens[:, None])  # (R, S): each site's rows per request
     bad = np.ascontiguousarray(raw["bad"])
-    n = rows * width - (bad[..., 0] + bad[..., 1])  # finite values
-    s, ss = raw["moments"][..., 0], raw["moments"][..., 1]
-    out = np.empty(n.shape + (4,), dtype=np.float32)  # mean, std, min, max
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = s / n
-        var = np.maximum(ss - s * mean, 0.0) / np.maximum(n - 1, 1)
-        out[..., 0] = mean
-        out[..., 1] = np.where(n > 1, np.sqrt(var), np.where(n == 1, 0.0, np.nan))
-    out[..., 2], out[..., 3] = keys_to_float(raw["keys"][..., 0]), keys_to_float(raw["keys"][..., 1])
-    out[n == 0, 2:] = np.nan  # no finite value: no min or max
     r_idx, s_idx = np.nonzero(bad.view(np.int64)[..., 0])  # either count nonzero (two int32s as one word)
     sparse = np.stack([s_idx, r_idx, bad[r_idx, s_idx, 0], bad[r_idx, s_idx, 1]], axis=1)
-    # Copies, never views: ``raw`` may be a ring slot that is reused once this returns (stepbuf.Snapshot.decoded).
-    return {"stats": out, "bad": sparse.astype(np.int32).reshape(-1, 4), "hash": np.array(raw["lanes"]),
-            "shadow": np.array(raw["shadow"]) if shadow else None}
+    return {"stats": np.array(raw["stats"]), "bad": sparse.astype(np.int32).reshape(-1, 4),
+            "hash": np.array(raw["lanes"]), "shadow": np.array(raw["shadow"]) if shadow else None}
 
 
-@functools.lru_cache(maxsize=8)
-def _catalog_columns(catalog: tuple[SiteSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Per site: whether its rows are the sampling requests', and its values per row."""
+def site_columns(catalog: list[SiteSpec]) -> tuple[np.ndarray, np.ndarray]:
+    """Per site: whether its rows are the sampling requests' (else the new tokens'), and its values per row."""
     return (np.array([spec.rows == "samples" for spec in catalog]),
             np.array([spec.width for spec in catalog], dtype=np.float64))
+
+
+def step_counts(raw: dict[str, Any]) -> np.ndarray:
+    """Per request of ``capture_batch``'s batch: its new tokens, and 1 if it samples this step (``(R, 2)``)."""
+    seqs = raw["seqs"]
+    out = np.zeros((len(seqs), 2))
+    for i, (_sid, _plen, length, start, n, *_rest) in enumerate(seqs):
+        out[i] = n, start + n == length
+    return out
 
 
 def table_tensors(tables: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -175,9 +164,8 @@ class StepRecord:
         seqs = self.arrays()[T_SEQS]
         return {"seqs": [{"num_new": int(n), "samples": bool(f & FLAG_SAMPLES)} for n, f in seqs[:, [4, 7]].tolist()]}
 
-    def tables(self, catalog: list[SiteSpec], shadow: bool) -> dict[str, np.ndarray] | None:
+    def tables(self, shadow: bool) -> dict[str, np.ndarray] | None:
         """The decoded statistics tables (waits for the step's copies to land)."""
         if self._tables is None and self.snapshot is not None:
-            rows = self.rows()
-            self._tables = self.snapshot.decoded(lambda raw: decode_tables(raw, catalog, rows, shadow))
+            self._tables = self.snapshot.decoded(lambda raw: decode_tables(raw, shadow))
         return self._tables

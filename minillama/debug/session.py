@@ -27,7 +27,7 @@ import torch
 from minillama import hooks
 from minillama.debug.breakpoints import Breakpoint
 from minillama.debug.recorder import Recorder
-from minillama.debug.records import batch_summary, decode_tables
+from minillama.debug.records import batch_summary, decode_tables, step_counts
 from minillama.debug.stepbuf import views
 from minillama.engine.llm_engine import RequestError
 from minillama.sampling_params import SamplingParams
@@ -219,11 +219,12 @@ class DebugSession:
         if st is None or not self._paused or not st.ok:
             return None
         buf = self.recorder.buffer
+        stats = buf.finish(step_counts(st.raw))
         if buf.device.type == "cuda":
             torch.cuda.synchronize(buf.device)
         raw = views(buf.req[: st.reqs].cpu().numpy(), buf.rows[: max(st.rows, st.samples)].cpu().numpy(),
-                    buf.num_sites, buf.shadow_shape)
-        return decode_tables(raw, self.recorder.catalog, batch_summary(st.raw), self.recorder.shadow is not None)
+                    buf.num_sites, buf.shadow_shape, stats.cpu().numpy())
+        return decode_tables(raw, self.recorder.shadow is not None)
 
     def tensor(self, step: int, site: str) -> torch.Tensor | None:
         """A site's tensor from one of the last steps that ran eagerly (paused inside), or a full site."""
@@ -304,7 +305,7 @@ class DebugSession:
         if all(bp.condition == "nan" for bp in armed) and not rec.snapshot.any_bad():
             return  # the common case of "continue to the next NaN", without decoding the tables
         event = {**rec.event, "batch": rec.rows()}  # the row layout is all the conditions need
-        tables = rec.tables(self.recorder.catalog, self.recorder.shadow is not None)
+        tables = rec.tables(self.recorder.shadow is not None)
         catalog = [s.to_json() for s in self.recorder.catalog]
         dtype = str(self.llm.dtype).removeprefix("torch.")
         backend = self.recorder.shadow is not None and self.recorder.shadow.backend is not None

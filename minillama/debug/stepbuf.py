@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,12 +39,13 @@ class Snapshot:
     or ``copy_out`` copies them out (when the ring needs the slot)."""
 
     def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
-                 done: torch.cuda.Event | None) -> None:
+                 stats: torch.Tensor, done: torch.cuda.Event | None) -> None:
         self._buffer, self._slot = buffer, slot
-        self.req, self.rows, self.done = req, rows, done
+        self.req, self.rows, self.stats, self.done = req, rows, stats, done
         self.num_sites, self.shadow_shape = (buffer.num_sites, buffer.shadow_shape) if buffer else (0, (0, 0))
         self._tables: dict[str, np.ndarray] | None = None
         self._any_bad: bool | None = None  # known once decoded in place
+        self._decoded: Any = None  # decoded()'s result
         self._lock = threading.Lock()
 
     def tables(self) -> dict[str, np.ndarray]:
@@ -61,24 +62,26 @@ class Snapshot:
             if self._tables is None and self.req is not None:
                 if self.done is not None:
                     self.done.synchronize()
-                self._tables = {k: v.copy() for k, v in views(self.req.numpy(), self.rows.numpy(), self.num_sites,
-                                                              self.shadow_shape).items()}
+                self._tables = {k: v.copy() for k, v in self._views().items()}
                 self._give_back()
 
     def decoded(self, fn: Callable[[dict[str, np.ndarray]], T]) -> T:
-        """``fn(raw tables)``, read in place in the ring slot if the tables are still there (the trace
-        writer's way: no copy of the raw tables), which gives the slot back. ``fn`` must return
-        arrays of its own, not views of its argument."""
+        """``fn(raw tables)``, computed once (later calls, from any thread, get the first result), read
+        in place in the ring slot if the tables are still there (the trace writer's way: no copy of the
+        raw tables), which gives the slot back. ``fn`` must return arrays of its own, not views."""
         with self._lock:
+            if self._decoded is not None:
+                return self._decoded
             if self._tables is not None:
-                return fn(self._tables)
+                self._decoded = fn(self._tables)
+                return self._decoded
             if self.done is not None:
                 self.done.synchronize()
-            raw = views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape)
-            out = fn(raw)
+            raw = self._views()
+            self._decoded = fn(raw)
             self._any_bad = bool(raw["bad"].any())
             self._give_back()
-            return out
+            return self._decoded
 
     def any_bad(self) -> bool:
         """Whether some site of the step saw a NaN or Inf, without copying or decoding the tables."""
@@ -92,17 +95,22 @@ class Snapshot:
             s = self.num_sites
             return bool(self.req.numpy()[:, 3 * s: 4 * s].any())
 
+    def _views(self) -> dict[str, np.ndarray]:
+        return views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape, self.stats.numpy())
+
     def _give_back(self) -> None:
-        self.req = self.rows = None  # type: ignore[assignment]
+        self.req = self.rows = self.stats = None  # type: ignore[assignment]
         if self._buffer is not None and self._slot is not None:
             self._buffer._release(self._slot, self)
 
 
-def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Typed views of one request-table array ``(R, words)`` int64 and one row-table array."""
+def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int],
+          stats: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Typed views of one request-table array ``(R, words)`` int64 and one row-table array (and the
+    ``stats_table`` made from them, if given)."""
     r = req.shape[0]
     layers, fields = shadow_shape
-    return {
+    return {"stats": stats,
         "moments": req[:, : 2 * s].view(np.float64).reshape(r, s, 2),
         "keys": req[:, 2 * s: 3 * s].view(np.int32).reshape(r, s, 2),
         "bad": req[:, 3 * s: 4 * s].view(np.int32).reshape(r, s, 2),
@@ -115,7 +123,9 @@ class StatsBuffer:
     """The device tables of one step (see the module docstring)."""
 
     def __init__(self, num_sites: int, max_reqs: int, max_rows: int, shadow_shape: tuple[int, int],
-                 device: torch.device) -> None:
+                 device: torch.device, per_sample: np.ndarray | None = None, width: np.ndarray | None = None) -> None:
+        """``per_sample`` / ``width`` (one per site): whether a site's rows are the sampling requests' (else
+        the new tokens'), and its values per row; they turn the sums into ``stats_table``'s statistics."""
         s = self.num_sites = num_sites
         layers, fields = self.shadow_shape = shadow_shape
         self.words = 4 * s + -(-layers * fields // 2)
@@ -137,7 +147,10 @@ class StatsBuffer:
         self.bad = r[:, 3 * s: 4 * s].view(torch.int32).view(-1, s, 2)
         self.shadow = r[:, 4 * s:].view(torch.float32)[:, : layers * fields].reshape(r.shape[0], layers, fields)
         self._np = views(self.req.numpy(), self.rows.numpy(), s, shadow_shape) if device.type == "cpu" else None
-        self._ring: list[tuple[torch.Tensor, torch.Tensor]] = []  # pinned host copies, reused
+        self.stats = torch.empty(max_reqs, s, 4, dtype=torch.float32, device=device)
+        self._per_sample = torch.as_tensor(np.zeros(s, bool) if per_sample is None else per_sample, device=device)
+        self._width = torch.as_tensor(np.ones(s) if width is None else width, dtype=torch.float64, device=device)
+        self._ring: list[tuple[torch.Tensor, ...]] = []  # pinned host copies, reused
         self._free: deque[int] = deque()
         self._holders: dict[int, Snapshot] = {}
         self._order: deque[int] = deque()
@@ -160,18 +173,32 @@ class StatsBuffer:
         """Clear the first ``num_reqs`` request rows for a new step (one kernel on the GPU)."""
         self.req[:num_reqs].copy_(self._init.expand(num_reqs, -1))
 
-    def snapshot(self, num_reqs: int, num_rows: int) -> Snapshot:
-        """Copy the step's used tables to the host without blocking (into a slot of a pinned ring)."""
+    def finish(self, counts: np.ndarray) -> torch.Tensor:
+        """The step's statistics table from its sums, on the device: ``stats_table`` of the first
+        ``len(counts)`` requests, given each one's new tokens and whether it samples (``(R, 2)``)."""
+        r = len(counts)
+        c = torch.from_numpy(np.asarray(counts, dtype=np.float64))
+        if self.device.type == "cuda":  # a small copy behind the step's work, never a wait
+            c = c.pin_memory().to(self.device, non_blocking=True)
+        rows = torch.where(self._per_sample, c[:, 1:2], c[:, 0:1])  # (R, S): each site's rows per request
+        return stats_table(self.moments[:r], self.keys[:r], self.bad[:r], rows * self._width, out=self.stats[:r])
+
+    def snapshot(self, num_reqs: int, num_rows: int, counts: np.ndarray) -> Snapshot:
+        """Finish the step's statistics and copy its used tables to the host without blocking (into a
+        slot of a pinned ring); ``counts`` as ``finish`` takes them."""
+        stats = self.finish(counts)
         if self.device.type != "cuda":
-            return Snapshot(self, None, self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), None)
+            return Snapshot(self, None, self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), stats.clone(),
+                            None)
         slot = self._acquire()
-        req, rows = self._ring[slot]
-        req, rows = req[:num_reqs], rows[:num_rows]
+        req, rows, host_stats = self._ring[slot]
+        req, rows, host_stats = req[:num_reqs], rows[:num_rows], host_stats[:num_reqs]
         req.copy_(self.req[:num_reqs], non_blocking=True)
         rows.copy_(self.rows[:num_rows], non_blocking=True)
+        host_stats.copy_(stats, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        snap = Snapshot(self, slot, req, rows, done)
+        snap = Snapshot(self, slot, req, rows, host_stats, done)
         with self._ring_lock:
             self._holders[slot] = snap
             self._order.append(slot)
@@ -180,9 +207,8 @@ class StatsBuffer:
     def prepare_ring(self) -> None:
         """Allocate the pinned ring now (page-locking takes a while), not at the first step."""
         if not self._ring and self.device.type == "cuda":
-            self._ring = [(torch.empty(self.req.shape, dtype=self.req.dtype, pin_memory=True),
-                           torch.empty(self.rows.shape, dtype=self.rows.dtype, pin_memory=True))
-                          for _ in range(RING)]
+            self._ring = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                for t in (self.req, self.rows, self.stats)) for _ in range(RING)]
             self._free = deque(range(RING))
 
     def _acquire(self) -> int:
@@ -201,3 +227,30 @@ class StatsBuffer:
                 del self._holders[slot]
                 self._order.remove(slot)
                 self._free.append(slot)
+
+
+def key_floats(k: torch.Tensor) -> torch.Tensor:
+    """The float32 values of order-preserving keys (``devstats.float_keys_np``); the tables' initial
+    keys (no finite value seen) come back as NaN."""
+    out = torch.where(k >= 0, k, k ^ 0x7FFFFFFF).view(torch.float32)
+    return out.masked_fill((k == KEY_MIN_INIT) | (k == KEY_MAX_INIT), float("nan"))
+
+
+def stats_table(moments: torch.Tensor, keys: torch.Tensor, bad: torch.Tensor, values: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per request and site ``(R, S)``: mean, std, min and max of the finite values, float32 ``(R, S, 4)``.
+
+    From the tables' sums (float64), order-preserving keys of min and max, NaN and Inf counts, and
+    ``values``, how many values each request had at each site. std is the sample standard deviation
+    (0 for one value, NaN for none); a request with no finite value at a site has NaN everywhere.
+    """
+    n = values - (bad[..., 0] + bad[..., 1])  # finite values
+    s, ss = moments[..., 0], moments[..., 1]
+    mean = s / n
+    var = (ss - s * mean).clamp_(min=0.0) / (n - 1).clamp(min=1.0)
+    std = torch.where(n > 1, var.sqrt(), torch.where(n == 1, 0.0, float("nan")))
+    out = torch.empty(n.shape + (4,), dtype=torch.float32, device=n.device) if out is None else out
+    out[..., 0], out[..., 1] = mean, std
+    out[..., 2], out[..., 3] = key_floats(keys[..., 0]), key_floats(keys[..., 1])
+    out[..., 2:].masked_fill_((n == 0)[..., None], float("nan"))
+    return out

@@ -181,7 +181,7 @@ class LiveTimeline:
         rec = self._record(i)
         if rec is not None:
             ev = self.recorder.event_of(rec)
-            tabs = rec.tables(self.recorder.catalog, self.recorder.shadow is not None)
+            tabs = rec.tables(self.recorder.shadow is not None)
             return (ev, tabs) if tabs is not None else None
         ev = self._current()
         if ev is not None and i == self.recorder.num_records:
