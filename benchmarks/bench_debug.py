@@ -227,7 +227,8 @@ def main() -> None:
     for mode in modes:
         n = max(ENGINE_STEPS.get(mode, 1), 1)
         busy = {k: v for k, v in THREAD_CPU.get(mode, {}).items() if v > 0.01}
-        print(f"  {LABEL[mode]:<16}" + ", ".join(f"{k} {v / n * 1e3:.2f}" for k, v in sorted(busy.items())))
+        label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
+        print(f"  {label:<16}" + ", ".join(f"{k} {v / n * 1e3:.2f}" for k, v in sorted(busy.items())))
     per_check = min(timeit.repeat("if hooks.enabled: pass", globals={"hooks": hooks}, number=200_000,
                                   repeat=5)) / 200_000
     checks = len(hooks.expected_sites(llm.model_config.num_hidden_layers)) + 8 * llm.model_config.num_hidden_layers
