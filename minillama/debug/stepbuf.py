@@ -8,12 +8,15 @@ flat batch (``S`` = number of sites in the catalog, ``L`` layers, ``K`` shadow f
               | bad     (S, 2) int32:   NaN and Inf counts
               | shadow  (L, K) float32: the shadow-attention metrics of request r at each layer ]
     rows[i] = lanes (S, 2) int32: the content-hash lanes of row i at each site
+    stats[r] = (S, 4) float32: mean, std, min, max, finished from req[r] at the step's end
 
 Each step resets the first ``R`` request rows (one copy of a template row), the hook sites fill
-them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` copies ``req[:R]`` and
-``rows[:n]`` without blocking into a slot of a ring of pinned host buffers, with an event to wait
-on. Nothing else crosses to the host. A slot is given back once its tables are copied out (by the
-trace writer's thread, or on demand).
+them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` finishes ``stats`` (a few
+kernels: ``stats_table``, so the trace writer's thread does no arithmetic) and copies ``req[:R]``,
+``rows[:n]`` and ``stats[:R]`` without blocking into a slot of a ring of pinned host buffers, with
+an event to wait on. Nothing else crosses to the host. A slot is given back once its tables are
+read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first) or
+copied out (when the ring is full).
 """
 
 from __future__ import annotations
@@ -110,7 +113,8 @@ def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, in
     ``stats_table`` made from them, if given)."""
     r = req.shape[0]
     layers, fields = shadow_shape
-    return {"stats": stats,
+    return {
+        "stats": stats,
         "moments": req[:, : 2 * s].view(np.float64).reshape(r, s, 2),
         "keys": req[:, 2 * s: 3 * s].view(np.int32).reshape(r, s, 2),
         "bad": req[:, 3 * s: 4 * s].view(np.int32).reshape(r, s, 2),
