@@ -321,3 +321,12 @@ async def test_help_and_palette(planted):
         titles = [c.title for c in app.get_system_commands(app.screen)]
         assert "Breakpoint: shadow attention over the error budget" in titles
         assert not any("1e-3" in t for t in titles)
+
+
+def test_the_inspector_names_a_batch_s_rows_as_one_range():
+    """The batch row of the statistics table: adjacent requests' rows merge (4 requests: 0-4, not 0-1, 1-2)."""
+    from minillama_tui.widgets.inspector import rows_text
+
+    assert rows_text([(0, 1), (1, 2), (2, 3), (3, 4)]) == "0-4"
+    assert rows_text([(5, 9)]) == "5-9" and rows_text([]) == "-"
+    assert rows_text([(0, 2), (4, 6), (8, 9)]) == "0-2, 4-6, …"

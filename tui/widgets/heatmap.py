@@ -194,11 +194,14 @@ class HeatmapView(View):
             why = m.why.get((m.index[min(r, len(m.index) - 1)], c))
             if why:
                 here.append(f"  OVER: {why}", style="#ff5f5f")
-        axis = Text(" " * (LABEL - 5) + "step ", style="dim")
+        axis = Text(" " * (LABEL - 6) + "layer ", style="dim")  # the ticks are layers; rows are labelled by step
         for c in range(m.num_layers):
             axis.append(f"{c:<2}"[:2] if c % 5 == 0 else "  ", style="bold" if c == grid.cursor[1] else "dim")
-        axis.append(" ← layer", style="dim")
-        axis.truncate(max(self.size.width - 2, 10))
+        width = max(self.size.width - 2, 10)
+        axis.truncate(width)
+        if self.size.height and self.size.height < 16:  # a short pane: one line each, so grid rows still show
+            for line in (head, legend, here):
+                line.truncate(width, overflow="ellipsis")
         return Text("\n").join([head, legend, here, axis])
 
     def on_heat_grid_moved(self, _msg: Any) -> None:

@@ -125,7 +125,7 @@ class InspectorView(View):
         for label, st in rows:
             spans = st.get("rows") or []
             bad = f"{st.get('nan', 0)}/{st.get('inf', 0)}"
-            cell = {"request": label, "rows": ", ".join(f"{r[-2]}-{r[-1]}" for r in spans[:2]) if spans else "-",
+            cell = {"request": label, "rows": rows_text(spans),
                     "nan/inf": Text(bad, style="bold #ff5f5f" if bad != "0/0" else ""),
                     "hash": Text(str(st.get("hash") or "-"), style="dim")}
             t.add_row(*[cell[c] if c in cell else num(st.get(c), 4 if width >= 104 else 3) for c in cols])
@@ -194,3 +194,16 @@ class InspectorView(View):
             t.append(repr(tok.piece(tid)) if tok else "", style="bold")
             t.append("   ")
         return t
+
+
+def rows_text(spans: list) -> str:
+    """Row ranges ``[..., start, end]`` as text, adjacent ones merged (a whole batch is one range)."""
+    merged: list[list[int]] = []
+    for r in spans:
+        if merged and merged[-1][1] == r[-2]:
+            merged[-1][1] = r[-1]
+        else:
+            merged.append([r[-2], r[-1]])
+    if not merged:
+        return "-"
+    return ", ".join(f"{a}-{b}" for a, b in merged[:2]) + (", …" if len(merged) > 2 else "")
