@@ -190,6 +190,19 @@ def test_compare_matches_requests_by_prompt_ids(planted, clean):
         Comparison(a, open_trace(SHIPPED))
 
 
+def test_a_request_compared_over_the_whole_batch_says_so(planted, clean, monkeypatch):
+    """A side without per-request statistics (format 1) compares the whole batch: the diff says so, and a
+    difference from statistics alone is a lower bound."""
+    a, b = open_trace(planted), open_trace(clean)
+    comp = Comparison(a, b)
+    seq_a = a.event(0)["batch"]["seqs"][0]["seq_id"]
+    assert not comp.site(0, "embed", seq_a).whole_batch
+    real = b.stats
+    monkeypatch.setattr(b, "stats", lambda i, site, seq_id=None: None if seq_id is not None else real(i, site))
+    got = comp.site(0, "embed", seq_a)
+    assert got.whole_batch and got.method == "equal" and not comp.site(0, "embed").whole_batch
+
+
 def test_heatmap_of_1000_steps_is_fast(planted, tmp_path):
     """Build a 1,000-step trace by repeating the planted one's steps (same blobs, new lines) and map it."""
     import json

@@ -35,7 +35,9 @@ class SiteDiff:
     a: dict[str, Any] | None
     b: dict[str, Any] | None
     max_abs: float | None  # None: not comparable
-    method: str  # equal, full, stats, missing, unaligned
+    method: str  # equal, full, stats (then max_abs is a lower bound), missing, unaligned
+    # Asked for one request but measured over the whole batch (a side kept no per-request statistics).
+    whole_batch: bool = False
 
     @property
     def over(self) -> bool:
@@ -108,6 +110,7 @@ class Comparison:
         """``site`` at step ``i`` for A's request ``seq_a`` (None: the whole batch). Without per-request
         statistics on one side (format 1) a request is compared through the whole batch when both batches match."""
         seq_b = self.pairs.get(seq_a) if seq_a is not None else None
+        asked = seq_a is not None
         if seq_a is not None:
             if seq_b is None or (seq_a, seq_b) not in self.aligned(i):
                 return SiteDiff(site, None, None, None, "unaligned")
@@ -118,19 +121,20 @@ class Comparison:
             if not self.same_batch(i):
                 return SiteDiff(site, None, None, None, "unaligned")
             sa, sb = self.a.stats(i, site), self.b.stats(i, site)
+        batch = asked and seq_a is None
         if sa is None or sb is None:
-            return SiteDiff(site, sa, sb, None, "missing")
+            return SiteDiff(site, sa, sb, None, "missing", batch)
         if sa.get("hash") and sa.get("hash") == sb.get("hash") and sa.get("dtype") == sb.get("dtype"):
-            return SiteDiff(site, sa, sb, 0.0, "equal")
+            return SiteDiff(site, sa, sb, 0.0, "equal", batch)
         exact = self._full(i, site, seq_a, seq_b)
         if exact is not None:
-            return SiteDiff(site, sa, sb, exact, "full")
+            return SiteDiff(site, sa, sb, exact, "full", batch)
         bound = 0.0
         for key in ("mean", "absmax"):
             x, y = float(sa.get(key, math.nan)), float(sb.get(key, math.nan))
             if math.isfinite(x) and math.isfinite(y):
                 bound = max(bound, abs(x - y))
-        return SiteDiff(site, sa, sb, bound, "stats")
+        return SiteDiff(site, sa, sb, bound, "stats", batch)
 
     def tensors(self, i: int, site: str, seq_a: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Both sides' rows of ``site`` (of one matched request, or the whole batch) when kept in full."""

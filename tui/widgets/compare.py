@@ -30,6 +30,7 @@ class CompareView(View):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.summary: tuple[Any, Any] | None = None
+        self._batch_only = False  # the table's request rows fell back to the whole batch
 
     def compose(self) -> ComposeResult:
         yield Static(classes="view-body")
@@ -84,8 +85,11 @@ class CompareView(View):
         out.append(str(i), style="bold")
         out.append(" · ")
         out.append_text(seq_label(seq_a) if seq_a is not None else Text("whole batch"))
-        out.append("   Enter: go to the site", style="dim")
         self._fill(table, i, seq_a)
+        if seq_a is not None and self._batch_only:
+            out.append("  (rows marked \"whole batch\": a trace kept no per-request statistics there, format 1)",
+                       style="#ffd75f")
+        out.append("   Enter: go to the site", style="dim")
         return out
 
     def _fill(self, table: DataTable, i: int, seq_a: int | None) -> None:
@@ -97,13 +101,16 @@ class CompareView(View):
         # the difference first, so a narrow terminal cuts the means rather than it
         for col in ("site", "|A-B|", "A mean", "B mean", "A absmax", "B absmax", "how"):
             table.add_column(col, key=col)
-        for d in self.ctx.compare.sites(i, seq_a):
+        diffs = self.ctx.compare.sites(i, seq_a)
+        for d in diffs:
             a, b = d.a or {}, d.b or {}
-            hot = d.over
-            table.add_row(Text(d.site), Text(num(d.max_abs, 3), style="bold #ff5f5f" if hot else ""),
+            bound = "≥" if d.method == "stats" and d.max_abs else ""  # a lower bound, from the statistics
+            how = d.method + (", whole batch" if d.whole_batch else "")
+            table.add_row(Text(d.site), Text(bound + num(d.max_abs, 3), style="bold #ff5f5f" if d.over else ""),
                           num(a.get("mean"), 3), num(b.get("mean"), 3), num(a.get("absmax"), 3),
-                          num(b.get("absmax"), 3), Text(d.method, style="dim"), key=d.site)
+                          num(b.get("absmax"), 3), Text(how, style="dim"), key=d.site)
         self._filled, self._step = key, i
+        self._batch_only = any(d.whole_batch for d in diffs)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
