@@ -143,11 +143,15 @@ async def test_footer_while_typing_shows_no_debugger_keys(live):
         await settle(pilot, app)
         shown = lambda: {k.action for k in app.main.query("FooterKey")}  # noqa: E731
         assert {"back_step", "help", "quit"} <= shown()
+        box = app.main.query_one("#prompt")
+        assert box.placeholder.startswith("press /")  # the line says how to start typing, not what to do inside
         await press(pilot, app, "slash")
         await pilot.pause(0.1)
         assert not {"back_step", "help", "quit", "step"} & shown() and "unfocus" in shown()
+        assert "Enter sends it" in box.placeholder
         await press(pilot, app, "escape")
         await pilot.pause(0.1)
+        assert box.placeholder.startswith("press /")
         assert "back_step" in shown()
 
 

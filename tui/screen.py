@@ -37,6 +37,8 @@ from .widgets.requests import RequestsView
 from .widgets.where import WhereView
 
 #: In DOM order: in the split layout the left view comes first, then attention, then the inspector.
+PROMPT_IDLE = "press / to type a prompt"
+PROMPT_TYPING = "type a prompt; Enter sends it, Escape leaves"
 VIEWS = {"kv": KVCacheView, "diff": DiffView, "requests": RequestsView, "heatmap": HeatmapView,
          "compare": CompareView, "attention": AttentionView, "inspector": InspectorView}
 SPLIT_WIDTH = 140  # from here on: diff | attention over inspector, side by side
@@ -92,7 +94,7 @@ class DebugScreen(Opening, LiveControl, Breaks, Selection, Screen):
         with Container(id="views"):
             for name, cls in VIEWS.items():
                 yield cls(id=name, classes="view").data_bind(**bound)
-        yield Input(placeholder="type a prompt; Enter sends it, Escape leaves", id="prompt")
+        yield Input(placeholder=PROMPT_IDLE, id="prompt")
         yield DebugFooter()
 
     def on_mount(self) -> None:
@@ -171,10 +173,17 @@ class DebugScreen(Opening, LiveControl, Breaks, Selection, Screen):
         return True
 
     def on_descendant_focus(self) -> None:
+        self._prompt_hint()
         self.refresh_bindings()
 
     def on_descendant_blur(self) -> None:
+        self._prompt_hint()
         self.refresh_bindings()
+
+    def _prompt_hint(self) -> None:
+        """The prompt line says how to start typing, and once it has focus, how to send or leave."""
+        box = self.query_one("#prompt", Input)
+        box.placeholder = PROMPT_TYPING if self.focused is box else PROMPT_IDLE
 
     # ---- cursor moves ---------------------------------------------------------------------------
     def action_step(self) -> None:
