@@ -51,7 +51,9 @@ class HelpScreen(ModalScreen[None]):
         for key, what in KEYS:
             t.add_row(key, what)
         with VerticalScroll(id="help-box"):
-            yield Static(Text("minillama-tui: keys", style="bold"))
+            title = Text("minillama-tui: keys", style="bold")
+            title.append("   (escape, q or ? closes this)", style="dim")
+            yield Static(title)
             yield Static(t)
             yield Static(Text("\n" + ABOUT, style="dim"))
 

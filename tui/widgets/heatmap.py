@@ -164,8 +164,8 @@ class HeatmapView(View):
         head = Text(f"{what}, step × layer: {plural(len(m.index), 'step')}, {plural(m.num_layers, 'layer')}; ",
                     style="bold")
         if kind == "ratio" and not np.isfinite(values).any():
-            head.append("no shadow attention in this run, nothing to judge (record or start with --shadow)",
-                        style="#d7af00")
+            how = "start with --shadow" if self.ctx.live else "this trace was recorded without --shadow"
+            head.append(f"no shadow attention in this run, nothing to judge ({how})", style="#d7af00")
         elif kind == "ratio":
             head.append(f"{m.num_over} cells over the budget" if m.num_over else "every cell within the budget",
                         style="#ff5f5f" if m.num_over else "#5fd75f")
