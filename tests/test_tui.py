@@ -330,3 +330,12 @@ def test_the_inspector_names_a_batch_s_rows_as_one_range():
     assert rows_text([(0, 1), (1, 2), (2, 3), (3, 4)]) == "0-4"
     assert rows_text([(5, 9)]) == "5-9" and rows_text([]) == "-"
     assert rows_text([(0, 2), (4, 6), (8, 9)]) == "0-2, 4-6, …"
+
+
+def test_prompts_that_start_alike_still_differ_in_a_narrow_column():
+    """The requests table cuts a long prompt in the middle (80 columns showed two "What is the capit…")."""
+    from minillama_tui.format import middle
+
+    a, b = middle("What is the capital of France?", 18), middle("What is the capital of Italy?", 18)
+    assert a != b and len(a) == len(b) == 18 and a.endswith("France?") and "…" in a
+    assert middle("short", 18) == "short"

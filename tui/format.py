@@ -68,6 +68,16 @@ def head(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def middle(text: str, width: int) -> str:
+    """``text`` on one line in ``width`` characters, cut in the middle when too long: prompts that start
+    alike ("What is the capital of ...") still differ by their ends."""
+    text = flat(text)
+    if len(text) <= width or width < 5:
+        return head(text, width)
+    end = (width - 1) // 2
+    return text[: width - 1 - end] + "…" + text[len(text) - end:]
+
+
 def user_part(prompt: str) -> str:
     """The user's message of a chat-templated prompt (the whole text when there is no template)."""
     for start, end in (("<|im_start|>user\n", "<|im_end|>"),

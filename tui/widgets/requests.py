@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
-from ..format import flat, head, plural, seq_label, tail, user_part
+from ..format import flat, middle, plural, seq_label, tail, user_part
 from .base import Choose, View
 from .where import seq_role
 
@@ -52,7 +52,7 @@ class RequestsView(View):
                     state = Text("not in this step", style="dim")
                 prompt = user_part(self.prompt_of(sid, known))
                 table.add_row(seq_label(sid), state, Text(str(len(r.get("token_ids") or [])), justify="right"),
-                              Text(head(prompt, text_w) if prompt else "(prompt not recorded)",
+                              Text(middle(prompt, text_w) if prompt else "(prompt not recorded)",
                                    style="italic" if prompt else "dim"),
                               Text(tail(r.get("text") or "", text_w)), key=str(sid))
             self._filled = key
