@@ -158,6 +158,9 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
         THREAD_CPU[mode] = {name: cpu[name] - cpu0.get(name, 0.0) for name in cpu}
     finally:
         llm.runner.graphs = graphs
+        recorder = rec if rec is not None else getattr(session, "recorder", None)
+        if recorder is not None:
+            EVICTIONS[mode] = recorder.buffer.evictions
         if rec is not None:
             rec.detach()
         if session is not None:
@@ -228,7 +231,8 @@ def main() -> None:
         n = max(ENGINE_STEPS.get(mode, 1), 1)
         busy = {k: v for k, v in THREAD_CPU.get(mode, {}).items() if v > 0.01}
         label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
-        print(f"  {label:<16}" + ", ".join(f"{k} {v / n * 1e3:.2f}" for k, v in sorted(busy.items())))
+        evicted = f"; ring slots copied out by the engine: {EVICTIONS[mode]}" if EVICTIONS.get(mode) else ""
+        print(f"  {label:<16}" + ", ".join(f"{k} {v / n * 1e3:.2f}" for k, v in sorted(busy.items())) + evicted)
     per_check = min(timeit.repeat("if hooks.enabled: pass", globals={"hooks": hooks}, number=200_000,
                                   repeat=5)) / 200_000
     checks = len(hooks.expected_sites(llm.model_config.num_hidden_layers)) + 8 * llm.model_config.num_hidden_layers
@@ -241,6 +245,7 @@ def main() -> None:
 ARGS: argparse.Namespace
 ENGINE_STEPS: dict[str, int] = {}  # engine steps of each mode's last run
 THREAD_CPU: dict[str, dict[str, float]] = {}  # CPU seconds per thread during each mode's last timed run
+EVICTIONS: dict[str, int] = {}  # steps whose tables the engine thread copied out of a full ring (GPU)
 
 if __name__ == "__main__":
     main()

@@ -159,6 +159,7 @@ class StatsBuffer:
         self._holders: dict[int, Snapshot] = {}
         self._order: deque[int] = deque()
         self._ring_lock = threading.Lock()
+        self.evictions = 0
 
     @property
     def max_reqs(self) -> int:
@@ -216,13 +217,15 @@ class StatsBuffer:
             self._free = deque(range(RING))
 
     def _acquire(self) -> int:
-        """A free ring slot; when all are held, the oldest snapshot is copied out to free its slot."""
+        """A free ring slot; when all are held, the oldest snapshot is copied out to free its slot (on
+        the engine's thread: ``evictions`` counts them, a sign that the trace writer fell behind)."""
         self.prepare_ring()
         while True:
             with self._ring_lock:
                 if self._free:
                     return self._free.popleft()
                 oldest = self._holders[self._order[0]]
+            self.evictions += 1
             oldest.copy_out()
 
     def _release(self, slot: int, snap: Snapshot) -> None:
