@@ -85,6 +85,8 @@ class Blob:
         dtype, shape, begin, end = e
         if dtype not in _NUMPY:
             return self.get(name).float().numpy()
+        if end == begin:
+            return np.empty(shape, _NUMPY[dtype])
         return np.frombuffer(self._mm, _NUMPY[dtype], math.prod(shape), self._base + begin).reshape(shape)
 
     def get(self, name: str) -> torch.Tensor | None:
