@@ -29,6 +29,7 @@ from minillama.debug.finishing import StepFinisher
 from minillama.debug.records import (
     StepRecord,
     capture_batch,
+    samples_this_step,
     site_catalog,
     site_columns,
     step_counts,
@@ -208,7 +209,7 @@ class Recorder:
                                           "generated": s.completion_token_ids}
         self._catch_up = False
         samples = sum(1 for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                      if s.num_computed_tokens + n == len(s))
+                      if samples_this_step(s.num_computed_tokens, n, len(s)))
         self._cur = self._open[info["step"]] = _Open(info["step"], capture_batch(batch, engine), reqs, rows, samples,
                                                       prompts, time.perf_counter(), ok, full=catch_up)
 

@@ -78,6 +78,12 @@ def capture_batch(batch, engine) -> dict[str, Any]:
     }
 
 
+def samples_this_step(start: int, new: int, length: int) -> bool:
+    """Whether a request that had ``start`` tokens computed and computes ``new`` more of its ``length``
+    samples a token at this step (its last known token is computed)."""
+    return start + new == length
+
+
 def batch_arrays(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     """``capture_batch``'s numbers as the blob's batch tables (``trace/batch.py``)."""
     seqs = raw["seqs"]
@@ -85,7 +91,8 @@ def batch_arrays(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     table = np.full((len(seqs), width), -1, dtype=np.int32)
     rows = np.zeros((len(seqs), len(SEQ_COLUMNS)), dtype=np.int64)
     for i, (sid, plen, length, start, n, cached, pre, bt) in enumerate(seqs):
-        flags = (FLAG_SAMPLES if start + n == length else 0) | (FLAG_RECOMPUTE if n > 1 and start + n > plen else 0)
+        flags = (FLAG_SAMPLES if samples_this_step(start, n, length) else 0) | \
+            (FLAG_RECOMPUTE if n > 1 and start + n > plen else 0)
         rows[i] = (sid, plen, length, start, n, cached, pre, flags)
         table[i, : len(bt)] = bt
     blocks = np.asarray(raw["blocks"], dtype=np.int64).reshape(-1, 3)  # in block order
@@ -123,7 +130,7 @@ def step_counts(raw: dict[str, Any]) -> np.ndarray:
     seqs = raw["seqs"]
     out = np.zeros((len(seqs), 2))
     for i, (_sid, _plen, length, start, n, *_rest) in enumerate(seqs):
-        out[i] = n, start + n == length
+        out[i] = n, samples_this_step(start, n, length)
     return out
 
 

@@ -95,8 +95,7 @@ class Snapshot:
                 return bool(self._tables["bad"].any())
             if self.done is not None:
                 self.done.synchronize()
-            s = self.num_sites
-            return bool(self.req.numpy()[:, 3 * s: 4 * s].any())
+            return bool(self._views()["bad"].any())
 
     def _views(self) -> dict[str, np.ndarray]:
         return views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape, self.stats.numpy())

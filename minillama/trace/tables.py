@@ -140,7 +140,7 @@ def judge(metrics: dict[str, Any], ratio: float = BUDGET_RATIO) -> str | None:
 
     Over: either backend's error, by max-abs or by RMS, is more than ``ratio`` times plain attention's
     at the same precision (the budget is floored at rounding units of the output: one for half
-    precision, eight for float32, so two correct kernels are never over on rounding alone). Records of
+    precision, ``_FLOOR_UNITS`` for float32/64, so two correct kernels are never over on rounding alone). Records of
     format 1 carry only ``budget_ratio``. A ratio that is NaN is over.
     """
     for key in RULE_KEYS:
