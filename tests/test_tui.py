@@ -325,7 +325,7 @@ async def test_help_and_palette(planted):
 
 def test_the_inspector_names_a_batch_s_rows_as_one_range():
     """The batch row of the statistics table: adjacent requests' rows merge (4 requests: 0-4, not 0-1, 1-2)."""
-    from minillama_tui.widgets.inspector import rows_text
+    from minillama_tui.format import rows_text
 
     assert rows_text([(0, 1), (1, 2), (2, 3), (3, 4)]) == "0-4"
     assert rows_text([(5, 9)]) == "5-9" and rows_text([]) == "-"

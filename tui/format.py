@@ -78,6 +78,19 @@ def middle(text: str, width: int) -> str:
     return text[: width - 1 - end] + "…" + text[len(text) - end:]
 
 
+def rows_text(spans: list) -> str:
+    """Row ranges ``[..., start, end]`` as text, adjacent ones merged (a whole batch is one range)."""
+    merged: list[list[int]] = []
+    for r in spans:
+        if merged and merged[-1][1] == r[-2]:
+            merged[-1][1] = r[-1]
+        else:
+            merged.append([r[-2], r[-1]])
+    if not merged:
+        return "-"
+    return ", ".join(f"{a}-{b}" for a, b in merged[:2]) + (", …" if len(merged) > 2 else "")
+
+
 def user_part(prompt: str) -> str:
     """The user's message of a chat-templated prompt (the whole text when there is no template)."""
     for start, end in (("<|im_start|>user\n", "<|im_end|>"),

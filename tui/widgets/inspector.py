@@ -18,7 +18,7 @@ from minillama import hooks
 from minillama.debug.keys import host, largest_difference, largest_value, rows_of
 from minillama.trace.tables import request_rows
 
-from ..format import num, plural, seq_label
+from ..format import num, plural, rows_text, seq_label
 from .base import Choose, View
 from .slices import locus_line, value_table
 
@@ -194,16 +194,3 @@ class InspectorView(View):
             t.append(repr(tok.piece(tid)) if tok else "", style="bold")
             t.append("   ")
         return t
-
-
-def rows_text(spans: list) -> str:
-    """Row ranges ``[..., start, end]`` as text, adjacent ones merged (a whole batch is one range)."""
-    merged: list[list[int]] = []
-    for r in spans:
-        if merged and merged[-1][1] == r[-2]:
-            merged[-1][1] = r[-1]
-        else:
-            merged.append([r[-2], r[-1]])
-    if not merged:
-        return "-"
-    return ", ".join(f"{a}-{b}" for a, b in merged[:2]) + (", …" if len(merged) > 2 else "")
