@@ -96,8 +96,9 @@ def in_thread(fn, *args):
     return box[0]
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds each live Python thread has used, by thread name (Linux /proc; {} elsewhere).
+def thread_cpu() -> dict[str, tuple[float, float]]:
+    """CPU seconds (user, system) each live Python thread has used, by thread name (Linux /proc; {}
+    elsewhere). System time is the kernel's (writes, fsync): the GIL is not held for it.
 
     At 256 requests a recording's cost is host work (the engine thread's and the trace writer's
     Python, which share the GIL), so the table says how much of it each thread does per step.
@@ -110,7 +111,7 @@ def thread_cpu() -> dict[str, float]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except (OSError, IndexError, TypeError):
             continue
-        out[t.name] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        out[t.name] = (int(fields[11]) / tick, int(fields[12]) / tick)  # utime, stime
     return out
 
 
@@ -155,7 +156,8 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
         dt = time.perf_counter() - t
         ENGINE_STEPS[mode] += llm.num_steps
         cpu = thread_cpu()
-        THREAD_CPU[mode] = {name: cpu[name] - cpu0.get(name, 0.0) for name in cpu}
+        THREAD_CPU[mode] = {name: tuple(a - b for a, b in zip(cpu[name], cpu0.get(name, (0.0, 0.0)), strict=True))
+                            for name in cpu}
     finally:
         llm.runner.graphs = graphs
         recorder = rec if rec is not None else getattr(session, "recorder", None)
@@ -192,9 +194,13 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval(S) first: how long a thread "
+                    "waiting for the GIL lets the holder run (Python's default 0.005 s)")
     ap.add_argument("--keep-trace", metavar="DIR", help="keep the last shadow (else stats) recording in DIR, e.g. "
                     "for `bench_tui.py --trace DIR`")
     ARGS = a = ap.parse_args()
+    if a.switch_interval:
+        sys.setswitchinterval(a.switch_interval)
     modes = [m for m in a.modes.split(",") if m]
     bad = [m for m in modes if m not in ALL_MODES]
     if bad:
@@ -220,7 +226,8 @@ def main() -> None:
     base = next((t for m, t, _, _ in rows if m == "plain"), rows[0][1])
     name = {"builtin": "SmolLM2-135M"}.get(a.model, f"Llama-3.2-{a.model}-shaped")
     print(f"\n{name}, {a.device} ({torch.cuda.get_device_name() if a.device != 'cpu' else 'cpu'}), "
-          f"backend {a.backend}, shadow {a.shadow}, workload {a.workload}: {len(prompts)} requests, {tokens} tokens")
+          f"backend {a.backend}, shadow {a.shadow}, workload {a.workload}: {len(prompts)} requests, {tokens} tokens; "
+          f"switch interval {sys.getswitchinterval() * 1e3:g} ms")
     print(f"{'mode':<16}{'requests':>9}{'tokens':>9}{'seconds':>10}{'tok/s':>10}{'slowdown':>10}{'bytes/step':>12}")
     for mode, t, size, steps in rows:
         per = f"{size / steps:,.0f}" if steps else "-"
@@ -229,10 +236,11 @@ def main() -> None:
     print("host CPU per engine step (ms), by thread, during the timed run (Linux):")
     for mode in modes:
         n = max(ENGINE_STEPS.get(mode, 1), 1)
-        busy = {k: v for k, v in THREAD_CPU.get(mode, {}).items() if v > 0.01}
+        busy = {k: v for k, v in THREAD_CPU.get(mode, {}).items() if sum(v) > 0.01}
         label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
         evicted = f"; ring slots copied out by the engine: {EVICTIONS[mode]}" if EVICTIONS.get(mode) else ""
-        print(f"  {label:<16}" + ", ".join(f"{k} {v / n * 1e3:.2f}" for k, v in sorted(busy.items())) + evicted)
+        print(f"  {label:<16}" + ", ".join(f"{k} {sum(v) / n * 1e3:.2f} (sys {v[1] / n * 1e3:.2f})"
+                                           for k, v in sorted(busy.items())) + evicted)
     per_check = min(timeit.repeat("if hooks.enabled: pass", globals={"hooks": hooks}, number=200_000,
                                   repeat=5)) / 200_000
     checks = len(hooks.expected_sites(llm.model_config.num_hidden_layers)) + 8 * llm.model_config.num_hidden_layers

@@ -13,6 +13,7 @@ import torch
 from minillama import LLM, SamplingParams, hooks
 from minillama.debug import devstats
 from minillama.debug.recorder import Recorder
+from minillama.debug.stepbuf import RING
 from minillama.trace.tables import site_stats
 from tests.test_devstats import M32, Spy, py_lanes, row_words
 
@@ -191,6 +192,21 @@ def test_graph_recording_equals_eager_recording(llm):
             for req in range(len(eg["batch"]["seqs"])):
                 assert site_stats(tg, catalog[slot], slot, eg["batch"], req)["hash"] == \
                     site_stats(te, catalog[slot], slot, ee["batch"], req)["hash"], (eg["step"], name, req)
+
+
+def test_steps_that_leave_a_short_history_free_their_ring_slots(llm):
+    """No trace writer (a headless session): steps past the history give their pinned slot back unread,
+    so the engine never copies a slot out, and the steps still held read back."""
+    rec = Recorder(llm, history=4)
+    first = rec.num_records
+    rec.attach()
+    try:
+        llm.generate(_prompts(llm, 4), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    finally:
+        rec.detach()
+    assert rec.num_records - first > 3 * RING and rec.buffer.evictions == 0
+    for r in rec.history:
+        assert r.tables(False)["stats"].shape[0] == len(rec.event_of(r)["batch"]["seqs"])
 
 
 @pytest.mark.parametrize("active,shadow", [("flash-attn", "torch"), ("torch", "reference")])

@@ -160,12 +160,10 @@ def test_a_failing_disk_stops_the_trace_not_the_engine(tiny, tmp_path, monkeypat
     llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
     rec = Recorder(llm)
     writer = TraceWriter(tmp_path / "full", build_manifest(llm, rec))
-    calls = {"n": 0}
     real = writer._data.write
 
-    def write(data):
-        calls["n"] += 1
-        if calls["n"] > 3:
+    def write(data):  # the disk fills once three steps are in
+        if writer.num_steps >= 3:
             raise OSError(28, "No space left on device")
         return real(data)
 

@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from minillama import LLM, hooks
 from minillama.debug.recorder import Recorder
 from minillama.trace import TraceError, TraceReader, TraceWriter
 from minillama.trace.cli import cmd_info  # noqa: F401  (the command exists)
+from minillama.trace.safetensors_blob import encode
 from tests.traces import record_trace
 
 PROMPTS = ["w5 w6 w7 w8 w9", "w10 w11"]
@@ -57,6 +59,22 @@ def test_round_trip_is_bit_exact(tiny_llama_dir, tmp_path):
     for (k, site), t in seen.items():
         back = r.tensor(k - first, site)
         assert back.dtype == t.dtype and torch.equal(back.view(torch.uint8), t.contiguous().view(torch.uint8)), site
+
+
+def test_a_blob_is_safetensors_as_the_library_reads_it():
+    """The writer's own blob encoder against the safetensors package: same tensors, bit for bit."""
+    from safetensors.torch import load
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"bf16": torch.randn(3, 5, generator=g).bfloat16(), "f32": np.arange(7, dtype=np.float32),
+               "i64": np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2], "empty": np.zeros((0, 4), np.int32),
+               "scalar": torch.tensor(2.5, dtype=torch.float64), "i32": torch.arange(6, dtype=torch.int32)[::2]}
+    back = load(b"".join(bytes(p) for p in encode(tensors)))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        want = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+        assert back[k].dtype == want.dtype and back[k].shape == want.shape and torch.equal(back[k], want), k
+    assert encode({}) == []
 
 
 def test_reader_api_on_a_recorded_trace(recorded):

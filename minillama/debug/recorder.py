@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from minillama import hooks
@@ -297,6 +298,8 @@ class Recorder:
         rec = StepRecord(st.step, event, st.raw, st.snapshot if st.ok else None, st.full, self.num_records)
         self.num_records += 1
         self.finisher.add(rec)
+        full = self.keep_history and len(self.history) == self.history.maxlen
+        leaving = self.history[0] if full else None
         if self.keep_history:
             self.history.append(rec)
         if self.sink is not None and not self.sink.submit(lambda r=rec: self.written(r)):
@@ -304,6 +307,10 @@ class Recorder:
             self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
         if self.on_record is not None:
             self.on_record(rec)
+        if self.sink is None:  # nobody writes steps out: one that left the history frees its ring slot
+            gone = leaving if self.keep_history else rec
+            if gone is not None and gone.snapshot is not None:
+                gone.snapshot.drop()
 
     # ---- finished steps (the writer's thread, or a live view: finishing.py) ----------------------
     def event_of(self, rec: StepRecord) -> dict[str, Any]:
@@ -312,13 +319,13 @@ class Recorder:
         rec.event["batch"] = rec.batch()
         return rec.event
 
-    def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor | np.ndarray]]:
         """What the trace writer stores: the event without its ``batch`` (its tables are in the blob)."""
         self.finisher.upto(rec)
-        tensors = dict(rec.full)
+        tensors: dict[str, torch.Tensor | np.ndarray] = dict(rec.full)
         if rec.snapshot is not None:
             tensors.update(table_tensors(rec.tables(self.shadow is not None)))
-        tensors.update({k: torch.from_numpy(v) for k, v in rec.arrays().items()})
+        tensors.update(rec.arrays())
         return {k: v for k, v in rec.event.items() if k != "batch"}, tensors
 
 

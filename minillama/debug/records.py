@@ -134,10 +134,10 @@ def step_counts(raw: dict[str, Any]) -> np.ndarray:
     return out
 
 
-def table_tensors(tables: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def table_tensors(tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The tables under their tensor names in a step's blob."""
     names = {"stats": T_STATS, "bad": T_BAD, "hash": T_HASH, "shadow": T_SHADOW}
-    return {names[k]: torch.from_numpy(v) for k, v in tables.items() if v is not None}
+    return {names[k]: v for k, v in tables.items() if v is not None}
 
 
 @dataclass

@@ -15,8 +15,8 @@ them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` finishes ``stat
 kernels: ``stats_table``, so the trace writer's thread does no arithmetic) and copies ``req[:R]``,
 ``rows[:n]`` and ``stats[:R]`` without blocking into a slot of a ring of pinned host buffers, with
 an event to wait on. Nothing else crosses to the host. A slot is given back once its tables are
-read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first) or
-copied out (when the ring is full).
+read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied
+out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Snapshot:
         waits for the copies and gives the ring slot back."""
         self.copy_out()
         if self._tables is None:
-            raise RuntimeError("this step's raw tables were decoded in place (decoded) and are gone")
+            raise RuntimeError("this step's raw tables are gone: decoded in place, or dropped with the step")
         return self._tables
 
     def copy_out(self) -> None:
@@ -97,7 +97,16 @@ class Snapshot:
                 self.done.synchronize()
             return bool(self._views()["bad"].any())
 
+    def drop(self) -> None:
+        """Give the ring slot back unread: nobody can ask for this step's tables any more (a session's
+        step that left its history with no trace being written). Later reads raise."""
+        with self._lock:
+            if self._tables is None and self._decoded is None and self.req is not None:
+                self._give_back()
+
     def _views(self) -> dict[str, np.ndarray]:
+        if self.req is None:
+            raise RuntimeError("this step's tables were dropped: it left the history unwritten")
         return views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape, self.stats.numpy())
 
     def _give_back(self) -> None:

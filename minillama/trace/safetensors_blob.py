@@ -1,8 +1,10 @@
-"""Read one safetensors blob out of a larger file (format 2's ``data.bin``), checking every number.
+"""One safetensors blob inside a larger file (format 2's ``data.bin``): made by ``encode``, read by ``Blob``.
 
 The safetensors layout is an 8-byte little-endian header length, a JSON header
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` and the raw bytes. Nothing is
 unpickled; a header that lies about sizes, offsets or dtypes is refused with one ``TraceError``.
+``encode`` hands back the header and each array's own memory, for the writer to write in turn: no
+copy into one bytes object, and the GIL is free while the file takes them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _NUMPY = {t: torch.empty(0, dtype=t).numpy().dtype for t in _DTYPES.values() if t != torch.bfloat16}
+_NAME_OF_NUMPY = {np.dtype(d): name for name, t in _DTYPES.items() if (d := _NUMPY.get(t)) is not None}
+_NAME_OF_TORCH = {t: name for name, t in _DTYPES.items()}
 #: A header longer than this is not one the writer makes.
 MAX_HEADER = 64 << 20
 
@@ -100,3 +104,35 @@ class Blob:
         with memoryview(self._mm) as mv:  # one copy, straight from the map (a slice of mm would be two)
             raw = bytearray(mv[self._base + begin: self._base + end])
         return torch.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _raw(value: np.ndarray | torch.Tensor) -> tuple[str, list[int], memoryview]:
+    """The safetensors dtype name, shape and C-ordered bytes of a host array or tensor."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        name, shape = _NAME_OF_TORCH.get(t.dtype), list(t.shape)
+        if name is None:
+            raise TypeError(f"a trace cannot store {t.dtype} tensors")
+        arr = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+    else:
+        arr = np.ascontiguousarray(value)
+        name, shape = _NAME_OF_NUMPY.get(arr.dtype), list(arr.shape)
+        if name is None:
+            raise TypeError(f"a trace cannot store {arr.dtype} arrays")
+    return name, shape, memoryview(arr.reshape(-1)).cast("B")
+
+
+def encode(tensors: dict[str, np.ndarray | torch.Tensor]) -> list[bytes | memoryview]:
+    """One safetensors blob of host arrays or tensors, as the pieces to write in order (the header,
+    then each one's bytes, not copied); [] for none."""
+    if not tensors:
+        return []
+    header, parts, at = {}, [], 0
+    for name, value in tensors.items():
+        dtype, shape, data = _raw(value)
+        header[str(name)] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + data.nbytes]}
+        parts.append(data)
+        at += data.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return [struct.pack("<Q", len(text)) + text, *parts]

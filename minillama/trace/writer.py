@@ -20,9 +20,11 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 import torch
 
 from minillama.trace.format import DATA, EVENTS, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TraceError
+from minillama.trace.safetensors_blob import encode
 
 # room kept under the size cap for the final "stopped" line
 _FINAL_LINE_RESERVE = 256
@@ -78,16 +80,6 @@ def _write_durable(path: str, data: bytes) -> None:
     _fsync_dir(os.path.dirname(path) or ".")
 
 
-def encode_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
-    """One safetensors blob of CPU copies of ``tensors`` (b"" for none)."""
-    from safetensors.torch import save
-
-    if not tensors:
-        return b""
-    cpu = {str(k): t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    return save(cpu)
-
-
 class TraceWriter:
     """Appends steps to a new trace folder: ``write_step(event, tensors) -> bool`` and ``close(reason)``.
 
@@ -132,7 +124,7 @@ class TraceWriter:
         _fsync_dir(self.path)
 
     # ---- per step -------------------------------------------------------------------------------
-    def write_step(self, event: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None,
+    def write_step(self, event: dict[str, Any], tensors: dict[str, torch.Tensor | np.ndarray] | None = None,
                    sync: bool = True) -> bool:
         """Append one step (its blob first, then its event line). False = stop recording.
 
@@ -144,21 +136,22 @@ class TraceWriter:
         step = event.get("step")
         step = step if isinstance(step, int) and not isinstance(step, bool) else self.num_steps
         try:
-            blob = encode_tensors(tensors or {})
+            blob = encode(tensors or {})
+            size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in blob)
             event = {**event, "type": "step"}
             event.pop("tensor_file", None)
             if blob:
-                event["data"] = [self._data.tell(), len(blob)]
+                event["data"] = [self._data.tell(), size]
             line = (dumps_record(event) + "\n").encode()
             if self.max_bytes is not None and (
-                    self.bytes_written + len(blob) + len(line) + _FINAL_LINE_RESERVE > self.max_bytes):
+                    self.bytes_written + size + len(line) + _FINAL_LINE_RESERVE > self.max_bytes):
                 after = f"after step {self.last_step}" if self.last_step is not None else "before the first step"
                 self._stop(f"size cap of {self.max_bytes} bytes reached {after}")
                 return False
-            if blob:
-                self._data.write(blob)
+            for piece in blob:  # each array's own memory, straight to the file
+                self._data.write(piece)
             self._lines.append(line)
-            self.bytes_written += len(blob) + len(line)
+            self.bytes_written += size + len(line)
             if sync:
                 self.sync()
         except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as e:
