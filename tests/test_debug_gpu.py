@@ -13,7 +13,7 @@ import torch
 from minillama import LLM, SamplingParams, hooks
 from minillama.debug import devstats
 from minillama.debug.recorder import Recorder
-from minillama.debug.stepbuf import RING
+from minillama.debug.stepbuf import RING, StatsBuffer, stats_table
 from minillama.trace.tables import site_stats
 from tests.test_devstats import M32, Spy, py_lanes, row_words
 
@@ -192,6 +192,24 @@ def test_graph_recording_equals_eager_recording(llm):
             for req in range(len(eg["batch"]["seqs"])):
                 assert site_stats(tg, catalog[slot], slot, eg["batch"], req)["hash"] == \
                     site_stats(te, catalog[slot], slot, ee["batch"], req)["hash"], (eg["step"], name, req)
+
+
+def test_graphed_finish_of_a_decode_step_equals_the_eager_one():
+    """``StatsBuffer.finish`` replays a captured graph for decode steps; it must give what the eager
+    ``stats_table`` gives on the same sums, step after step (the graph reads the tables' current data)."""
+    width = np.array([1.0, 7, 64, 64, 3, 5])
+    buf = StatsBuffer(6, 8, 16, (0, 0), torch.device("cuda"), np.array([0, 0, 0, 0, 1, 1], bool), width)
+    buf.capture_finish([1, 2, 4, 8])
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for reqs in (5, 8, 1):
+        buf.moments.copy_(torch.randn(buf.moments.shape, device="cuda", dtype=torch.float64, generator=g) * 9)
+        buf.keys.copy_(torch.randint(-2**31, 2**31 - 1, buf.keys.shape, device="cuda", generator=g, dtype=torch.int32))
+        buf.bad.copy_(torch.randint(0, 2, buf.bad.shape, device="cuda", generator=g, dtype=torch.int32))
+        want = stats_table(buf.moments[:reqs].cpu(), buf.keys[:reqs].cpu(), buf.bad[:reqs].cpu(),
+                           torch.from_numpy(width).expand(reqs, -1))
+        got = buf.finish(np.ones((reqs, 2))).cpu()
+        assert buf._finish_graphs and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0, equal_nan=True)
 
 
 def test_steps_that_leave_a_short_history_free_their_ring_slots(llm):

@@ -45,7 +45,7 @@ class StepFinisher:
     def _finish(self, rec: StepRecord) -> None:
         ev, tok, raw = rec.event, self.tokenizer, rec.raw_batch
         ev.update(kv=raw["kv"], preempted=raw["preempted"], waiting=raw["waiting"], num_seqs=len(raw["seqs"]),
-                  num_tokens=sum(s[4] for s in raw["seqs"]))
+                  num_tokens=int(raw["seqs"][:, 4].sum()))
         for sid, p in ev["prompts"].items():
             p["text"] = tok.decode(p["token_ids"], skip_special_tokens=False)
             if p["generated"]:

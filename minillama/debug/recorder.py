@@ -30,7 +30,6 @@ from minillama.debug.finishing import StepFinisher
 from minillama.debug.records import (
     StepRecord,
     capture_batch,
-    samples_this_step,
     site_catalog,
     site_columns,
     step_counts,
@@ -39,6 +38,7 @@ from minillama.debug.records import (
 from minillama.debug.shadow import Shadow
 from minillama.debug.site_stats import SiteStats
 from minillama.debug.stepbuf import RING, StatsBuffer
+from minillama.trace.batch import FLAG_SAMPLES
 from minillama.trace.format import SHADOW_FIELDS
 
 #: A recording that starts mid-run saves the cached keys of the running requests up to this size.
@@ -128,6 +128,7 @@ class Recorder:
             try:
                 graphs.capture()  # fills the address tables through graphs_captured()
                 self.buffer.prepare_ring()
+                self.buffer.capture_finish(graphs.sizes)
             except BaseException:
                 self.detach("failed to attach")
                 raise
@@ -209,10 +210,10 @@ class Recorder:
                 prompts[str(s.seq_id)] = {"token_ids": s.token_ids[: s.num_prompt_tokens],
                                           "generated": s.completion_token_ids}
         self._catch_up = False
-        samples = sum(1 for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-                      if samples_this_step(s.num_computed_tokens, n, len(s)))
-        self._cur = self._open[info["step"]] = _Open(info["step"], capture_batch(batch, engine), reqs, rows, samples,
-                                                      prompts, time.perf_counter(), ok, full=catch_up)
+        raw = capture_batch(batch, engine)
+        samples = int(np.count_nonzero(raw["seqs"][:, 7] & FLAG_SAMPLES))
+        self._cur = self._open[info["step"]] = _Open(info["step"], raw, reqs, rows, samples, prompts,
+                                                      time.perf_counter(), ok, full=catch_up)
 
     def _cached_keys(self, seqs) -> dict[str, torch.Tensor]:
         """The keys already in the cache for ``seqs``' blocks (every layer), so views can rebuild attention

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -61,13 +62,22 @@ def site_catalog(model_config, dtype: torch.dtype) -> list[SiteSpec]:
 
 
 def capture_batch(batch, engine) -> dict[str, Any]:
-    """The batch as it is scheduled: plain numbers copied now, since sequences change as they run."""
+    """The batch as it is scheduled: plain numbers copied now, since sequences change as they run.
+
+    ``seqs`` is already the blob's ``(R, 8)`` table of ``SEQ_COLUMNS`` (one list, one array call:
+    this runs on the engine's thread at every step); ``tables`` the requests' block lists, copied.
+    """
     bm = engine.block_manager
     used = np.flatnonzero(bm.ref_counts)
+    seqs = np.array([(s.seq_id, s.num_prompt_tokens, len(s.token_ids), s.num_computed_tokens, n, s.num_cached_tokens,
+                      s.num_preemptions, 0) for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)],
+                    dtype=np.int64).reshape(-1, len(SEQ_COLUMNS))
+    plen, length, start, new = seqs[:, 1], seqs[:, 2], seqs[:, 3], seqs[:, 4]
+    seqs[:, 7] = np.where(samples_this_step(start, new, length), FLAG_SAMPLES, 0) | \
+        np.where((new > 1) & (start + new > plen), FLAG_RECOMPUTE, 0)
     return {
-        "seqs": [(s.seq_id, s.num_prompt_tokens, len(s), s.num_computed_tokens, n, s.num_cached_tokens,
-                  s.num_preemptions, list(s.block_table))
-                 for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)],
+        "seqs": seqs,
+        "tables": [s.block_table[:] for s in batch.seqs],
         "blocks": np.stack([used, bm.ref_counts[used], bm.hashed[used]], axis=1),  # (block, refs, cached)
         "phase": batch.phase,
         "preempted": [s.seq_id for s in batch.preempted],
@@ -78,25 +88,21 @@ def capture_batch(batch, engine) -> dict[str, Any]:
     }
 
 
-def samples_this_step(start: int, new: int, length: int) -> bool:
+def samples_this_step(start, new, length):
     """Whether a request that had ``start`` tokens computed and computes ``new`` more of its ``length``
-    samples a token at this step (its last known token is computed)."""
+    samples a token at this step (its last known token is computed); numbers or arrays of them."""
     return start + new == length
 
 
 def batch_arrays(raw: dict[str, Any]) -> dict[str, np.ndarray]:
     """``capture_batch``'s numbers as the blob's batch tables (``trace/batch.py``)."""
-    seqs = raw["seqs"]
-    width = max((len(s[7]) for s in seqs), default=0)
-    table = np.full((len(seqs), width), -1, dtype=np.int32)
-    rows = np.zeros((len(seqs), len(SEQ_COLUMNS)), dtype=np.int64)
-    for i, (sid, plen, length, start, n, cached, pre, bt) in enumerate(seqs):
-        flags = (FLAG_SAMPLES if samples_this_step(start, n, length) else 0) | \
-            (FLAG_RECOMPUTE if n > 1 and start + n > plen else 0)
-        rows[i] = (sid, plen, length, start, n, cached, pre, flags)
-        table[i, : len(bt)] = bt
+    tables = raw["tables"]
+    lens = np.fromiter(map(len, tables), np.int64, len(tables))
+    table = np.full((len(tables), int(lens.max(initial=0))), -1, dtype=np.int32)
+    table[np.arange(table.shape[1]) < lens[:, None]] = np.fromiter(chain.from_iterable(tables), np.int32,
+                                                                   int(lens.sum()))  # row by row, in order
     blocks = np.asarray(raw["blocks"], dtype=np.int64).reshape(-1, 3)  # in block order
-    return {T_SEQS: rows, T_TABLES: table, T_BLOCKS: blocks}
+    return {T_SEQS: raw["seqs"], T_TABLES: table, T_BLOCKS: blocks}
 
 
 def batch_summary(raw: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
@@ -128,10 +134,7 @@ def site_columns(catalog: list[SiteSpec]) -> tuple[np.ndarray, np.ndarray]:
 def step_counts(raw: dict[str, Any]) -> np.ndarray:
     """Per request of ``capture_batch``'s batch: its new tokens, and 1 if it samples this step (``(R, 2)``)."""
     seqs = raw["seqs"]
-    out = np.zeros((len(seqs), 2))
-    for i, (_sid, _plen, length, start, n, *_rest) in enumerate(seqs):
-        out[i] = n, samples_this_step(start, n, length)
-    return out
+    return np.stack([seqs[:, 4], seqs[:, 7] & FLAG_SAMPLES], axis=1).astype(np.float64)
 
 
 def table_tensors(tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

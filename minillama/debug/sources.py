@@ -186,7 +186,7 @@ def culprits(session: Any, error: BaseException) -> dict[int, str]:
     if named:
         return {sid: why for sid in named}
     open_steps = list(session.recorder._open.values())
-    seqs = open_steps[-1].raw["seqs"] if open_steps else []
+    seqs = open_steps[-1].raw["seqs"].tolist() if open_steps else []  # rows of trace.batch.SEQ_COLUMNS
     joined = [s[0] for s in seqs if s[3] == 0 or s[3] == s[5]]  # num_computed == 0 or == prefix-cache hit
     return {sid: why for sid in (joined or [s[0] for s in seqs])}
 
