@@ -27,6 +27,7 @@ class StepFinisher:
         self.tokenizer = tokenizer
         self.keep = keep
         self._decoders: dict[int, Any] = {}
+        self._passed: dict[str, int] = {}  # request -> the last token of steps passed unfinished
         self._unfinished: deque[StepRecord] = deque()
         self._lock = threading.Lock()
 
@@ -49,6 +50,7 @@ class StepFinisher:
         for sid, p in ev["prompts"].items():
             p["text"] = tok.decode(p["token_ids"], skip_special_tokens=False)
             if p["generated"]:
+                self._passed.pop(sid, None)
                 dec = self._decoders[int(sid)] = tok.stream_decoder()
                 p["text_so_far"] = "".join(dec.push(t) for t in p["generated"])
         sids = list(ev["sampled"])
@@ -65,19 +67,25 @@ class StepFinisher:
         ev["pieces"] = pieces
 
     def _skip(self, rec: StepRecord) -> None:
-        """Pass ``rec`` without finishing it: its tokens count as decoded for the steps after it."""
+        """Pass ``rec`` without finishing it: its tokens count as decoded for the steps after it.
+
+        Only each request's last passed token is kept (one dict update a step, on the engine's thread
+        in a session): a later finish starts that request's decoder afresh from it, as
+        ``IncrementalDecoder.skip`` would have left it."""
         ev = rec.event
         for sid, p in ev["prompts"].items():
             if p["generated"]:
-                self._decoders[int(sid)] = self.tokenizer.stream_decoder()
-                self._decoders[int(sid)].skip(p["generated"])
-        for sid, token in ev["sampled"].items():
-            self._decoder(int(sid)).skip([token])
+                self._passed[sid] = p["generated"][-1]
+        self._passed.update(ev["sampled"])
         for sid, _reason in ev["finished"]:
             self._decoders.pop(int(sid), None)
+            self._passed.pop(str(sid), None)
 
     def _decoder(self, sid: int) -> Any:
-        dec = self._decoders.get(sid)
+        last = self._passed.pop(str(sid), None)
+        dec = self._decoders.get(sid) if last is None else None
         if dec is None:
             dec = self._decoders[sid] = self.tokenizer.stream_decoder()
+            if last is not None:
+                dec.skip([last])
         return dec

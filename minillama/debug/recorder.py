@@ -109,6 +109,9 @@ class Recorder:
         if graphs is not None:  # before any capture, whoever triggers it (attach, a session, a replay)
             self.stats.reserve(len(graphs.sizes), len(self.catalog))
         self.num_records = 0
+        # the sites a step must reach, without and with sampling requests
+        self._expected = {samples: {i for i, spec in enumerate(self.catalog) if spec.rows == "tokens" or samples}
+                          for samples in (False, True)}
         self.last_attention: dict[str, torch.Tensor] = {}  # the latest call's shadow/ref/plain outputs
 
     # ---- attach -------------------------------------------------------------------------------
@@ -127,8 +130,6 @@ class Recorder:
         if graphs is not None:
             try:
                 graphs.capture()  # fills the address tables through graphs_captured()
-                self.buffer.prepare_ring()
-                self.buffer.capture_finish(graphs.sizes)
             except BaseException:
                 self.detach("failed to attach")
                 raise
@@ -251,8 +252,11 @@ class Recorder:
             self._cur.full[site] = tensor.detach().clone()
 
     def graphs_captured(self) -> None:
-        """Fill the address tables of the graphs just captured (``hooks.graphs_captured``)."""
+        """Fill the address tables of the graphs just captured (``hooks.graphs_captured``), whoever
+        captured them (an attach, a session), and make the ring and the decode steps' finish graphs."""
         self.stats.graphs_captured()
+        self.buffer.prepare_ring()
+        self.buffer.capture_finish(self.llm.runner.graphs.sizes)
 
     def _attention(self, out: torch.Tensor, call) -> None:
         if self.shadow is None:
@@ -289,10 +293,12 @@ class Recorder:
             return
         batch = info["batch"]
         sampled = {str(s.seq_id): t for s, t in zip(batch.seqs, info["sampled"], strict=True) if t is not None}
-        expected = [i for i, spec in enumerate(self.catalog) if spec.rows == "tokens" or st.samples]
+        expected = self._expected[bool(st.samples)]
+        missing = [] if not st.ok or st.fired.issuperset(expected) else \
+            [self.catalog[i].name for i in sorted(expected - st.fired)]
         event = {"type": "step", "step": st.step, "phase": st.raw["phase"], "prompts": st.prompts,
                  "sampled": sampled, "finished": [[s.seq_id, s.finish_reason] for s in info["finished"]],
-                 "missing_sites": [self.catalog[i].name for i in expected if i not in st.fired] if st.ok else [],
+                 "missing_sites": missing,
                  "graphed": st.graphed, "elapsed_ms": round((time.perf_counter() - st.t0) * 1e3, 3)}
         if not st.ok:
             event["note"] = "statistics skipped: the batch is larger than the recorder's tables"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,10 @@ def site_catalog(model_config, dtype: torch.dtype) -> list[SiteSpec]:
     return out
 
 
+_SEQ_NUMBERS = attrgetter("seq_id", "num_prompt_tokens", "num_computed_tokens", "num_cached_tokens", "num_preemptions")
+_TOKEN_IDS, _BLOCK_TABLE = attrgetter("token_ids"), attrgetter("block_table")
+
+
 def capture_batch(batch, engine) -> dict[str, Any]:
     """The batch as it is scheduled: plain numbers copied now, since sequences change as they run.
 
@@ -69,15 +74,19 @@ def capture_batch(batch, engine) -> dict[str, Any]:
     """
     bm = engine.block_manager
     used = np.flatnonzero(bm.ref_counts)
-    seqs = np.array([(s.seq_id, s.num_prompt_tokens, len(s.token_ids), s.num_computed_tokens, n, s.num_cached_tokens,
-                      s.num_preemptions, 0) for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)],
-                    dtype=np.int64).reshape(-1, len(SEQ_COLUMNS))
+    r, cols = len(batch.seqs), len(SEQ_COLUMNS)
+    seqs = np.zeros((r, cols), dtype=np.int64)
+    if r:  # C-level loops over the requests (map, fromiter): hundreds of them, every step
+        seqs[:, [0, 1, 3, 5, 6]] = np.fromiter(chain.from_iterable(map(_SEQ_NUMBERS, batch.seqs)), np.int64,
+                                               5 * r).reshape(r, 5)
+        seqs[:, 2] = np.fromiter(map(len, map(_TOKEN_IDS, batch.seqs)), np.int64, r)
+        seqs[:, 4] = batch.num_new_tokens
     plen, length, start, new = seqs[:, 1], seqs[:, 2], seqs[:, 3], seqs[:, 4]
     seqs[:, 7] = np.where(samples_this_step(start, new, length), FLAG_SAMPLES, 0) | \
         np.where((new > 1) & (start + new > plen), FLAG_RECOMPUTE, 0)
     return {
         "seqs": seqs,
-        "tables": [s.block_table[:] for s in batch.seqs],
+        "tables": list(map(list, map(_BLOCK_TABLE, batch.seqs))),
         "blocks": np.stack([used, bm.ref_counts[used], bm.hashed[used]], axis=1),  # (block, refs, cached)
         "phase": batch.phase,
         "preempted": [s.seq_id for s in batch.preempted],
