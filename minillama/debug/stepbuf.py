@@ -22,6 +22,7 @@ out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from minillama.debug.devstats import KEY_MAX_INIT, KEY_MIN_INIT
+from minillama.engine.cuda_graph import gc_paused
 
 T = TypeVar("T")
 
@@ -43,7 +45,9 @@ class Snapshot:
 
     def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
                  stats: torch.Tensor, done: torch.cuda.Event | None) -> None:
-        self._buffer, self._slot = buffer, slot
+        # weak: the buffer holds its snapshots (``_holders``), and a cycle would leave a dropped recorder's
+        # buffer, finish graphs included, to the garbage collector, at any moment
+        self._buffer, self._slot = (weakref.ref(buffer) if buffer is not None else None), slot
         self.req, self.rows, self.stats, self.done = req, rows, stats, done
         self.num_sites, self.shadow_shape = (buffer.num_sites, buffer.shadow_shape) if buffer else (0, (0, 0))
         self._tables: dict[str, np.ndarray] | None = None
@@ -111,8 +115,9 @@ class Snapshot:
 
     def _give_back(self) -> None:
         self.req = self.rows = self.stats = None  # type: ignore[assignment]
-        if self._buffer is not None and self._slot is not None:
-            self._buffer._release(self._slot, self)
+        buffer = self._buffer() if self._buffer is not None else None
+        if buffer is not None and self._slot is not None:
+            buffer._release(self._slot, self)
 
 
 def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int],
@@ -209,14 +214,15 @@ class StatsBuffer:
             return
         self._finish_sizes = sorted(b for b in sizes if b <= self.max_reqs) or [self.max_reqs]
         pool = None
-        for b in reversed(self._finish_sizes):  # largest first: the smaller ones reuse its memory
-            args = self.moments[:b], self.keys[:b], self.bad[:b], self._width.expand(b, -1)
-            stats_table(*args, out=self.stats[:b])  # once eagerly, so no first use happens in a capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                stats_table(*args, out=self.stats[:b])
-            pool = graph.pool() if pool is None else pool
-            self._finish_graphs[b] = graph
+        with gc_paused():
+            for b in reversed(self._finish_sizes):  # largest first: the smaller ones reuse its memory
+                args = self.moments[:b], self.keys[:b], self.bad[:b], self._width.expand(b, -1)
+                stats_table(*args, out=self.stats[:b])  # once eagerly, so no first use happens in a capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    stats_table(*args, out=self.stats[:b])
+                pool = graph.pool() if pool is None else pool
+                self._finish_graphs[b] = graph
 
     def snapshot(self, num_reqs: int, num_rows: int, counts: np.ndarray) -> Snapshot:
         """Finish the step's statistics and copy its used tables to the host without blocking (into a

@@ -19,10 +19,27 @@ recorded run still replays graphs. ``enforce_eager`` or an eager listener turns 
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
+
 import torch
 
 from minillama import hooks
 from minillama.context import Context, get_context, set_context
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection inside: a cycle freed there could destroy another CUDA graph (a freed
+    recorder's), which CUDA forbids while a stream captures, and the capture would fail."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class DecodeGraphs:
@@ -81,17 +98,18 @@ class DecodeGraphs:
         self.positions.zero_()
         hooks.capturing = True
         try:
-            for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
-                set_context(self._context(bs))
-                with self.forward_scope():
-                    self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, self.pool), self.forward_scope():
-                    self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-                if self.pool is None:
-                    self.pool = graph.pool()
-                graphs[bs] = graph
-                torch.cuda.synchronize()
+            with gc_paused():  # the loop allocates; a collection inside could end the capture
+                for bs in reversed(self.sizes):  # largest first so smaller graphs reuse its memory pool
+                    set_context(self._context(bs))
+                    with self.forward_scope():
+                        self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm up
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, self.pool), self.forward_scope():
+                        self.outputs[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                    if self.pool is None:
+                        self.pool = graph.pool()
+                    graphs[bs] = graph
+                    torch.cuda.synchronize()
         finally:
             hooks.capturing = False
             set_context(Context())
