@@ -248,8 +248,9 @@ class StatsBuffer:
     def prepare_ring(self) -> None:
         """Allocate the pinned ring now (page-locking takes a while), not at the first step."""
         if not self._ring and self.device.type == "cuda":
-            self._ring = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                for t in (self.req, self.rows, self.stats)) for _ in range(RING)]
+            with torch.inference_mode(False):  # called inside a graph capture too: the engine's steps copy into them
+                self._ring = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                    for t in (self.req, self.rows, self.stats)) for _ in range(RING)]
             self._free = deque(range(RING))
 
     def _acquire(self) -> int:
