@@ -236,6 +236,25 @@ def test_stream_decoder_reassembles_emoji(tok):
         assert text.startswith(out)
 
 
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_both_stream_decoders_give_the_same_pieces(tok, skip_special):
+    """The tokenizers library's DecodeStream (what ``stream_decoder`` hands out) against our own
+    window decoder, token by token: emoji split over tokens, special tokens, a skip, and a flush of a
+    trailing partial character."""
+    from minillama.models.detokenizer import IncrementalDecoder, StreamDecoder
+
+    ids = tok.encode("<|im_start|>assistant\nHé 😀👍🏽 日本語<|im_end|> next 🇫🇷 ok") + tok.encode("🎉")[:1]
+    fast, slow = StreamDecoder(tok, skip_special), IncrementalDecoder(tok, skip_special)
+    assert [fast.push(i) for i in ids] == [slow.push(i) for i in ids]
+    assert fast.flush() == slow.flush() == "\ufffd" and fast.text == slow.text
+    fast, slow = StreamDecoder(tok, skip_special), IncrementalDecoder(tok, skip_special)
+    fast.skip(ids[:5])
+    slow.skip(ids[:5])
+    assert [fast.push(i) for i in ids[5:-1]] == [slow.push(i) for i in ids[5:-1]]
+    assert fast.text == slow.text != ""
+    assert type(tok.stream_decoder()) is StreamDecoder
+
+
 def test_stream_decoder_keeps_special_tokens_when_asked(tok):
     dec = tok.stream_decoder(skip_special_tokens=False)
     out = "".join(dec.push(i) for i in tok.encode("<|im_start|>assistant\nok<|im_end|>"))

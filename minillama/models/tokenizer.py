@@ -16,7 +16,7 @@ from tokenizers import Tokenizer as _Backend
 
 from minillama.models.chat import check_messages
 from minillama.models.chat_template import _compile_template
-from minillama.models.detokenizer import IncrementalDecoder
+from minillama.models.detokenizer import DecodeStream, IncrementalDecoder, StreamDecoder
 from minillama.models.errors import ModelLoadError
 from minillama.models.gguf_tokenizer import gguf_tokenizer_args
 from minillama.models.hf_tokenizer import hf_tokenizer_args
@@ -178,6 +178,9 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)
         return ids
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder:
-        """A decoder for generated ids that hands out text as soon as it is complete."""
+    def stream_decoder(self, skip_special_tokens: bool = True) -> IncrementalDecoder | StreamDecoder:
+        """A decoder for generated ids that hands out text as soon as it is complete: the tokenizers
+        library's own streaming decode when it has one and our ``decode`` adds nothing to its text."""
+        if DecodeStream is not None and not self.clean_up_tokenization_spaces:
+            return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
         return IncrementalDecoder(self, skip_special_tokens=skip_special_tokens)
