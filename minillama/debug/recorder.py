@@ -305,8 +305,7 @@ class Recorder:
         rec = StepRecord(st.step, event, st.raw, st.snapshot if st.ok else None, st.full, self.num_records)
         self.num_records += 1
         self.finisher.add(rec)
-        full = self.keep_history and len(self.history) == self.history.maxlen
-        leaving = self.history[0] if full else None
+        leaving = self.history[0] if self.keep_history and len(self.history) == self.history.maxlen else None
         if self.keep_history:
             self.history.append(rec)
         if self.sink is not None and not self.sink.submit(lambda r=rec: self.written(r)):
