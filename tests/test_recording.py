@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 
 from minillama import LLM, SamplingParams
@@ -18,6 +19,7 @@ from minillama.debug.manifest import build_manifest
 from minillama.debug.recorder import Recorder
 from minillama.trace import TraceReader
 from minillama.trace.background import BackgroundWriter
+from minillama.trace.format import T_STATS
 from minillama.trace.writer import TraceWriter
 from tests.traces import record_trace
 
@@ -211,6 +213,71 @@ def test_a_recorder_without_a_writer_does_not_keep_every_step(tiny):
 
     tail = pieces(full, every[-2:])
     assert pieces(short, kept) == tail and all(all(p) for p in tail)
+
+
+def test_switching_recording_off_still_writes_what_was_queued(tiny):
+    """The UI switches recording off (``set_sink(None)``, then the writer drains) while the engine
+    runs on: steps still queued for the writer keep their tables though they leave a short history,
+    and a view holding a step that left it reads no tables rather than an error."""
+    class Behind:  # a trace writer that has not caught up yet
+        def __init__(self):
+            self.queued = []
+
+        def submit(self, fn):
+            self.queued.append(fn)
+            return True
+
+        def close(self, reason):
+            pass
+
+    llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+    rec, sink = Recorder(llm, history=2), Behind()
+    rec.set_sink(sink)
+    rec.attach()
+    try:
+        llm.add_request(llm.tokenizer.encode("w5 w6 w7"), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        for _ in range(3):
+            llm.step()
+        rec.set_sink(None)
+        for _ in range(3):
+            llm.step()
+        written = [fn() for fn in sink.queued]  # what the writer's thread would store, after the fact
+        assert len(written) == 3 and all(T_STATS in tensors for _, tensors in written)
+        rec.sink_closed()
+        old = rec.history[0]
+        for _ in range(3):
+            llm.step()
+        assert old not in rec.history and old.tables(False) is None and not old.snapshot.any_bad()
+    finally:
+        rec.detach()
+
+
+def test_a_request_retired_after_a_passed_step_flushes_nothing_stale():
+    """A request's decoder holds half a character; the next step is passed unfinished; the request then
+    retires without sampling: no stale U+FFFD from the old decoder, and nothing left behind."""
+    from types import SimpleNamespace
+
+    from minillama.debug.finishing import StepFinisher
+
+    tok = LLM(None, device="cpu", num_kvcache_blocks=8, max_model_len=64).tokenizer
+    emoji, hi = tok.encode("😀"), tok.encode(" hi")
+    assert len(emoji) > 1, "the test needs a character split over tokens"
+
+    def step(n, sampled, finished=(), prompts=None):
+        return SimpleNamespace(step=n, event={"prompts": prompts or {}, "sampled": sampled, "finished": list(finished)},
+                               raw_batch={"seqs": np.zeros((1, 8), np.int64), "kv": {}, "preempted": [], "waiting": []})
+
+    f = StepFinisher(tok, keep=1)
+    steps = [step(0, {"5": hi[0]}, prompts={"5": {"token_ids": [1], "generated": []}}), step(1, {"5": emoji[0]}),
+             step(2, {"5": hi[0]}), step(3, {}, finished=[[5, "error"]])]
+    f.add(steps[0])
+    f.upto(steps[0])
+    f.add(steps[1])
+    f.upto(steps[1])  # step 1 leaves half the emoji held back
+    f.add(steps[2])
+    f.add(steps[3])  # step 2 is passed unfinished (keep=1)
+    f.upto(steps[3])
+    assert steps[3].event["pieces"] == {} and not f._passed and not f._decoders
 
 
 def test_a_session_on_an_engine_without_a_tokenizer_runs_past_the_backlog():

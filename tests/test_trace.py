@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -68,11 +69,20 @@ def test_a_blob_is_safetensors_as_the_library_reads_it():
     g = torch.Generator().manual_seed(0)
     tensors = {"bf16": torch.randn(3, 5, generator=g).bfloat16(), "f32": np.arange(7, dtype=np.float32),
                "i64": np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2], "empty": np.zeros((0, 4), np.int32),
-               "scalar": torch.tensor(2.5, dtype=torch.float64), "i32": torch.arange(6, dtype=torch.int32)[::2]}
-    back = load(b"".join(bytes(p) for p in encode(tensors)))
+               "scalar": torch.tensor(2.5, dtype=torch.float64), "i32": torch.arange(6, dtype=torch.int32)[::2],
+               "np0d": np.array(7, dtype=np.int64), "odd": np.arange(3, dtype=np.float32),
+               "flags": np.array([True, False])}
+    pieces = encode(tensors)
+    blob = b"".join(bytes(p) for p in pieces)
+    back = load(blob)
     assert set(back) == set(tensors)
+    (n,) = struct.unpack_from("<Q", blob)
+    header = json.loads(blob[8: 8 + n])
+    assert n % 8 == 0 and header["np0d"]["shape"] == [] and header["scalar"]["shape"] == []
+    for k, e in header.items():  # every tensor starts at a multiple of its element size
+        assert e["data_offsets"][0] % back[k].element_size() == 0, k
     for k, v in tensors.items():
-        want = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+        want = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
         assert back[k].dtype == want.dtype and back[k].shape == want.shape and torch.equal(back[k], want), k
     assert encode({}) == []
 
@@ -219,6 +229,9 @@ def test_events_are_json_lines_with_type_first(recorded):
     assert all(next(iter(rec)) == "type" for rec in lines)
     assert lines[-1] == {"type": "end", "reason": "finished", "steps": len(lines) - 1}
     assert all("batch" not in rec for rec in lines), "batches travel as tables in the blob"
+    blobs = [rec["data"] for rec in lines if "data" in rec]
+    assert blobs and all(at % 8 == 0 for at, _ in blobs), "each blob starts 8-byte aligned in data.bin"
+    assert all(a + n <= b for (a, n), (b, _) in zip(blobs, blobs[1:], strict=False)), "blobs follow one another"
 
 
 @pytest.mark.slow

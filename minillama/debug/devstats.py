@@ -275,8 +275,8 @@ def site_stats_cuda(x: torch.Tensor, slot: int, seq_index: torch.Tensor, pos: to
     """Launch the kernel for a CUDA tensor: one program per row, atomics into its request's entries."""
     x2 = rows_view(x)
     rows, width = x2.shape
-    # 512 as the batched kernel: wider blocks keep 8 accumulators x 32 values per thread and spill
-    # registers (1B's 8,192-wide MLP rows); the same block also gives a row the same float sums eagerly
+    # at most 512, as the batched kernel: a 4,096 block keeps 8 accumulators x 32 values per thread
+    # (1B's 8,192-wide MLP rows); rows 512 wide or more then get the same float sums eagerly as graphed
     block = min(512, max(128, triton.next_power_of_2(width)))
     _site_kernel[(rows,)](x2, x2.stride(0), width, seq_index, pos, moments, moments.stride(0), keys, keys.stride(0),
                           bad, bad.stride(0), lanes, lanes.stride(0), slot, WORD16=x2.element_size() == 2,

@@ -62,7 +62,8 @@ class StepFinisher:
         pieces = dict(zip(sids, texts, strict=True))
         for sid, _reason in ev["finished"]:
             dec = self._decoders.pop(int(sid), None)
-            if dec is not None:
+            # a decoder that a passed step left behind holds nothing of this request's latest text
+            if self._passed.pop(str(sid), None) is None and dec is not None:
                 pieces[str(sid)] = pieces.get(str(sid), "") + dec.flush()
         ev["pieces"] = pieces
 

@@ -101,6 +101,9 @@ class Recorder:
         self._catch_up = False
         # Without a trace writer nobody finishes old steps: keep what the history and ring can hold.
         self._keep = max(history, 1) + RING
+        # no writer may still read a step (none was given, or the last one wrote all it had): a step
+        # leaving the history is then unreachable, and its ring slot is given back unread
+        self._unwritten = sink is None
         self.finisher = StepFinisher(llm.tokenizer, keep=None if sink is not None else self._keep)
         self._attached = False
         last = next(i for i in reversed(range(len(self.catalog))) if self.catalog[i].rows == "tokens")
@@ -148,12 +151,15 @@ class Recorder:
         self.sink = sink
         if sink is not None:  # every step is finished, in order, by the writer
             self.finisher.keep = None
+            self._unwritten = False
         self._catch_up = sink is not None
 
     def sink_closed(self) -> None:
-        """The last sink wrote everything it was given: old steps may be passed unfinished again."""
+        """The last sink wrote everything it was given: old steps may be passed unfinished, and their
+        tables dropped, again."""
         if self.sink is None:
             self.finisher.keep = self._keep
+            self._unwritten = True
 
     def __enter__(self) -> Recorder:
         return self.attach()
@@ -212,7 +218,7 @@ class Recorder:
                                           "generated": s.completion_token_ids}
         self._catch_up = False
         raw = capture_batch(batch, engine)
-        samples = int(np.count_nonzero(raw["seqs"][:, 7] & FLAG_SAMPLES))
+        samples = int(np.count_nonzero((raw["seqs"][:, 7] & FLAG_SAMPLES) != 0))
         self._cur = self._open[info["step"]] = _Open(info["step"], raw, reqs, rows, samples, prompts,
                                                       time.perf_counter(), ok, full=catch_up)
 
@@ -308,12 +314,13 @@ class Recorder:
         leaving = self.history[0] if self.keep_history and len(self.history) == self.history.maxlen else None
         if self.keep_history:
             self.history.append(rec)
-        if self.sink is not None and not self.sink.submit(lambda r=rec: self.written(r)):
+        sink = self.sink  # once: the UI's thread may switch recording off meanwhile
+        if sink is not None and not sink.submit(lambda r=rec: self.written(r)):
             # keep the sink: detach() must still wait for its thread to write the "stopped" line
             self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
         if self.on_record is not None:
             self.on_record(rec)
-        if self.sink is None:  # nobody writes steps out: one that left the history frees its ring slot
+        if sink is None and self._unwritten:  # a step that left the history can never be read: free its slot
             gone = leaving if self.keep_history else rec
             if gone is not None and gone.snapshot is not None:
                 gone.snapshot.drop()

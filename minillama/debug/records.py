@@ -69,8 +69,8 @@ _TOKEN_IDS, _BLOCK_TABLE = attrgetter("token_ids"), attrgetter("block_table")
 def capture_batch(batch, engine) -> dict[str, Any]:
     """The batch as it is scheduled: plain numbers copied now, since sequences change as they run.
 
-    ``seqs`` is already the blob's ``(R, 8)`` table of ``SEQ_COLUMNS`` (one list, one array call:
-    this runs on the engine's thread at every step); ``tables`` the requests' block lists, copied.
+    ``seqs`` is already the blob's ``(R, 8)`` table of ``SEQ_COLUMNS``, filled by C-level loops
+    (this runs on the engine's thread at every step); ``tables`` the requests' block lists, copied.
     """
     bm = engine.block_manager
     used = np.flatnonzero(bm.ref_counts)
@@ -143,7 +143,7 @@ def site_columns(catalog: list[SiteSpec]) -> tuple[np.ndarray, np.ndarray]:
 def step_counts(raw: dict[str, Any]) -> np.ndarray:
     """Per request of ``capture_batch``'s batch: its new tokens, and 1 if it samples this step (``(R, 2)``)."""
     seqs = raw["seqs"]
-    return np.stack([seqs[:, 4], seqs[:, 7] & FLAG_SAMPLES], axis=1).astype(np.float64)
+    return np.stack([seqs[:, 4], (seqs[:, 7] & FLAG_SAMPLES) != 0], axis=1).astype(np.float64)
 
 
 def table_tensors(tables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -185,6 +185,6 @@ class StepRecord:
 
     def tables(self, shadow: bool) -> dict[str, np.ndarray] | None:
         """The decoded statistics tables (waits for the step's copies to land)."""
-        if self._tables is None and self.snapshot is not None:
+        if self._tables is None and self.snapshot is not None:  # None once dropped (it left the history)
             self._tables = self.snapshot.decoded(lambda raw: decode_tables(raw, shadow))
         return self._tables

@@ -40,8 +40,8 @@ RING = 8
 
 
 class Snapshot:
-    """A step's tables on their way to the host: pinned ring memory until ``decoded`` reads them there
-    or ``copy_out`` copies them out (when the ring needs the slot)."""
+    """A step's tables on their way to the host: pinned ring memory until ``decoded`` reads them there,
+    ``copy_out`` copies them out (when the ring needs the slot) or ``drop`` lets them go unread."""
 
     def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
                  stats: torch.Tensor, done: torch.cuda.Event | None) -> None:
@@ -72,16 +72,18 @@ class Snapshot:
                 self._tables = {k: v.copy() for k, v in self._views().items()}
                 self._give_back()
 
-    def decoded(self, fn: Callable[[dict[str, np.ndarray]], T]) -> T:
+    def decoded(self, fn: Callable[[dict[str, np.ndarray]], T]) -> T | None:
         """``fn(raw tables)``, computed once (later calls, from any thread, get the first result), read
         in place in the ring slot if the tables are still there (the trace writer's way: no copy of the
-        raw tables), which gives the slot back. ``fn`` must return arrays of its own, not views."""
+        raw tables), which gives the slot back; None once dropped. ``fn`` must return arrays of its own."""
         with self._lock:
             if self._decoded is not None:
                 return self._decoded
             if self._tables is not None:
                 self._decoded = fn(self._tables)
                 return self._decoded
+            if self.req is None:
+                return None  # dropped
             if self.done is not None:
                 self.done.synchronize()
             raw = self._views()
@@ -97,6 +99,8 @@ class Snapshot:
                 return self._any_bad
             if self._tables is not None:
                 return bool(self._tables["bad"].any())
+            if self.req is None:
+                return False  # dropped: nobody asks about a step that left the history
             if self.done is not None:
                 self.done.synchronize()
             return bool(self._views()["bad"].any())
@@ -197,8 +201,8 @@ class StatsBuffer:
         """The step's statistics table from its sums, on the device: ``stats_table`` of the first
         ``len(counts)`` requests, given each one's new tokens and whether it samples (``(R, 2)``)."""
         r = len(counts)
-        if self._finish_graphs and r <= self._finish_sizes[-1] and bool((counts == 1).all()):
-            self._finish_graphs[next(b for b in self._finish_sizes if b >= r)].replay()  # a decode step
+        if self._finish_graphs and r <= self._finish_sizes[-1] and bool((counts == 1).all()):  # a decode step
+            self._finish_graphs[next(b for b in self._finish_sizes if b >= r)].replay()
             return self.stats[:r]
         c = torch.from_numpy(np.asarray(counts, dtype=np.float64))
         if self.device.type == "cuda":  # a small copy behind the step's work, never a wait
@@ -212,17 +216,18 @@ class StatsBuffer:
         A graph for ``b`` finishes ``b`` rows; those past the step's requests are never copied."""
         if self.device.type != "cuda" or self._finish_graphs:
             return
-        self._finish_sizes = sorted(b for b in sizes if b <= self.max_reqs) or [self.max_reqs]
-        pool = None
+        sizes = sorted(b for b in sizes if b <= self.max_reqs) or [self.max_reqs]
+        graphs, pool = {}, None
         with gc_paused():
-            for b in reversed(self._finish_sizes):  # largest first: the smaller ones reuse its memory
+            for b in reversed(sizes):  # largest first: the smaller ones reuse its memory
                 args = self.moments[:b], self.keys[:b], self.bad[:b], self._width.expand(b, -1)
                 stats_table(*args, out=self.stats[:b])  # once eagerly, so no first use happens in a capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
                     stats_table(*args, out=self.stats[:b])
                 pool = graph.pool() if pool is None else pool
-                self._finish_graphs[b] = graph
+                graphs[b] = graph
+        self._finish_sizes, self._finish_graphs = sizes, graphs  # all or none, should a capture fail
 
     def snapshot(self, num_reqs: int, num_rows: int, counts: np.ndarray) -> Snapshot:
         """Finish the step's statistics and copy its used tables to the host without blocking (into a
@@ -248,7 +253,7 @@ class StatsBuffer:
     def prepare_ring(self) -> None:
         """Allocate the pinned ring now (page-locking takes a while), not at the first step."""
         if not self._ring and self.device.type == "cuda":
-            with torch.inference_mode(False):  # called inside a graph capture too: the engine's steps copy into them
+            with torch.inference_mode(False):  # made from graphs_captured too, inside the capture's inference mode
                 self._ring = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                                     for t in (self.req, self.rows, self.stats)) for _ in range(RING)]
             self._free = deque(range(RING))

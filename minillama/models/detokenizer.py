@@ -102,8 +102,13 @@ class StreamDecoder:
         token_id = int(token_id)
         try:
             piece = self._stream.step(self._backend, token_id)
-        except Exception:  # an id the vocabulary lacks (a padded embedding row): it adds no text
-            piece = None
+        except Exception:  # the library refused its own prefix: decode on from this id with no context
+            self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+            self._held.clear()
+            try:
+                piece = self._stream.step(self._backend, token_id)
+            except Exception:
+                piece = None
         if not piece:
             self._held.append(token_id)
             return ""
@@ -114,13 +119,19 @@ class StreamDecoder:
 
     def skip(self, token_ids: list[int]) -> None:
         """Take ids whose text nobody will read: the next piece is decoded after the last of them."""
-        if token_ids:
-            text = self.text
+        if not token_ids:
+            return
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        self._held.clear()
+        self._last = None
+        try:  # the last id is the context of the next piece; its own text is not emitted
+            context = self._stream.step(self._backend, int(token_ids[-1]))
+        except Exception:
+            context = None
+        if context:
+            self._last = int(token_ids[-1])
+        else:  # it ends inside a character (or adds nothing): no context, its bytes are dropped
             self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
-            self._held.clear()
-            self._last = None
-            self.push(token_ids[-1])  # the context of the next piece; its own text is not emitted
-            self.text = text
 
     def flush(self) -> str:
         """Text still held back at the end of generation (a trailing partial character as U+FFFD)."""
@@ -130,6 +141,8 @@ class StreamDecoder:
         done = self.tokenizer.decode(context, skip_special_tokens=self.skip_special_tokens)
         full = self.tokenizer.decode(context + self._held, skip_special_tokens=self.skip_special_tokens)
         self._held.clear()
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)  # what it held is out now
+        self._last = None
         piece = full[len(done):] if full.startswith(done) else ""
         self.text += piece
         return piece

@@ -27,6 +27,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _NUMPY = {t: torch.empty(0, dtype=t).numpy().dtype for t in _DTYPES.values() if t != torch.bfloat16}
 _NAME_OF_NUMPY = {np.dtype(d): name for name, t in _DTYPES.items() if (d := _NUMPY.get(t)) is not None}
 _NAME_OF_TORCH = {t: name for name, t in _DTYPES.items()}
+_ITEMSIZE = {name: torch.empty(0, dtype=t).element_size() for name, t in _DTYPES.items()}
 #: A header longer than this is not one the writer makes.
 MAX_HEADER = 64 << 20
 
@@ -115,10 +116,12 @@ def _raw(value: np.ndarray | torch.Tensor) -> tuple[str, list[int], memoryview]:
             raise TypeError(f"a trace cannot store {t.dtype} tensors")
         arr = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
     else:
-        arr = np.ascontiguousarray(value)
-        name, shape = _NAME_OF_NUMPY.get(arr.dtype), list(arr.shape)
+        arr = np.asarray(value)
+        name, shape = _NAME_OF_NUMPY.get(arr.dtype), list(arr.shape)  # 0-d stays 0-d
         if name is None:
             raise TypeError(f"a trace cannot store {arr.dtype} arrays")
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
     return name, shape, memoryview(arr.reshape(-1)).cast("B")
 
 
@@ -128,11 +131,14 @@ def encode(tensors: dict[str, np.ndarray | torch.Tensor]) -> list[bytes | memory
     if not tensors:
         return []
     header, parts, at = {}, [], 0
-    for name, value in tensors.items():
-        dtype, shape, data = _raw(value)
-        header[str(name)] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + data.nbytes]}
+    raw = {str(name): _raw(value) for name, value in tensors.items()}
+    # widest elements first: with the data 8-byte aligned, every tensor then starts at a multiple of its
+    # element size (the writer aligns each blob's start too), so readers get aligned views
+    for name in sorted(raw, key=lambda n: -_ITEMSIZE[raw[n][0]]):
+        dtype, shape, data = raw[name]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + data.nbytes]}
         parts.append(data)
         at += data.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    text += b" " * (-len(text) % 8)
     return [struct.pack("<Q", len(text)) + text, *parts]

@@ -140,18 +140,21 @@ class TraceWriter:
             size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in blob)
             event = {**event, "type": "step"}
             event.pop("tensor_file", None)
+            pad = -self._data.tell() % 8 if blob else 0  # each blob starts 8-byte aligned in data.bin
             if blob:
-                event["data"] = [self._data.tell(), size]
+                event["data"] = [self._data.tell() + pad, size]
             line = (dumps_record(event) + "\n").encode()
             if self.max_bytes is not None and (
-                    self.bytes_written + size + len(line) + _FINAL_LINE_RESERVE > self.max_bytes):
+                    self.bytes_written + pad + size + len(line) + _FINAL_LINE_RESERVE > self.max_bytes):
                 after = f"after step {self.last_step}" if self.last_step is not None else "before the first step"
                 self._stop(f"size cap of {self.max_bytes} bytes reached {after}")
                 return False
+            if pad:
+                self._data.write(b"\0" * pad)
             for piece in blob:  # each array's own memory, straight to the file
                 self._data.write(piece)
             self._lines.append(line)
-            self.bytes_written += size + len(line)
+            self.bytes_written += pad + size + len(line)
             if sync:
                 self.sync()
         except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as e:
