@@ -122,7 +122,7 @@ def batch_summary(raw: dict[str, Any], arrays: dict[str, np.ndarray] | None = No
 
 
 def decode_tables(raw: dict[str, np.ndarray], shadow: bool) -> dict[str, np.ndarray]:
-    """A step's raw tables (``stepbuf.views``, with its ``stats_table``) -> the trace's tables, as
+    """A step's raw tables (``snapshot.views``, with its ``stats_table``) -> the trace's tables, as
     ``TraceReader.tables`` gives them: the statistics, the NaN/Inf counts as a sparse list, the hashes.
 
     Copies, never views: ``raw`` may be a ring slot that is reused once this returns (``Snapshot.decoded``).
@@ -159,7 +159,7 @@ class StepRecord:
     step: int
     event: dict[str, Any]
     raw_batch: dict[str, Any]
-    snapshot: Any  # stepbuf.Snapshot
+    snapshot: Any  # snapshot.Snapshot
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     index: int = 0  # the recorder's count of steps before this one
     _tables: dict[str, np.ndarray] | None = None

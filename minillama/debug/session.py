@@ -28,7 +28,7 @@ from minillama import hooks
 from minillama.debug.breakpoints import Breakpoint
 from minillama.debug.recorder import Recorder
 from minillama.debug.records import batch_summary, decode_tables, step_counts
-from minillama.debug.stepbuf import views
+from minillama.debug.snapshot import views
 from minillama.engine.llm_engine import RequestError
 from minillama.sampling_params import SamplingParams
 from minillama.trace.tables import layer_metrics

@@ -16,128 +16,24 @@ kernels: ``stats_table``, so the trace writer's thread does no arithmetic) and c
 ``rows[:n]`` and ``stats[:R]`` without blocking into a slot of a ring of pinned host buffers, with
 an event to wait on. Nothing else crosses to the host. A slot is given back once its tables are
 read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied
-out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more).
+out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more); the
+snapshot and the tables' typed views live in ``snapshot.py``.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import deque
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from minillama.debug.devstats import KEY_MAX_INIT, KEY_MIN_INIT
+from minillama.debug.snapshot import Snapshot, views
 from minillama.engine.cuda_graph import gc_paused
-
-T = TypeVar("T")
 
 #: Pinned host slots: steps whose tables may be in flight or waiting for the trace writer at once.
 RING = 8
-
-
-class Snapshot:
-    """A step's tables on their way to the host: pinned ring memory until ``decoded`` reads them there,
-    ``copy_out`` copies them out (when the ring needs the slot) or ``drop`` lets them go unread."""
-
-    def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
-                 stats: torch.Tensor, done: torch.cuda.Event | None) -> None:
-        # weak: the buffer holds its snapshots (``_holders``), and a cycle would leave a dropped recorder's
-        # buffer, finish graphs included, to the garbage collector, at any moment
-        self._buffer, self._slot = (weakref.ref(buffer) if buffer is not None else None), slot
-        self.req, self.rows, self.stats, self.done = req, rows, stats, done
-        self.num_sites, self.shadow_shape = (buffer.num_sites, buffer.shadow_shape) if buffer else (0, (0, 0))
-        self._tables: dict[str, np.ndarray] | None = None
-        self._any_bad: bool | None = None  # known once decoded in place
-        self._decoded: Any = None  # decoded()'s result
-        self._lock = threading.Lock()
-
-    def tables(self) -> dict[str, np.ndarray]:
-        """The raw tables (moments, keys, bad, shadow, lanes) as numpy arrays of their own; the first call
-        waits for the copies and gives the ring slot back."""
-        self.copy_out()
-        if self._tables is None:
-            raise RuntimeError("this step's raw tables are gone: decoded in place, or dropped with the step")
-        return self._tables
-
-    def copy_out(self) -> None:
-        """Copy the raw tables out of the ring slot and give it back (nothing to do once that happened)."""
-        with self._lock:
-            if self._tables is None and self.req is not None:
-                if self.done is not None:
-                    self.done.synchronize()
-                self._tables = {k: v.copy() for k, v in self._views().items()}
-                self._give_back()
-
-    def decoded(self, fn: Callable[[dict[str, np.ndarray]], T]) -> T | None:
-        """``fn(raw tables)``, computed once (later calls, from any thread, get the first result), read
-        in place in the ring slot if the tables are still there (the trace writer's way: no copy of the
-        raw tables), which gives the slot back; None once dropped. ``fn`` must return arrays of its own."""
-        with self._lock:
-            if self._decoded is not None:
-                return self._decoded
-            if self._tables is not None:
-                self._decoded = fn(self._tables)
-                return self._decoded
-            if self.req is None:
-                return None  # dropped
-            if self.done is not None:
-                self.done.synchronize()
-            raw = self._views()
-            self._decoded = fn(raw)
-            self._any_bad = bool(raw["bad"].any())
-            self._give_back()
-            return self._decoded
-
-    def any_bad(self) -> bool:
-        """Whether some site of the step saw a NaN or Inf, without copying or decoding the tables."""
-        with self._lock:
-            if self._any_bad is not None:
-                return self._any_bad
-            if self._tables is not None:
-                return bool(self._tables["bad"].any())
-            if self.req is None:
-                return False  # dropped: nobody asks about a step that left the history
-            if self.done is not None:
-                self.done.synchronize()
-            return bool(self._views()["bad"].any())
-
-    def drop(self) -> None:
-        """Give the ring slot back unread: nobody can ask for this step's tables any more (a session's
-        step that left its history with no trace being written). Later reads raise."""
-        with self._lock:
-            if self._tables is None and self._decoded is None and self.req is not None:
-                self._give_back()
-
-    def _views(self) -> dict[str, np.ndarray]:
-        if self.req is None:
-            raise RuntimeError("this step's tables were dropped: it left the history unwritten")
-        return views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape, self.stats.numpy())
-
-    def _give_back(self) -> None:
-        self.req = self.rows = self.stats = None  # type: ignore[assignment]
-        buffer = self._buffer() if self._buffer is not None else None
-        if buffer is not None and self._slot is not None:
-            buffer._release(self._slot, self)
-
-
-def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int],
-          stats: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Typed views of one request-table array ``(R, words)`` int64 and one row-table array (and the
-    ``stats_table`` made from them, if given)."""
-    r = req.shape[0]
-    layers, fields = shadow_shape
-    return {
-        "stats": stats,
-        "moments": req[:, : 2 * s].view(np.float64).reshape(r, s, 2),
-        "keys": req[:, 2 * s: 3 * s].view(np.int32).reshape(r, s, 2),
-        "bad": req[:, 3 * s: 4 * s].view(np.int32).reshape(r, s, 2),
-        "shadow": req[:, 4 * s:].view(np.float32)[:, : layers * fields].reshape(r, layers, fields),
-        "lanes": rows,
-    }
 
 
 class StatsBuffer:
