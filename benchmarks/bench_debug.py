@@ -19,6 +19,7 @@ disabled hooks cost a plain step (no debugger attached).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import shutil
@@ -190,7 +191,8 @@ def main() -> None:
     ap.add_argument("--shadow", default="torch")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", default="plain,eager,stats,shadow,nan")
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=0, help="timed runs per mode (medians); 0: as many as fill about "
+                    "3 s of the first mode (a 0.2 s workload timed once moves by tenths between runs)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -216,18 +218,23 @@ def main() -> None:
         run(mode, llm, prompts, short, tmp)  # warm-up: every prefill shape, a few decode steps
     times: dict[str, list[float]] = {m: [] for m in modes}
     sizes: dict[str, tuple[int, int]] = {}
-    for _ in range(a.repeat):  # interleaved, so a busy machine's drift hits every mode alike
+    repeat = a.repeat
+    for k in range(10**6):  # interleaved, so a busy machine's drift hits every mode alike
+        if repeat and k == repeat:
+            break
         for mode in modes:
             dt, size, steps = run(mode, llm, prompts, params, tmp)
             times[mode].append(dt)
             sizes[mode] = (size, steps)
             print(f"  {LABEL[mode]}: {dt:.3f} s", file=sys.stderr, flush=True)
+            if repeat == 0:  # auto: from the first timed run
+                repeat = max(1, min(15, math.ceil(3.0 / max(dt, 1e-3))))
     rows = [(m, statistics.median(times[m]), *sizes[m]) for m in modes]
     base = next((t for m, t, _, _ in rows if m == "plain"), rows[0][1])
     name = {"builtin": "SmolLM2-135M"}.get(a.model, f"Llama-3.2-{a.model}-shaped")
     print(f"\n{name}, {a.device} ({torch.cuda.get_device_name() if a.device != 'cpu' else 'cpu'}), "
           f"backend {a.backend}, shadow {a.shadow}, workload {a.workload}: {len(prompts)} requests, {tokens} tokens; "
-          f"switch interval {sys.getswitchinterval() * 1e3:g} ms")
+          f"switch interval {sys.getswitchinterval() * 1e3:g} ms; median of {repeat} timed run(s) per mode")
     print(f"{'mode':<16}{'requests':>9}{'tokens':>9}{'seconds':>10}{'tok/s':>10}{'slowdown':>10}{'bytes/step':>12}")
     for mode, t, size, steps in rows:
         per = f"{size / steps:,.0f}" if steps else "-"
