@@ -218,10 +218,9 @@ def main() -> None:
         run(mode, llm, prompts, short, tmp)  # warm-up: every prefill shape, a few decode steps
     times: dict[str, list[float]] = {m: [] for m in modes}
     sizes: dict[str, tuple[int, int]] = {}
-    repeat = a.repeat
-    for k in range(10**6):  # interleaved, so a busy machine's drift hits every mode alike
-        if repeat and k == repeat:
-            break
+    repeat, done = a.repeat, 0
+    while repeat == 0 or done < repeat:  # interleaved, so a busy machine's drift hits every mode alike
+        done += 1
         for mode in modes:
             dt, size, steps = run(mode, llm, prompts, params, tmp)
             times[mode].append(dt)

@@ -101,10 +101,8 @@ class Recorder:
         self._catch_up = False
         # Without a trace writer nobody finishes old steps: keep what the history and ring can hold.
         self._keep = max(history, 1) + RING
-        # no writer may still read a step (none was given, or the last one wrote all it had): a step
-        # leaving the history is then unreachable, and its ring slot is given back unread
-        self._unwritten = sink is None
-        self.finisher = StepFinisher(llm.tokenizer, keep=None if sink is not None else self._keep)
+        self.finisher = StepFinisher(llm.tokenizer)
+        self._writer_done(sink is None)
         self._attached = False
         last = next(i for i in reversed(range(len(self.catalog))) if self.catalog[i].rows == "tokens")
         self.stats = SiteStats(self.buffer, last)
@@ -150,16 +148,20 @@ class Recorder:
         """Send the following steps to ``sink``; its first step also lists the requests already running."""
         self.sink = sink
         if sink is not None:  # every step is finished, in order, by the writer
-            self.finisher.keep = None
-            self._unwritten = False
+            self._writer_done(False)
         self._catch_up = sink is not None
 
     def sink_closed(self) -> None:
         """The last sink wrote everything it was given: old steps may be passed unfinished, and their
         tables dropped, again."""
         if self.sink is None:
-            self.finisher.keep = self._keep
-            self._unwritten = True
+            self._writer_done(True)
+
+    def _writer_done(self, done: bool) -> None:
+        """``done``: no writer may still read a step (none was given, or the last one wrote all it had). Then
+        old steps are passed unfinished, and a step leaving the history, unreachable, frees its ring slot."""
+        self._unwritten = done
+        self.finisher.keep = self._keep if done else None
 
     def __enter__(self) -> Recorder:
         return self.attach()

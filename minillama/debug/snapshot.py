@@ -88,14 +88,13 @@ class Snapshot:
 
     def drop(self) -> None:
         """Give the ring slot back unread: nobody can ask for this step's tables any more (a session's
-        step that left its history with no trace being written). Later reads raise."""
+        step that left its history with no trace being written). Later reads find nothing: ``decoded``
+        gives None, ``any_bad`` False, ``tables`` raises."""
         with self._lock:
             if self._tables is None and self._decoded is None and self.req is not None:
                 self._give_back()
 
-    def _views(self) -> dict[str, np.ndarray]:
-        if self.req is None:
-            raise RuntimeError("this step's tables were dropped: it left the history unwritten")
+    def _views(self) -> dict[str, np.ndarray]:  # callers check first that the slot is still held
         return views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape, self.stats.numpy())
 
     def _give_back(self) -> None:

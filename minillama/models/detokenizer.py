@@ -92,10 +92,14 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._backend = tokenizer.backend
-        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.text = ""
+        self._restart()
+
+    def _restart(self) -> None:
+        """A fresh stream with no context and nothing held."""
+        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
         self._held: list[int] = []  # ids since the last piece
         self._last: int | None = None  # the last id of the last piece: the context of a flush
-        self.text = ""
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes ("" while a character is still partial)."""
@@ -103,8 +107,7 @@ class StreamDecoder:
         try:
             piece = self._stream.step(self._backend, token_id)
         except Exception:  # the library refused its own prefix: decode on from this id with no context
-            self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
-            self._held.clear()
+            self._restart()
             try:
                 piece = self._stream.step(self._backend, token_id)
             except Exception:
@@ -121,9 +124,7 @@ class StreamDecoder:
         """Take ids whose text nobody will read: the next piece is decoded after the last of them."""
         if not token_ids:
             return
-        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
-        self._held.clear()
-        self._last = None
+        self._restart()
         try:  # the last id is the context of the next piece; its own text is not emitted
             context = self._stream.step(self._backend, int(token_ids[-1]))
         except Exception:
@@ -131,7 +132,7 @@ class StreamDecoder:
         if context:
             self._last = int(token_ids[-1])
         else:  # it ends inside a character (or adds nothing): no context, its bytes are dropped
-            self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)
+            self._restart()
 
     def flush(self) -> str:
         """Text still held back at the end of generation (a trailing partial character as U+FFFD)."""
@@ -140,9 +141,7 @@ class StreamDecoder:
         context = [] if self._last is None else [self._last]
         done = self.tokenizer.decode(context, skip_special_tokens=self.skip_special_tokens)
         full = self.tokenizer.decode(context + self._held, skip_special_tokens=self.skip_special_tokens)
-        self._held.clear()
-        self._stream = DecodeStream(skip_special_tokens=self.skip_special_tokens)  # what it held is out now
-        self._last = None
+        self._restart()  # what it held is out now
         piece = full[len(done):] if full.startswith(done) else ""
         self.text += piece
         return piece

@@ -70,7 +70,7 @@ class Blob:
             raise TraceError(f"{bad} (shape or offsets): record the trace again")
         dtype = _DTYPES[e["dtype"]]
         begin, end = offs
-        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        size = math.prod(shape) * _ITEMSIZE[e["dtype"]]
         if begin < 0 or end - begin != size or self._base + end > self._end:
             raise TraceError(f"{bad} (its bytes do not fit): record the trace again")
         return dtype, shape, begin, end

@@ -137,7 +137,7 @@ class TraceWriter:
         step = step if isinstance(step, int) and not isinstance(step, bool) else self.num_steps
         try:
             blob = encode(tensors or {})
-            size = sum(len(b) if isinstance(b, bytes) else b.nbytes for b in blob)
+            size = sum(map(len, blob))  # bytes, and byte views (encode casts them to "B")
             event = {**event, "type": "step"}
             event.pop("tensor_file", None)
             pad = -self._data.tell() % 8 if blob else 0  # each blob starts 8-byte aligned in data.bin
