@@ -9,8 +9,8 @@ Modes (each after a warm-up of the same mode):
   session           (CPU) a DebugSession with no breakpoint
 Workloads: ``small`` = N requests of P random prompt tokens with T new tokens each (default 64 x 256
 + 64); ``nanovllm`` = 256 requests, prompt and output lengths uniform in [100, 1024] (nano-vllm's
-bench.py); ``hooks`` = a small CPU workload (4 chat prompts, 24 new tokens each). It also prints what the
-disabled hooks cost a plain step (no debugger attached).
+bench.py); both draw their prompts' tokens anew for every run; ``hooks`` = a small CPU workload (4 chat
+prompts, 24 new tokens each). It also prints what the disabled hooks cost a plain step (no debugger attached).
 
     python benchmarks/bench_debug.py --model builtin --workload small --backend flash-attn --shadow torch
     python benchmarks/bench_debug.py --device cpu --workload hooks --modes plain,stats,session
@@ -62,7 +62,10 @@ def build(a):
     return LLM(model_config(a.model), **kw)
 
 
-def workload(a, llm) -> tuple[list[list[int]], list[SamplingParams]]:
+def workload(a, llm, run: int = 0) -> tuple[list[list[int]], list[SamplingParams]]:
+    """The prompts and sampling parameters; lengths are fixed, a random workload's tokens are drawn anew
+    for each ``run``, so no run finds the prompts of one before it in the prefix cache (the workloads are
+    random prompts: repeating them would let the cache skip all but a prompt's last block)."""
     rng = random.Random(0)
     if a.workload == "hooks":
         tok = llm.tokenizer
@@ -75,7 +78,8 @@ def workload(a, llm) -> tuple[list[list[int]], list[SamplingParams]]:
     else:
         n = a.requests
         lens, outs = [a.prompt_len] * n, [a.new_tokens] * n
-    prompts = [[rng.randint(0, 10000) for _ in range(m)] for m in lens]
+    tokens = random.Random(1000 + run)
+    prompts = [[tokens.randint(0, 10000) for _ in range(m)] for m in lens]
     return prompts, [SamplingParams(temperature=0, max_tokens=t, ignore_eos=True) for t in outs]
 
 
@@ -214,15 +218,20 @@ def main() -> None:
     rows = []
     short = [SamplingParams(temperature=0, max_tokens=min(4, p.max_tokens), ignore_eos=True) for p in params]
     run = (lambda *args: in_thread(run_mode, *args)) if a.device == "cpu" else run_mode
+    runs = iter(range(1, 1 << 30))  # a fresh draw of the prompts for every run (``workload``)
+
+    def fresh() -> list[list[int]]:
+        return workload(a, llm, next(runs))[0]
+
     for mode in modes:
-        run(mode, llm, prompts, short, tmp)  # warm-up: every prefill shape, a few decode steps
+        run(mode, llm, fresh(), short, tmp)  # warm-up: every prefill shape, a few decode steps
     times: dict[str, list[float]] = {m: [] for m in modes}
     sizes: dict[str, tuple[int, int]] = {}
     repeat, done = a.repeat, 0
     while repeat == 0 or done < repeat:  # interleaved, so a busy machine's drift hits every mode alike
         done += 1
         for mode in modes:
-            dt, size, steps = run(mode, llm, prompts, params, tmp)
+            dt, size, steps = run(mode, llm, fresh(), params, tmp)
             times[mode].append(dt)
             sizes[mode] = (size, steps)
             print(f"  {LABEL[mode]}: {dt:.3f} s", file=sys.stderr, flush=True)

@@ -62,6 +62,7 @@ def test_a_recording_started_mid_run_lists_what_came_before(tiny, tmp_path):
     seqs = [llm.add_request(llm.tokenizer.encode(p), params) for p in PROMPTS]
     for _ in range(3):
         llm.step()  # prefill and two tokens before anyone records
+    computed = {s.block_table[0] for s in seqs}  # one block each holds all their tokens so far
     rec = Recorder(llm)
     rec.set_sink(BackgroundWriter(TraceWriter(tmp_path / "late", build_manifest(llm, rec))))
     rec.attach()
@@ -80,7 +81,13 @@ def test_a_recording_started_mid_run_lists_what_came_before(tiny, tmp_path):
     keys = r.tensor(0, "catchup.k")
     blocks = r.tensor(0, "catchup.blocks").tolist()
     assert keys.shape[:2] == (llm.model_config.num_hidden_layers, len(blocks))
-    assert set(blocks) >= {b for s in seqs for b in s.block_table[:1]}
+    assert set(blocks) == computed, "the blocks holding the tokens computed so far"
+
+
+def test_a_recording_that_starts_with_the_run_saves_no_cached_keys(tiny, tmp_path):
+    """The first step's blocks are allocated but still empty: nothing to catch up."""
+    r = TraceReader(record_trace(tmp_path / "fresh", tiny, PROMPTS, max_tokens=2))
+    assert "catchup.k" not in r.tensor_keys(0) and r.step(0)["phase"] == "prefill"
 
 
 _CHILD = textwrap.dedent("""

@@ -226,8 +226,12 @@ class Recorder:
 
     def _cached_keys(self, seqs) -> dict[str, torch.Tensor]:
         """The keys already in the cache for ``seqs``' blocks (every layer), so views can rebuild attention
-        weights of a recording that starts mid-run; skipped above ``CATCH_UP_BYTES``."""
-        blocks = sorted({b for s in seqs for b in s.block_table})
+        weights of a recording that starts mid-run; skipped above ``CATCH_UP_BYTES``.
+
+        Only blocks that hold computed tokens (prefix hits included): a new request's other blocks are
+        still empty, and the first step of a recording that starts with the run saves nothing."""
+        size = self.llm.block_manager.block_size
+        blocks = sorted({b for s in seqs for b in s.block_table[: -(-s.num_computed_tokens // size)]})
         cache = self.llm.runner.kv_cache
         if not blocks or cache.numel() == 0:
             return {}
