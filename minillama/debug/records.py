@@ -128,7 +128,9 @@ def decode_tables(raw: dict[str, np.ndarray], shadow: bool) -> dict[str, np.ndar
     Copies, never views: ``raw`` may be a ring slot that is reused once this returns (``Snapshot.decoded``).
     """
     bad = np.ascontiguousarray(raw["bad"])
-    r_idx, s_idx = np.nonzero(bad.view(np.int64)[..., 0])  # either count nonzero (two int32s as one word)
+    # either count nonzero: the two int32s as one word, searched flat (np.nonzero of the (R, S) view is
+    # ten times slower, at every step)
+    r_idx, s_idx = np.divmod(np.flatnonzero(bad.view(np.int64)), bad.shape[1])
     sparse = np.stack([s_idx, r_idx, bad[r_idx, s_idx, 0], bad[r_idx, s_idx, 1]], axis=1)
     return {"stats": np.array(raw["stats"]), "bad": sparse.astype(np.int32).reshape(-1, 4),
             "hash": np.array(raw["lanes"]), "shadow": np.array(raw["shadow"]) if shadow else None}
