@@ -2,6 +2,7 @@
 to a trace, with graph replays counted and the engine thread profiled (cProfile, top functions).
 
     python benchmarks/profile_debug.py [--model builtin|1b] [--requests 64] [--top 25]
+    python benchmarks/profile_debug.py --kernels --shadow torch   # ops and kernels, plain against recorded
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--shadow", default=None)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--switch", type=float, default=None, help="sys.setswitchinterval while recording")
-    ap.add_argument("--kernels", action="store_true", help="instead: GPU kernel times of recorded decode steps")
+    ap.add_argument("--kernels", action="store_true", help="instead: torch.profiler over a plain and a recorded run, and what recording adds")
     a = ap.parse_args()
     llm = build(a)
     prompts, params = workload(a, llm)
@@ -88,13 +89,19 @@ def main() -> None:
 
 
 def kernels(llm, prompts, params, a) -> None:
-    """CUDA time per kernel over the same run: plain, then recorded (torch.profiler, grouped by name)."""
+    """The same run plain, then recorded to a trace (torch.profiler, grouped by name): each mode's
+    largest kernels, then what recording adds to plain, in host time of ops and calls (self CPU) and
+    in kernel time (self device), largest first. A one-off cost shows here as one large entry with
+    few calls (as a 55 ms ``cudaHostAlloc`` once did)."""
     from torch.profiler import ProfilerActivity, profile
 
+    totals: dict[str, dict[str, tuple[float, float, int]]] = {}
     for label in ("plain", "stats", "shadow"):
-        rec = None
+        rec = writer = None
         if label != "plain":
             rec = Recorder(llm, shadow=a.shadow if label == "shadow" else None)
+            writer = BackgroundWriter(TraceWriter(tempfile.mkdtemp() + "/t", build_manifest(llm, rec)))
+            rec.set_sink(writer)
             rec.attach()
             llm.generate(prompts[:8], params[:8])
         torch.cuda.synchronize()
@@ -105,11 +112,31 @@ def kernels(llm, prompts, params, a) -> None:
             dt = time.perf_counter() - t
         if rec is not None:
             rec.detach()
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        averages = prof.key_averages()
+        totals[label] = {e.key: (e.self_cpu_time_total, _self_device(e), e.count) for e in averages}
+        events = [e for e in averages if e.device_time_total > 0]
         total = sum(e.device_time_total for e in events) / 1e3
         print(f"== {label}: wall {dt:.3f} s, GPU kernel time {total:.1f} ms (profiled)")
         for e in sorted(events, key=lambda e: -e.device_time_total)[: a.top]:
             print(f"  {e.device_time_total / 1e3:9.2f} ms {e.count:7d}x  {e.key[:90]}")
+    base = totals["plain"]
+    for label in ("stats", "shadow"):
+        for what, k in (("self CPU", 0), ("self device", 1)):
+            run = totals[label]
+            names = sorted(set(base) | set(run), key=lambda n: base.get(n, (0, 0, 0))[k] - run.get(n, (0, 0, 0))[k])
+            print(f"== {label} against plain, {what} time: the {a.top} largest increases (ms; calls)")
+            for n in names[: a.top]:
+                x, y = base.get(n, (0.0, 0.0, 0)), run.get(n, (0.0, 0.0, 0))
+                print(f"  {(y[k] - x[k]) / 1e3:+9.2f}  {x[k] / 1e3:8.2f} -> {y[k] / 1e3:8.2f}  {x[2]:6d} -> {y[2]:6d}x  "
+                      f"{n[:70]}")
+
+
+def _self_device(e) -> float:
+    """An event's own kernel time in microseconds (the attribute's name changed across torch releases)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(e, name):
+            return float(getattr(e, name))
+    return 0.0
 
 
 if __name__ == "__main__":
