@@ -19,6 +19,7 @@ prompts, 24 new tokens each). It also prints what the disabled hooks cost a plai
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import random
@@ -218,7 +219,7 @@ def main() -> None:
     rows = []
     short = [SamplingParams(temperature=0, max_tokens=min(4, p.max_tokens), ignore_eos=True) for p in params]
     run = (lambda *args: in_thread(run_mode, *args)) if a.device == "cpu" else run_mode
-    runs = iter(range(1, 1 << 30))  # a fresh draw of the prompts for every run (``workload``)
+    runs = itertools.count(1)  # a fresh draw of the prompts for every run (``workload``)
 
     def fresh() -> list[list[int]]:
         return workload(a, llm, next(runs))[0]

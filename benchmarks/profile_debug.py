@@ -113,7 +113,7 @@ def kernels(llm, prompts, params, a) -> None:
         if rec is not None:
             rec.detach()
         averages = prof.key_averages()
-        totals[label] = {e.key: (e.self_cpu_time_total, _self_device(e), e.count) for e in averages}
+        totals[label] = {e.key: (e.self_cpu_time_total, e.self_device_time_total, e.count) for e in averages}
         events = [e for e in averages if e.device_time_total > 0]
         total = sum(e.device_time_total for e in events) / 1e3
         print(f"== {label}: wall {dt:.3f} s, GPU kernel time {total:.1f} ms (profiled)")
@@ -129,14 +129,6 @@ def kernels(llm, prompts, params, a) -> None:
                 x, y = base.get(n, (0.0, 0.0, 0)), run.get(n, (0.0, 0.0, 0))
                 print(f"  {(y[k] - x[k]) / 1e3:+9.2f}  {x[k] / 1e3:8.2f} -> {y[k] / 1e3:8.2f}  {x[2]:6d} -> {y[2]:6d}x  "
                       f"{n[:70]}")
-
-
-def _self_device(e) -> float:
-    """An event's own kernel time in microseconds (the attribute's name changed across torch releases)."""
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(e, name):
-            return float(getattr(e, name))
-    return 0.0
 
 
 if __name__ == "__main__":

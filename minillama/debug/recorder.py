@@ -230,8 +230,7 @@ class Recorder:
 
         Only blocks that hold computed tokens (prefix hits included): a new request's other blocks are
         still empty, and the first step of a recording that starts with the run saves nothing."""
-        size = self.llm.block_manager.block_size
-        blocks = sorted({b for s in seqs for b in s.block_table[: -(-s.num_computed_tokens // size)]})
+        blocks = sorted({b for s in seqs for b in s.block_table[: -(-s.num_computed_tokens // s.block_size)]})
         cache = self.llm.runner.kv_cache
         if not blocks or cache.numel() == 0:
             return {}
