@@ -34,6 +34,7 @@ class Context:
     seq_index: torch.Tensor | None = None  # (num_tokens,) int32 index in the batch of each row's request
     sample_rows: torch.Tensor | None = None  # (num_samples,) int64 rows whose logits are sampled
     sample_index: torch.Tensor | None = None  # (num_samples,) int32 their requests' batch indices
+    sample_positions: torch.Tensor | None = None  # (num_samples,) int64 their token positions
     seq_ids: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
     step: int = -1

@@ -194,22 +194,33 @@ def test_graph_recording_equals_eager_recording(llm):
                     site_stats(te, catalog[slot], slot, ee["batch"], req)["hash"], (eg["step"], name, req)
 
 
-def test_graphed_finish_of_a_decode_step_equals_the_eager_one():
-    """``StatsBuffer.finish`` replays a captured graph for decode steps; it must give what the eager
-    ``stats_table`` gives on the same sums, step after step (the graph reads the tables' current data)."""
-    width = np.array([1.0, 7, 64, 64, 3, 5])
-    buf = StatsBuffer(6, 8, 16, (0, 0), torch.device("cuda"), np.array([0, 0, 0, 0, 1, 1], bool), width)
-    buf.capture_finish([1, 2, 4, 8])
+@pytest.mark.parametrize("decode", [True, False])
+def test_the_finish_kernel_equals_stats_table(decode):
+    """``StatsBuffer.finish`` runs one kernel on the GPU (``devstats.finish_cuda``); it must give what
+    ``stats_table`` gives on the host from the same sums, for decode steps (no counts read) and others."""
+    width = np.array([1.0, 7, 64, 64, 3, 5, 1000, 1])
+    per_sample = np.array([0, 0, 0, 0, 1, 1, 0, 1], bool)
+    buf = StatsBuffer(8, 300, 16, (2, 3), torch.device("cuda"), per_sample, width)
     g = torch.Generator(device="cuda").manual_seed(0)
-    for reqs in (5, 8, 1):
+    for reqs in (5, 300, 1):
+        buf.reset(buf.max_reqs)
         buf.moments.copy_(torch.randn(buf.moments.shape, device="cuda", dtype=torch.float64, generator=g) * 9)
         buf.keys.copy_(torch.randint(-2**31, 2**31 - 1, buf.keys.shape, device="cuda", generator=g, dtype=torch.int32))
+        buf.keys[0, 1] = torch.tensor([devstats.KEY_MIN_INIT, devstats.KEY_MAX_INIT])  # a site with no finite value
         buf.bad.copy_(torch.randint(0, 2, buf.bad.shape, device="cuda", generator=g, dtype=torch.int32))
+        buf.shadow.fill_(7.0)
+        counts = np.ones((reqs, 2))
+        if not decode:
+            counts[:, 0] = np.arange(reqs) % 5  # a request with no new tokens has no values: NaN statistics
+            counts[:, 1] = np.arange(reqs) % 2
+        rows = np.where(per_sample[None, :], counts[:, 1:2], counts[:, 0:1])
         want = stats_table(buf.moments[:reqs].cpu(), buf.keys[:reqs].cpu(), buf.bad[:reqs].cpu(),
-                           torch.from_numpy(width).expand(reqs, -1))
-        got = buf.finish(np.ones((reqs, 2))).cpu()
-        assert buf._finish_graphs and got.shape == want.shape
+                           torch.from_numpy(rows * width))
+        got = buf.finish(counts).cpu()
+        assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0, equal_nan=True)
+        assert torch.isnan(got[0, 1, 2:]).all()
+        assert (buf.shadow[:reqs] == 7.0).all(), "the statistics land beside the shadow metrics, not on them"
 
 
 def test_steps_that_leave_a_short_history_free_their_ring_slots(llm):

@@ -23,6 +23,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from minillama.layers.triton_launch import FastLaunch
 from minillama.trace.format import fmix32
 
 try:  # absent on CPU-only installs
@@ -243,6 +244,49 @@ if triton is not None:
         _put(row, req, slot, l1, l2, s, ss, lo, hi, n_nan, n_inf, MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride,
              LANES, lanes_stride)
 
+    @triton.jit
+    def _key_float(k):
+        """The float32 value of an order-preserving key (``float_keys_np``); NaN for the initial keys."""
+        f = tl.where(k >= 0, k, k ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+        return tl.where((k == 2147483647) | (k == -2147483648), float("nan"), f)
+
+    @triton.jit
+    def _finish_kernel(MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride, OUT, out_stride, COUNTS, PER_SAMPLE,
+                       WIDTH, num_sites, ONES: tl.constexpr, BLOCK: tl.constexpr):
+        """``stepbuf.stats_table`` for request ``program_id(0)``, all its sites (float64 arithmetic);
+        ``ONES``: every request has one new token and samples it (a decode step: no counts are read)."""
+        r = tl.program_id(0).to(tl.int64)
+        if ONES:
+            tok = 1.0
+            smp = 1.0
+        else:
+            tok = tl.load(COUNTS + 2 * r).to(tl.float64)
+            smp = tl.load(COUNTS + 2 * r + 1).to(tl.float64)
+        for start in range(0, num_sites, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            ok = j < num_sites
+            s = tl.load(MOM + r * mom_stride + 2 * j, mask=ok, other=0.0)
+            ss = tl.load(MOM + r * mom_stride + 2 * j + 1, mask=ok, other=0.0)
+            nbad = (tl.load(BAD + r * bad_stride + 2 * j, mask=ok, other=0)
+                    + tl.load(BAD + r * bad_stride + 2 * j + 1, mask=ok, other=0))
+            per = tl.load(PER_SAMPLE + j, mask=ok, other=0)
+            n = tl.where(per != 0, smp, tok) * tl.load(WIDTH + j, mask=ok, other=1.0) - nbad.to(tl.float64)
+            mean = s / n
+            var = tl.maximum(ss - s * mean, 0.0) / tl.maximum(n - 1.0, 1.0)
+            std = tl.where(n > 1.0, tl.sqrt(var), tl.where(n == 1.0, 0.0, float("nan")))
+            lo = _key_float(tl.load(KEYS + r * keys_stride + 2 * j, mask=ok, other=0))
+            hi = _key_float(tl.load(KEYS + r * keys_stride + 2 * j + 1, mask=ok, other=0))
+            none = n == 0.0
+            out = OUT + r * out_stride + 4 * j
+            tl.store(out, mean.to(tl.float32), mask=ok)
+            tl.store(out + 1, std.to(tl.float32), mask=ok)
+            tl.store(out + 2, tl.where(none, float("nan"), lo), mask=ok)
+            tl.store(out + 3, tl.where(none, float("nan"), hi), mask=ok)
+
+    _launch_site = FastLaunch(_site_kernel)
+    _launch_sites = FastLaunch(_sites_kernel)
+    _launch_finish = FastLaunch(_finish_kernel)
+
 
 #: dtype codes of ``_sites_kernel``
 BATCHED_DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -265,9 +309,8 @@ def sites_stats_cuda(table: torch.Tensor, num_sites: int, rows: int, dtype: torc
                      lanes: torch.Tensor) -> None:
     """One launch for ``num_sites`` sites of one dtype listed in ``table`` ((n, 4) int64 on the device:
     address, row stride, width, slot), each with ``rows`` rows (a decode graph's sites)."""
-    _sites_kernel[(rows, num_sites)](table, seq_index, pos, moments, moments.stride(0), keys, keys.stride(0), bad,
-                                     bad.stride(0), lanes, lanes.stride(0), DT=BATCHED_DTYPES[dtype], BLOCK=512,
-                                     num_warps=4)
+    _launch_sites((rows, num_sites), (table, seq_index, pos, moments, moments.stride(0), keys, keys.stride(0), bad,
+                                      bad.stride(0), lanes, lanes.stride(0)), (BATCHED_DTYPES[dtype], 512))
 
 
 def site_stats_cuda(x: torch.Tensor, slot: int, seq_index: torch.Tensor, pos: torch.Tensor, moments: torch.Tensor,
@@ -278,6 +321,18 @@ def site_stats_cuda(x: torch.Tensor, slot: int, seq_index: torch.Tensor, pos: to
     # at most 512, as the batched kernel: a 4,096 block keeps 8 accumulators x 32 values per thread
     # (1B's 8,192-wide MLP rows); rows 512 wide or more then get the same float sums eagerly as graphed
     block = min(512, max(128, triton.next_power_of_2(width)))
-    _site_kernel[(rows,)](x2, x2.stride(0), width, seq_index, pos, moments, moments.stride(0), keys, keys.stride(0),
-                          bad, bad.stride(0), lanes, lanes.stride(0), slot, WORD16=x2.element_size() == 2,
-                          BLOCK=block, num_warps=4)
+    _launch_site((rows,), (x2, x2.stride(0), width, seq_index, pos, moments, moments.stride(0), keys, keys.stride(0),
+                           bad, bad.stride(0), lanes, lanes.stride(0), slot), (x2.element_size() == 2, block))
+
+
+def finish_cuda(moments: torch.Tensor, keys: torch.Tensor, bad: torch.Tensor, out: torch.Tensor,
+                counts: torch.Tensor | None, per_sample: torch.Tensor, width: torch.Tensor) -> None:
+    """``stepbuf.stats_table`` of the first ``out.shape[0]`` requests in one launch. ``counts``: each
+    request's new tokens and whether it samples (``(R, 2)`` int32 on the device); None for a decode
+    step (one token each, sampled). ``per_sample`` (int32) and ``width`` (float64): one per site."""
+    reqs, sites = out.shape[0], out.shape[1]
+    if reqs == 0:
+        return
+    _launch_finish((reqs,), (moments, moments.stride(0), keys, keys.stride(0), bad, bad.stride(0), out, out.stride(0),
+                             per_sample if counts is None else counts, per_sample, width, sites),
+                   (counts is None, min(256, triton.next_power_of_2(sites))))

@@ -247,7 +247,7 @@ class Recorder:
         ctx = get_context()
         rows = self.catalog[slot].rows
         if rows == "samples":
-            seq, pos = ctx.sample_index, ctx.positions[ctx.sample_rows]
+            seq, pos = ctx.sample_index, ctx.sample_positions
         else:
             seq, pos = ctx.seq_index, ctx.positions
         x = tensor.detach()
@@ -259,15 +259,14 @@ class Recorder:
                 self._static[site][: x.shape[0]].copy_(tensor)
             return
         self._cur.fired.add(slot)
-        if self.is_full(site):
-            self._cur.full[site] = tensor.detach().clone()
+        if self.is_full(site):  # on the GPU straight to the host: the copy is ordered before any later change
+            self._cur.full[site] = _to_host(tensor.detach()) if tensor.is_cuda else tensor.detach().clone()
 
     def graphs_captured(self) -> None:
         """Fill the address tables of the graphs just captured (``hooks.graphs_captured``), whoever
-        captured them (an attach, a session), and make the ring and the decode steps' finish graphs."""
+        captured them (an attach, a session), and make the pinned ring."""
         self.stats.graphs_captured()
         self.buffer.prepare_ring()
-        self.buffer.capture_finish(self.llm.runner.graphs.sizes)
 
     def _attention(self, out: torch.Tensor, call) -> None:
         if self.shadow is None:
@@ -293,10 +292,8 @@ class Recorder:
             st.fired |= self._captured
             for name, buf in self._static.items():
                 st.full[name] = buf[: st.rows]
+        st.full = {k: _to_host(t) for k, t in st.full.items()}  # before the snapshot: its event covers them
         st.snapshot = self.buffer.snapshot(st.reqs, max(st.rows, st.samples), step_counts(st.raw))
-        st.full = {k: _to_host(t) for k, t in st.full.items()}
-        if st.full and st.snapshot.done is not None:
-            st.snapshot.done.record()  # the event now also covers the full tensors' copies
 
     def _end(self, info: dict[str, Any]) -> None:
         st = self._open.pop(info["step"], None)

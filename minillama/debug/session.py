@@ -219,11 +219,11 @@ class DebugSession:
         if st is None or not self._paused or not st.ok:
             return None
         buf = self.recorder.buffer
-        stats = buf.finish(step_counts(st.raw))
+        buf.finish(step_counts(st.raw))  # into the request rows, which the copy below then holds
         if buf.device.type == "cuda":
             torch.cuda.synchronize(buf.device)
         raw = views(buf.req[: st.reqs].cpu().numpy(), buf.rows[: max(st.rows, st.samples)].cpu().numpy(),
-                    buf.num_sites, buf.shadow_shape, stats.cpu().numpy())
+                    buf.num_sites, buf.shadow_shape)
         return decode_tables(raw, self.recorder.shadow is not None)
 
     def tensor(self, step: int, site: str) -> torch.Tensor | None:

@@ -25,11 +25,11 @@ class Snapshot:
     ``copy_out`` copies them out (when the ring needs the slot) or ``drop`` lets them go unread."""
 
     def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
-                 stats: torch.Tensor, done: torch.cuda.Event | None) -> None:
+                 done: torch.cuda.Event | None) -> None:
         # weak: the buffer holds its snapshots (``_holders``), and a cycle would leave a dropped recorder's
         # buffer, finish graphs included, to the garbage collector, at any moment
         self._buffer, self._slot = (weakref.ref(buffer) if buffer is not None else None), slot
-        self.req, self.rows, self.stats, self.done = req, rows, stats, done
+        self.req, self.rows, self.done = req, rows, done
         self.num_sites, self.shadow_shape = (buffer.num_sites, buffer.shadow_shape) if buffer else (0, (0, 0))
         self._tables: dict[str, np.ndarray] | None = None
         self._any_bad: bool | None = None  # known once decoded in place
@@ -95,26 +95,26 @@ class Snapshot:
                 self._give_back()
 
     def _views(self) -> dict[str, np.ndarray]:  # callers check first that the slot is still held
-        return views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape, self.stats.numpy())
+        return views(self.req.numpy(), self.rows.numpy(), self.num_sites, self.shadow_shape)
 
     def _give_back(self) -> None:
-        self.req = self.rows = self.stats = None  # type: ignore[assignment]
+        self.req = self.rows = None  # type: ignore[assignment]
         buffer = self._buffer() if self._buffer is not None else None
         if buffer is not None and self._slot is not None:
             buffer._release(self._slot, self)
 
 
-def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int],
-          stats: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Typed views of one request-table array ``(R, words)`` int64 and one row-table array (and the
-    ``stats_table`` made from them, if given)."""
+def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Typed views of one request-table array ``(R, words)`` int64 (``stepbuf``'s layout) and one
+    row-table array."""
     r = req.shape[0]
     layers, fields = shadow_shape
+    shadow_end = 4 * s + -(-layers * fields // 2)
     return {
-        "stats": stats,
+        "stats": req[:, shadow_end:].view(np.float32).reshape(r, s, 4),
         "moments": req[:, : 2 * s].view(np.float64).reshape(r, s, 2),
         "keys": req[:, 2 * s: 3 * s].view(np.int32).reshape(r, s, 2),
         "bad": req[:, 3 * s: 4 * s].view(np.int32).reshape(r, s, 2),
-        "shadow": req[:, 4 * s:].view(np.float32)[:, : layers * fields].reshape(r, layers, fields),
+        "shadow": req[:, 4 * s: shadow_end].view(np.float32)[:, : layers * fields].reshape(r, layers, fields),
         "lanes": rows,
     }

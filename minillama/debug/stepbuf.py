@@ -6,15 +6,15 @@ flat batch (``S`` = number of sites in the catalog, ``L`` layers, ``K`` shadow f
     req[r]  = [ moments (S, 2) float64: sum, sum of squares of finite values
               | keys    (S, 2) int32:   order-preserving keys of min and max (devstats.float_keys_np)
               | bad     (S, 2) int32:   NaN and Inf counts
-              | shadow  (L, K) float32: the shadow-attention metrics of request r at each layer ]
+              | shadow  (L, K) float32: the shadow-attention metrics of request r at each layer
+              | stats   (S, 4) float32: mean, std, min, max, finished from the above at the step's end ]
     rows[i] = lanes (S, 2) int32: the content-hash lanes of row i at each site
-    stats[r] = (S, 4) float32: mean, std, min, max, finished from req[r] at the step's end
 
 Each step resets the first ``R`` request rows (one copy of a template row), the hook sites fill
-them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` finishes ``stats`` (a few
-kernels: ``stats_table``, so the trace writer's thread does no arithmetic) and copies ``req[:R]``,
-``rows[:n]`` and ``stats[:R]`` without blocking into a slot of a ring of pinned host buffers, with
-an event to wait on. Nothing else crosses to the host. A slot is given back once its tables are
+them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` finishes ``stats`` (one kernel on
+the GPU, ``devstats.finish_cuda``; ``stats_table`` on the CPU: the trace writer's thread does no
+arithmetic) and copies ``req[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of
+pinned host buffers, with an event to wait on. Nothing else crosses to the host. A slot is given back once its tables are
 read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied
 out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more); the
 snapshot and the tables' typed views live in ``snapshot.py``.
@@ -28,9 +28,9 @@ from collections import deque
 import numpy as np
 import torch
 
+from minillama.debug import devstats
 from minillama.debug.devstats import KEY_MAX_INIT, KEY_MIN_INIT
 from minillama.debug.snapshot import Snapshot, views
-from minillama.engine.cuda_graph import gc_paused
 
 #: Pinned host slots: steps whose tables may be in flight or waiting for the trace writer at once.
 RING = 8
@@ -45,7 +45,8 @@ class StatsBuffer:
         the new tokens'), and its values per row; they turn the sums into ``stats_table``'s statistics."""
         s = self.num_sites = num_sites
         layers, fields = self.shadow_shape = shadow_shape
-        self.words = 4 * s + -(-layers * fields // 2)
+        self.shadow_words = -(-layers * fields // 2)
+        self.words = 6 * s + self.shadow_words
         self.device = device
         if device.type == "cpu":  # numpy's zeros: a torch fill this large would start an OpenMP pool on
             # the constructing thread, which then slows the engine thread's parallel ops (bench_debug.in_thread)
@@ -62,10 +63,13 @@ class StatsBuffer:
         self.moments = r[:, : 2 * s].view(torch.float64).view(-1, s, 2)
         self.keys = r[:, 2 * s: 3 * s].view(torch.int32).view(-1, s, 2)
         self.bad = r[:, 3 * s: 4 * s].view(torch.int32).view(-1, s, 2)
-        self.shadow = r[:, 4 * s:].view(torch.float32)[:, : layers * fields].reshape(r.shape[0], layers, fields)
+        self.shadow = r[:, 4 * s: 4 * s + self.shadow_words].view(torch.float32)[:, : layers * fields].reshape(
+            r.shape[0], layers, fields)
+        self.stats = r[:, 4 * s + self.shadow_words:].view(torch.float32).view(-1, s, 4)
         self._np = views(self.req.numpy(), self.rows.numpy(), s, shadow_shape) if device.type == "cpu" else None
-        self.stats = torch.empty(max_reqs, s, 4, dtype=torch.float32, device=device)
-        self._per_sample = torch.as_tensor(np.zeros(s, bool) if per_sample is None else per_sample, device=device)
+        per_sample = np.zeros(s, bool) if per_sample is None else np.asarray(per_sample, bool)
+        self._per_sample = torch.as_tensor(per_sample, device=device)
+        self._per_sample_i32 = torch.as_tensor(per_sample.astype(np.int32), device=device)  # the finish kernel's
         self._width = torch.as_tensor(np.ones(s) if width is None else width, dtype=torch.float64, device=device)
         self._ring: list[tuple[torch.Tensor, ...]] = []  # pinned host copies, reused
         self._free: deque[int] = deque()
@@ -73,8 +77,6 @@ class StatsBuffer:
         self._order: deque[int] = deque()
         self._ring_lock = threading.Lock()
         self.evictions = 0
-        self._finish_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._finish_sizes: list[int] = []
 
     @property
     def max_reqs(self) -> int:
@@ -97,50 +99,31 @@ class StatsBuffer:
         """The step's statistics table from its sums, on the device: ``stats_table`` of the first
         ``len(counts)`` requests, given each one's new tokens and whether it samples (``(R, 2)``)."""
         r = len(counts)
-        if self._finish_graphs and r <= self._finish_sizes[-1] and bool((counts == 1).all()):  # a decode step
-            self._finish_graphs[next(b for b in self._finish_sizes if b >= r)].replay()
+        if self.device.type == "cuda":  # one kernel; a decode step's counts are all ones and need no copy
+            c = None
+            if not bool((counts == 1).all()):  # a small copy behind the step's work, never a wait
+                c = torch.from_numpy(np.asarray(counts, dtype=np.int32)).pin_memory().to(self.device, non_blocking=True)
+            devstats.finish_cuda(self.moments[:r], self.keys[:r], self.bad[:r], self.stats[:r], c,
+                                 self._per_sample_i32, self._width)
             return self.stats[:r]
         c = torch.from_numpy(np.asarray(counts, dtype=np.float64))
-        if self.device.type == "cuda":  # a small copy behind the step's work, never a wait
-            c = c.pin_memory().to(self.device, non_blocking=True)
         rows = torch.where(self._per_sample, c[:, 1:2], c[:, 0:1])  # (R, S): each site's rows per request
         return stats_table(self.moments[:r], self.keys[:r], self.bad[:r], rows * self._width, out=self.stats[:r])
-
-    def capture_finish(self, sizes: list[int]) -> None:
-        """On CUDA, capture ``finish`` of decode steps (each request one new token that it samples)
-        as one graph per batch size, so such a step finishes its table in one launch, not thirty.
-        A graph for ``b`` finishes ``b`` rows; those past the step's requests are never copied."""
-        if self.device.type != "cuda" or self._finish_graphs:
-            return
-        sizes = sorted(b for b in sizes if b <= self.max_reqs) or [self.max_reqs]
-        graphs, pool = {}, None
-        with gc_paused():
-            for b in reversed(sizes):  # largest first: the smaller ones reuse its memory
-                args = self.moments[:b], self.keys[:b], self.bad[:b], self._width.expand(b, -1)
-                stats_table(*args, out=self.stats[:b])  # once eagerly, so no first use happens in a capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    stats_table(*args, out=self.stats[:b])
-                pool = graph.pool() if pool is None else pool
-                graphs[b] = graph
-        self._finish_sizes, self._finish_graphs = sizes, graphs  # all or none, should a capture fail
 
     def snapshot(self, num_reqs: int, num_rows: int, counts: np.ndarray) -> Snapshot:
         """Finish the step's statistics and copy its used tables to the host without blocking (into a
         slot of a pinned ring); ``counts`` as ``finish`` takes them."""
-        stats = self.finish(counts)
+        self.finish(counts)
         if self.device.type != "cuda":
-            return Snapshot(self, None, self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), stats.clone(),
-                            None)
+            return Snapshot(self, None, self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), None)
         slot = self._acquire()
-        req, rows, host_stats = self._ring[slot]
-        req, rows, host_stats = req[:num_reqs], rows[:num_rows], host_stats[:num_reqs]
+        req, rows = self._ring[slot]
+        req, rows = req[:num_reqs], rows[:num_rows]
         req.copy_(self.req[:num_reqs], non_blocking=True)
         rows.copy_(self.rows[:num_rows], non_blocking=True)
-        host_stats.copy_(stats, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        snap = Snapshot(self, slot, req, rows, host_stats, done)
+        snap = Snapshot(self, slot, req, rows, done)
         with self._ring_lock:
             self._holders[slot] = snap
             self._order.append(slot)
@@ -151,7 +134,7 @@ class StatsBuffer:
         if not self._ring and self.device.type == "cuda":
             with torch.inference_mode(False):  # made from graphs_captured too, inside the capture's inference mode
                 self._ring = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                    for t in (self.req, self.rows, self.stats)) for _ in range(RING)]
+                                    for t in (self.req, self.rows)) for _ in range(RING)]
             self._free = deque(range(RING))
 
     def _acquire(self) -> int:

@@ -44,6 +44,7 @@ class ModelRunner:
         self.kv_cache = torch.empty(0)
         self.graphs = None  # CUDA graphs for decode, see cuda_graph.py
         self.graphed = False  # whether the last forward pass replayed a graph
+        self._iotas: dict[torch.dtype, torch.Tensor] = {}
         # A backend that pads every sequence's queries to the longest one: on a GPU, run the
         # decodes and the prompt chunks of a mixed batch as two forward passes (see ``run``).
         self.backend = get_backend(config.backend)
@@ -202,10 +203,24 @@ class ModelRunner:
                        ends: list[int]) -> None:
         """For hook listeners: each row's request and position, and the sampled rows, on the device."""
         ctx = get_context()
+        ctx.positions = positions
+        rows = positions.shape[0]
+        if batch.phase == "decode":  # row i is request i, and every row samples: no copies
+            ctx.seq_index = ctx.sample_index = self._iota(rows, torch.int32)
+            ctx.sample_rows, ctx.sample_positions = self._iota(rows, torch.int64), positions
+            return
         seq_index = [i for i, n in enumerate(batch.num_new_tokens) for _ in range(n)]
         ints = self._tensor(seq_index + ends, torch.int32)
-        ctx.positions, ctx.seq_index, ctx.sample_index = positions, ints[:len(seq_index)], ints[len(seq_index):]
+        ctx.seq_index, ctx.sample_index = ints[:len(seq_index)], ints[len(seq_index):]
         ctx.sample_rows = self._tensor(logit_rows, torch.int64)
+        ctx.sample_positions = positions[ctx.sample_rows]
+
+    def _iota(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """``arange(n)`` on the device, from a cached one (grown when too short)."""
+        have = self._iotas.get(dtype)
+        if have is None or have.shape[0] < n:
+            have = self._iotas[dtype] = torch.arange(max(n, 256), dtype=dtype, device=self.device)
+        return have[:n]
 
     def _fill_pending(self, input_ids: torch.Tensor, batch: ScheduledBatch, prev: PendingTokens) -> None:
         """Put the tokens of the step in flight where this step's input has ``PENDING`` placeholders.

@@ -1,0 +1,57 @@
+"""Launching a Triton kernel with less host work than ``kernel[grid](...)``.
+
+``JITFunction.run`` works out every argument's specialization and looks the compiled kernel up on
+each call: about 30 us of Python, more than the work of a small kernel, and the debugger launches
+one at each of a prefill step's ~200 sites. ``FastLaunch`` keeps the compiled kernel of each
+specialization and calls it directly. Its key follows Triton's default rule (triton/runtime/jit.py,
+``specialize_impl``): a tensor by dtype and 16-byte alignment; an integer by being 1, divisible by
+16, and fitting in 32 bits. A kernel declaring ``do_not_specialize`` would make that rule wrong; the
+kernels launched here declare none. Should the compiled kernel's call convention differ (another
+Triton version), it falls back to the ordinary launch for good.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_I32 = (-(2**31), 2**31 - 1)
+
+
+def _spec(a: Any) -> tuple:
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool) or not isinstance(a, int):
+        return (type(a),)
+    return a == 1, a % 16 == 0, _I32[0] <= a <= _I32[1]
+
+
+class FastLaunch:
+    """``FastLaunch(kernel)(grid, args, consts, num_warps)`` runs ``kernel[grid](*args, *consts,
+    num_warps=num_warps)``: ``args`` are the leading runtime parameters, ``consts`` the trailing
+    ``tl.constexpr`` ones, both in the kernel's order."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self._compiled: dict[tuple, Any] = {}
+        self._direct = True
+
+    def __call__(self, grid: tuple[int, ...], args: tuple, consts: tuple = (), num_warps: int = 4) -> None:
+        if not self._direct:
+            self.kernel[grid](*args, *consts, num_warps=num_warps)
+            return
+        key = (consts, num_warps, *map(_spec, args))
+        compiled = self._compiled.get(key)
+        if compiled is None:  # the first call of this specialization compiles (or finds) it the usual way
+            compiled = self.kernel[grid](*args, *consts, num_warps=num_warps)
+            if not callable(getattr(compiled, "__getitem__", None)):
+                self._direct = False
+                return
+            self._compiled[key] = compiled
+            return
+        try:
+            compiled[grid](*args, *consts)
+        except TypeError:  # another call convention: the launcher refused before launching
+            self._direct = False
+            self.kernel[grid](*args, *consts, num_warps=num_warps)
