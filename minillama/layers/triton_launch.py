@@ -51,7 +51,7 @@ class FastLaunch:
             self._compiled[key] = compiled
             return
         try:
-            compiled[grid](*args, *consts)
-        except TypeError:  # another call convention: the launcher refused before launching
+            compiled[grid + (1,) * (3 - len(grid))](*args, *consts)  # the compiled form takes all three sizes
+        except (TypeError, IndexError):  # another call convention: refused before launching
             self._direct = False
             self.kernel[grid](*args, *consts, num_warps=num_warps)
