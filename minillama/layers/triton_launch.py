@@ -16,15 +16,22 @@ from typing import Any
 
 import torch
 
-_I32 = (-(2**31), 2**31 - 1)
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_Tensor = torch.Tensor
 
 
-def _spec(a: Any) -> tuple:
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool) or not isinstance(a, int):
-        return (type(a),)
-    return a == 1, a % 16 == 0, _I32[0] <= a <= _I32[1]
+def _key(args: tuple) -> list:
+    """Triton's specialization classes of ``args`` (the rule above), flat; called at every launch."""
+    key: list = []
+    for a in args:
+        if type(a) is int:  # noqa: E721  (bools are not specialized)
+            key.append((a == 1) | (a % 16 == 0) << 1 | (_I32_MIN <= a <= _I32_MAX) << 2)
+        elif isinstance(a, _Tensor):
+            key.append(a.dtype)
+            key.append(a.data_ptr() % 16 == 0)
+        else:
+            key.append(type(a))
+    return key
 
 
 class FastLaunch:
@@ -41,7 +48,7 @@ class FastLaunch:
         if not self._direct:
             self.kernel[grid](*args, *consts, num_warps=num_warps)
             return
-        key = (consts, num_warps, *map(_spec, args))
+        key = (consts, num_warps, *_key(args))
         compiled = self._compiled.get(key)
         if compiled is None:  # the first call of this specialization compiles (or finds) it the usual way
             compiled = self.kernel[grid](*args, *consts, num_warps=num_warps)
