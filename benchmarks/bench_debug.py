@@ -5,6 +5,7 @@ Modes (each after a warm-up of the same mode):
   plain eager       no listener, no CUDA graphs
   stats             a Recorder writing a trace (per-request statistics and hashes at every site)
   stats + shadow    the same plus a shadow backend and the yardstick at every layer
+  stats, process    stats with the trace written by a process of its own (``--trace-writer process``)
   nan session       a DebugSession running to a NaN breakpoint that never fires
   session           (CPU) a DebugSession with no breakpoint
 Workloads: ``small`` = N requests of P random prompt tokens with T new tokens each (default 64 x 256
@@ -41,12 +42,12 @@ from minillama.debug.breakpoints import Breakpoint  # noqa: E402
 from minillama.debug.manifest import build_manifest  # noqa: E402
 from minillama.debug.recorder import Recorder  # noqa: E402
 from minillama.debug.session import DebugSession  # noqa: E402
-from minillama.trace.background import BackgroundWriter  # noqa: E402
+from minillama.debug.writer_process import trace_sink  # noqa: E402
 from minillama.trace.writer import TraceWriter  # noqa: E402
 
-ALL_MODES = ("plain", "eager", "stats", "shadow", "nan", "session")
+ALL_MODES = ("plain", "eager", "stats", "shadow", "proc", "nan", "session")
 LABEL = {"plain": "plain graphs", "eager": "plain eager", "stats": "stats", "shadow": "stats + shadow",
-         "nan": "nan session", "session": "session"}
+         "proc": "stats, process", "nan": "nan session", "session": "session"}
 
 
 def build(a):
@@ -128,9 +129,9 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
     path = os.path.join(tmp, f"{mode}-{time.monotonic_ns()}")
     if mode == "eager":
         llm.runner.graphs = None
-    elif mode in ("stats", "shadow"):
+    elif mode in ("stats", "shadow", "proc"):
         rec = Recorder(llm, shadow=(ARGS.shadow if mode == "shadow" else None))
-        writer = BackgroundWriter(TraceWriter(path, build_manifest(llm, rec)))
+        writer = trace_sink(TraceWriter(path, build_manifest(llm, rec)), rec, "process" if mode == "proc" else "thread")
         rec.set_sink(writer)
         rec.attach()
     elif mode in ("nan", "session"):

@@ -152,7 +152,7 @@ def cmd_record(a: argparse.Namespace) -> int:
 
     from minillama.debug.manifest import build_manifest
     from minillama.debug.recorder import Recorder
-    from minillama.trace.background import BackgroundWriter
+    from minillama.debug.writer_process import trace_sink
     from minillama.trace.cli import human_bytes
     from minillama.trace.format import TraceError
     from minillama.trace.reader import TraceReader
@@ -173,7 +173,7 @@ def cmd_record(a: argparse.Namespace) -> int:
     seqs = [llm.add_request(x, params) for x in ids]
     manifest = build_manifest(llm, recorder, prompts=a.prompt, params=params, seqs=seqs, chat=not a.raw,
                               max_bytes=a.max_bytes)
-    writer = BackgroundWriter(TraceWriter(a.out, manifest, a.max_bytes))
+    writer = trace_sink(TraceWriter(a.out, manifest, a.max_bytes), recorder, a.trace_writer)
     recorder.set_sink(writer)
     recorder.attach()
     reason = "finished"
@@ -239,6 +239,9 @@ def build_parser(with_trace: bool = True) -> argparse.ArgumentParser:
                             "'layers.*.attn.out@shadow'); other sites keep per-request statistics only")
         r.add_argument("--max-bytes", type=positive_int, default=None, metavar="N",
                        help="stop recording cleanly before the trace grows past N bytes")
+        r.add_argument("--trace-writer", choices=("thread", "process"), default="thread",
+                       help="write the trace on a thread of this process (default) or in a process of its own, "
+                            "whose Python then never holds the engine's GIL")
         _engine_args(r)
         _sampling_args(r)
         r.set_defaults(fn=cmd_record)

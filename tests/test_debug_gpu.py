@@ -291,3 +291,35 @@ def _has_flash() -> bool:
     from minillama.attention import available_backends
 
     return available_backends().get("flash-attn") is None
+
+
+def test_a_writer_process_writes_what_the_writer_thread_writes_on_the_gpu(tmp_path):
+    """A graphed GPU recording (pinned ring, events) written by a thread and by a process of its own:
+    the same steps, hashes, statistics (float64 atomics: to rounding) and text. A fresh engine each,
+    so the second finds no prefix in the cache."""
+    from minillama.debug.manifest import build_manifest
+    from minillama.debug.writer_process import trace_sink
+    from minillama.trace import TraceReader
+    from minillama.trace.writer import TraceWriter
+
+    readers = []
+    for kind in ("thread", "process"):
+        llm = _gpu_llm()
+        prompts = _prompts(llm, 8)
+        rec = Recorder(llm)
+        rec.set_sink(trace_sink(TraceWriter(tmp_path / kind, build_manifest(llm, rec)), rec, kind))
+        rec.attach()
+        try:
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        finally:
+            rec.detach()
+        readers.append(TraceReader(tmp_path / kind))
+    a, b = readers
+    assert a.num_steps == b.num_steps > 10 and a.status == b.status == "complete"
+    assert any(a.step(i)["graphed"] for i in range(a.num_steps))
+    assert [q["text"] for q in a.requests().values()] == [q["text"] for q in b.requests().values()]
+    for i in range(a.num_steps):
+        ta, tb = a.tables(i), b.tables(i)
+        assert np.array_equal(ta["hash"], tb["hash"])
+        np.testing.assert_allclose(ta["stats"], tb["stats"], rtol=1e-6, atol=1e-6)
+        assert np.array_equal(np.asarray(a.tensor(i, "sampled")), np.asarray(b.tensor(i, "sampled")))

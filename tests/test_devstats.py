@@ -239,3 +239,30 @@ def test_a_snapshot_is_decoded_once_whoever_asks():
         t.join()
     assert len(got) == 4 and all(g is got[0] for g in got) and got[0].shape == (3, 2, 4)
     assert snap.decoded(lambda raw: 1 / 0) is got[0] and not snap.any_bad()
+
+
+def test_a_snapshot_hands_its_tables_over_in_whichever_form_it_still_has():
+    """``Snapshot.hand_over`` (the writer process's sender): the slot's raw memory when nobody else may
+    read it, the copied-out tables when a view may, what a view already decoded, nothing once dropped."""
+    from minillama.debug.snapshot import views
+    from minillama.debug.stepbuf import StatsBuffer
+
+    buf = StatsBuffer(2, 3, 4, (0, 0), torch.device("cpu"))
+    buf.reset(3)
+    buf.numpy_tables()["bad"][1, 0, 0] = 5
+
+    def take(snap, keep):
+        box = []
+        return snap.hand_over(box.append, keep), (box[0] if box else None)
+
+    ok, got = take(buf.snapshot(3, 4, np.ones((3, 2))), keep=False)
+    assert ok and set(got) == {"req", "rows"} and views(got["req"], got["rows"], 2, (0, 0))["bad"][1, 0, 0] == 5
+    snap = buf.snapshot(3, 4, np.ones((3, 2)))
+    ok, got = take(snap, keep=True)
+    assert ok and got["bad"][1, 0, 0] == 5 and snap.tables() is got, "copied out, and still there for views"
+    snap = buf.snapshot(3, 4, np.ones((3, 2)))
+    first = snap.decoded(lambda raw: {"bad": np.array(raw["bad"])})
+    assert take(snap, keep=True) == (True, {"decoded": first})
+    snap = buf.snapshot(3, 4, np.ones((3, 2)))
+    snap.drop()
+    assert take(snap, keep=False) == (False, None)

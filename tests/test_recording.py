@@ -90,6 +90,40 @@ def test_a_recording_that_starts_with_the_run_saves_no_cached_keys(tiny, tmp_pat
     assert "catchup.k" not in r.tensor_keys(0) and r.step(0)["phase"] == "prefill"
 
 
+def test_a_writer_process_writes_the_trace_the_writer_thread_writes(tiny, tmp_path):
+    """The same run, written by a thread or by a process of its own: the same steps, text and tables."""
+    def run(kind):
+        llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+        return TraceReader(record_trace(tmp_path / kind, tiny, PROMPTS, max_tokens=6, shadow="reference",
+                                        full=["layers.1.attn.q", "logits"], llm=llm, writer=kind))
+
+    a, b = run("thread"), run("process")
+    assert a.num_steps == b.num_steps > 3 and a.status == b.status == "complete"
+    assert [(q["prompt"], q["token_ids"], q["text"]) for q in a.requests().values()] == \
+        [(q["prompt"], q["token_ids"], q["text"]) for q in b.requests().values()]
+    assert _hashes(a) == _hashes(b)
+    for i in range(a.num_steps):
+        ea, eb = a.step(i), b.step(i)
+        assert list(ea["pieces"].values()) == list(eb["pieces"].values())
+        assert ea["batch"]["seqs"][0]["chunk"] == eb["batch"]["seqs"][0]["chunk"]
+        for site in ("layers.1.attn.q", "logits"):
+            assert np.array_equal(np.asarray(a.tensor(i, site)), np.asarray(b.tensor(i, site)))
+        assert a.shadow(i) == b.shadow(i)
+
+
+def test_host_tensors_cross_to_the_writer_process_bit_for_bit():
+    import pickle
+
+    import torch
+
+    from minillama.debug.writer_process import _pack_tensor, _unpack_tensor
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.int32):
+        t = (torch.randn(5, 3) * 100).to(dtype)
+        back = _unpack_tensor(pickle.loads(pickle.dumps(_pack_tensor(t), protocol=5)))
+        assert back.dtype == dtype and back.shape == t.shape and torch.equal(back.view(-1), t.view(-1))
+
+
 _CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
@@ -97,16 +131,18 @@ _CHILD = textwrap.dedent("""
     from minillama.attention import get_backend
     # thousands of steps: the parent kills it long before it could finish
     record_trace({out!r}, {model!r}, ["w%d w%d w%d" % (i % 400 + 4, i % 300 + 5, i % 200 + 6) for i in range(400)],
-                 max_tokens=240, max_num_seqs=8, max_num_batched_tokens=16, full=["layers.1.*"])
+                 max_tokens=240, max_num_seqs=8, max_num_batched_tokens=16, full=["layers.1.*"], writer={writer!r})
 """)
 
 
 @pytest.mark.slow
-def test_killed_recordings_open_to_their_last_finished_step(tiny, tmp_path):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_killed_recordings_open_to_their_last_finished_step(tiny, tmp_path, writer):
     rng = random.Random(7)
     for k in range(3):
         out = tmp_path / f"killed{k}"
-        child = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT, out=str(out), model=tiny)],
+        child = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=ROOT, out=str(out), model=tiny,
+                                                                      writer=writer)],
                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while not (out / "events.jsonl").exists() and time.monotonic() < deadline and child.poll() is None:
@@ -131,9 +167,11 @@ def test_a_full_pattern_that_matches_nothing_is_one_line(tiny, tmp_path, capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and "matches no site" in err
 
 
-def test_a_size_cap_mid_run_leaves_a_readable_trace(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_size_cap_mid_run_leaves_a_readable_trace(tiny, tmp_path, capsys, writer):
     rc = cli_main(["record", "--out", str(tmp_path / "cap"), "--prompt", "w4 w5 w6", "--prompt", "w7", "--raw",
-                   "--model", tiny, "--device", "cpu", "--max-tokens", "30", "--ignore-eos", "--max-bytes", "40000"])
+                   "--model", tiny, "--device", "cpu", "--max-tokens", "30", "--ignore-eos", "--max-bytes", "40000",
+                   "--trace-writer", writer])
     assert rc == 0
     r = TraceReader(tmp_path / "cap")
     assert r.status.startswith("stopped: size cap") and 0 < r.num_steps < 31

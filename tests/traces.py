@@ -55,11 +55,12 @@ def planted_backend(name: str, layer: int, delta: float, num_layers: int, base: 
 
 def record_trace(path: str | os.PathLike, model: str, prompts: Sequence[str | list[int]], *, shadow: str | None = None,
                  full: Sequence[str] = (), backend: str = "torch", max_tokens: int = 4, chat: bool = False,
-                 llm: LLM | None = None, **engine: object) -> str:
-    """Record ``prompts`` on ``model`` (a folder or GGUF) into a new trace folder; returns its path."""
+                 llm: LLM | None = None, writer: str = "thread", **engine: object) -> str:
+    """Record ``prompts`` on ``model`` (a folder or GGUF) into a new trace folder; returns its path.
+    ``writer``: the trace writer's kind, "thread" or "process" (``writer_process.trace_sink``)."""
     from minillama.debug.manifest import build_manifest
     from minillama.debug.recorder import Recorder
-    from minillama.trace.background import BackgroundWriter
+    from minillama.debug.writer_process import trace_sink
     from minillama.trace.writer import TraceWriter
 
     if llm is None:
@@ -73,7 +74,7 @@ def record_trace(path: str | os.PathLike, model: str, prompts: Sequence[str | li
     rec = Recorder(llm, shadow=shadow, full_sites=full)
     seqs = [llm.add_request(x, params) for x in ids]
     manifest = build_manifest(llm, rec, prompts=list(prompts), params=params, seqs=seqs, chat=chat)
-    rec.set_sink(BackgroundWriter(TraceWriter(path, manifest)))
+    rec.set_sink(trace_sink(TraceWriter(path, manifest), rec, writer))
     rec.attach()
     try:
         while llm.has_unfinished():

@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from typing import Any
 
-from minillama.debug.records import StepRecord
+from minillama.debug.records import StepRecord, table_tensors
 from minillama.models.detokenizer import push_tokens
 
 
@@ -90,3 +90,15 @@ class StepFinisher:
             if last is not None:
                 dec.skip([last])
         return dec
+
+
+def trace_step(rec: StepRecord, finisher: StepFinisher, shadow: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a trace stores of ``rec``: its finished event without ``batch`` (the blob holds its tables),
+    and its tensors (full sites, statistics tables, batch tables)."""
+    finisher.upto(rec)
+    tensors: dict[str, Any] = dict(rec.full)
+    tables = rec.tables(shadow)
+    if tables is not None:
+        tensors.update(table_tensors(tables))
+    tensors.update(rec.arrays())
+    return {k: v for k, v in rec.event.items() if k != "batch"}, tensors

@@ -26,14 +26,13 @@ import torch
 from minillama import hooks
 from minillama.context import get_context
 from minillama.debug import devstats
-from minillama.debug.finishing import StepFinisher
+from minillama.debug.finishing import StepFinisher, trace_step
 from minillama.debug.records import (
     StepRecord,
     capture_batch,
     site_catalog,
     site_columns,
     step_counts,
-    table_tensors,
 )
 from minillama.debug.shadow import Shadow
 from minillama.debug.site_stats import SiteStats
@@ -147,8 +146,8 @@ class Recorder:
     def set_sink(self, sink) -> None:
         """Send the following steps to ``sink``; its first step also lists the requests already running."""
         self.sink = sink
-        if sink is not None:  # every step is finished, in order, by the writer
-            self._writer_done(False)
+        if sink is not None:  # every step is finished, in order, by the writer (another process's finishes its own)
+            self._writer_done(bool(getattr(sink, "takes_records", False)))
         self._catch_up = sink is not None
 
     def sink_closed(self) -> None:
@@ -317,7 +316,9 @@ class Recorder:
         if self.keep_history:
             self.history.append(rec)
         sink = self.sink  # once: the UI's thread may switch recording off meanwhile
-        if sink is not None and not sink.submit(lambda r=rec: self.written(r)):
+        if sink is not None and not (
+                sink.submit_record(rec, {**event, "prompts": {k: dict(v) for k, v in st.prompts.items()}})
+                if getattr(sink, "takes_records", False) else sink.submit(lambda r=rec: self.written(r))):
             # keep the sink: detach() must still wait for its thread to write the "stopped" line
             self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
         if self.on_record is not None:
@@ -335,13 +336,8 @@ class Recorder:
         return rec.event
 
     def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor | np.ndarray]]:
-        """What the trace writer stores: the event without its ``batch`` (its tables are in the blob)."""
-        self.finisher.upto(rec)
-        tensors: dict[str, torch.Tensor | np.ndarray] = dict(rec.full)
-        if rec.snapshot is not None:
-            tensors.update(table_tensors(rec.tables(self.shadow is not None)))
-        tensors.update(rec.arrays())
-        return {k: v for k, v in rec.event.items() if k != "batch"}, tensors
+        """What the trace writer stores (``finishing.trace_step``)."""
+        return trace_step(rec, self.finisher, self.shadow is not None)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,28 @@ class Snapshot:
             self._give_back()
             return self._decoded
 
+    def hand_over(self, fn: Callable[[dict[str, np.ndarray]], None], keep: bool) -> bool:
+        """``fn(arrays)`` with the step's tables, then the ring slot is given back: ``{"req", "rows"}``,
+        the slot's memory read in place (once the copies landed); if ``keep`` (a view may read them
+        later) or they were copied out before, the raw tables (``tables``); ``{"decoded": ...}`` if a
+        view decoded them first. False once dropped."""
+        if keep:
+            self.copy_out()
+        with self._lock:
+            if self._decoded is not None:
+                fn({"decoded": self._decoded})
+                return True
+            if self._tables is not None:
+                fn(self._tables)
+                return True
+            if self.req is None:
+                return False
+            if self.done is not None:
+                self.done.synchronize()
+            fn({"req": self.req.numpy(), "rows": self.rows.numpy()})
+            self._give_back()
+            return True
+
     def any_bad(self) -> bool:
         """Whether some site of the step saw a NaN or Inf, without copying or decoding the tables."""
         with self._lock:

@@ -204,6 +204,27 @@ class TraceWriter:
                 pass
             raise
 
+    # ---- handing the folder to another process ----------------------------------------------------
+    def release(self) -> dict[str, Any]:
+        """Sync and close the files without an end line, so another process goes on with ``reopen``;
+        returns what it needs to."""
+        self.sync()
+        self._events.close()
+        self._data.close()
+        self.closed = True
+        return {"path": self.path, "max_bytes": self.max_bytes, "bytes_written": self.bytes_written}
+
+    @classmethod
+    def reopen(cls, path: str, max_bytes: int | None, bytes_written: int) -> TraceWriter:
+        """Go on appending steps to a trace that ``release`` handed over (its manifest is written)."""
+        w = cls.__new__(cls)
+        w.path, w.max_bytes, w.bytes_written = path, max_bytes, bytes_written
+        w.num_steps, w.last_step, w.stopped, w.closed, w.stop_reason = 0, None, False, False, None
+        w._data = open(os.path.join(path, DATA), "ab")
+        w._events = open(os.path.join(path, EVENTS), "ab")
+        w._lines = []
+        return w
+
     # ---- the end --------------------------------------------------------------------------------
     def close(self, reason: str = "finished") -> None:
         """Write the final ``end`` line (unless a size cap already stopped the trace). Safe to call twice."""

@@ -1,0 +1,308 @@
+"""A trace writer in a process of its own, so its Python never holds the engine's GIL.
+
+``BackgroundWriter`` (trace/background.py) runs on a thread of the engine's process: its text
+decoding, table decoding, JSON and encoding hold the GIL that a busy engine thread needs, and
+each time it gives the GIL up and takes it back the engine thread waits its turn. ``ProcessWriter``
+keeps only the hand-over on that side: a thread waits for a step's device copies, takes the raw
+tables out of the pinned ring and pipes them, pickled, to ``python -m minillama.debug.writer_process``,
+which finishes the step (``finishing.trace_step``, with its own decoders) and writes it with the
+same ``TraceWriter``. The trace is the same either way.
+
+Status comes back as lines: ``ready``, ``steps N`` (after each group commit), ``stopped REASON``,
+``flushed``, ``closed``. If the engine's process dies, the writer sees the pipe close, syncs
+what it has and exits: the trace reads to its last written step, as with the thread.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from minillama.trace.format import TraceError
+from minillama.trace.writer import TraceWriter
+
+_LEN = struct.Struct("<Q")
+#: The writer process syncs at least this often while steps keep coming (else when it runs dry).
+SYNC_EVERY_S = 0.05
+
+
+class ProcessWriter:
+    """A ``TraceWriter`` driven from another process (see the module docstring). The recorder hands it
+    ``submit_record(rec, event)``; ``close``, ``flush``, ``num_steps``, ``stopped`` and ``path`` are
+    ``BackgroundWriter``'s."""
+
+    takes_records = True
+
+    def __init__(self, writer: TraceWriter, recorder: Any, depth: int = 256) -> None:
+        self.path = writer.path
+        self._recorder = recorder
+        shadow = recorder.shadow is not None
+        state = writer.release()
+        import minillama
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(minillama.__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        # a session of its own: a Ctrl-C at the terminal interrupts the engine, which then closes the trace,
+        # not the writer in the middle of a step
+        self._proc = subprocess.Popen([sys.executable, "-m", "minillama.debug.writer_process"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                                      start_new_session=True)
+        self.num_steps = 0
+        self.stopped = False
+        self.closed = False
+        self.stop_reason: str | None = None
+        self._send(("init", state, recorder.llm.tokenizer, shadow, recorder.buffer.num_sites,
+                    recorder.buffer.shadow_shape))
+        if self._proc.stdout.readline().strip() != b"ready":
+            self._proc.kill()
+            raise TraceError("the trace writer process did not start: run `python -m minillama.debug.writer_process` "
+                             "to see why, or record with the writer thread")
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._flushes: deque[threading.Event] = deque()
+        self._sender = threading.Thread(target=self._send_steps, name="minillama-trace-sender", daemon=True)
+        self._reader = threading.Thread(target=self._read_status, name="minillama-trace-status", daemon=True)
+        self._sender.start()
+        self._reader.start()
+
+    def submit_record(self, rec: Any, event: dict[str, Any]) -> bool:
+        """Queue one recorded step (``event``: its event as the engine made it, not shared with views)."""
+        if self.stopped or self.closed:
+            return False
+        self._queue.put((rec, event))
+        return True
+
+    def flush(self) -> None:
+        """Wait until every step submitted so far is written and synced."""
+        if self._sender.is_alive():
+            done = threading.Event()
+            self._queue.put(done)
+            done.wait(60)
+
+    def close(self, reason: str = "finished") -> None:
+        """Write what is queued, then the end line; waits for the process. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.put(("close", reason))
+        self._sender.join()
+        try:
+            self._proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._reader.join(5)
+
+    # ---- the engine's side: a thread that hands steps over ----------------------------------------
+    def _send(self, msg: tuple) -> None:
+        """One message: a small pickle, and its arrays' memory written out of band, uncopied (pickle
+        protocol 5), so this thread holds the GIL only for the small part."""
+        bufs: list[pickle.PickleBuffer] = []
+        data = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
+        raws = [b.raw() for b in bufs]
+        out = self._proc.stdin
+        out.write(b"".join(_LEN.pack(n) for n in (len(data), len(raws), *(r.nbytes for r in raws))))
+        out.write(data)
+        for r in raws:
+            out.write(r)
+        out.flush()
+
+    def _send_steps(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if isinstance(item, threading.Event):
+                    self._flushes.append(item)
+                    self._send(("flush",))
+                elif item[0] == "close":
+                    self._send(item)
+                    self._proc.stdin.close()
+                    return
+                elif not self.stopped:
+                    self._send_step(*item)
+            except (OSError, ValueError):  # the process is gone: the engine goes on, the trace stops here
+                self._gone()
+                if isinstance(item, threading.Event):
+                    item.set()
+                if not isinstance(item, threading.Event) and item[0] == "close":
+                    return
+
+    def _send_step(self, rec: Any, event: dict[str, Any]) -> None:
+        full = {k: _pack_tensor(v) for k, v in rec.full.items()}
+        msg = ["step", rec.step, rec.index, event, rec.raw_batch, None, full]
+        r = self._recorder
+        keep = r.keep_history or r.on_record is not None  # a view or a breakpoint may read the tables later
+
+        def send(tables: dict[str, Any]) -> None:  # the slot's memory goes to the pipe as it is
+            msg[5] = tables
+            self._send(tuple(msg))
+
+        if rec.snapshot is None or not rec.snapshot.hand_over(send, keep):
+            self._send(tuple(msg))  # no statistics for this step (too large a batch, or dropped)
+
+    def _gone(self) -> None:
+        if not self.stopped:
+            code = self._proc.poll()
+            self.stop_reason = f"the trace writer process ended (exit code {code})"
+            self.stopped = True
+
+    def _read_status(self) -> None:
+        for line in self._proc.stdout:
+            word, _, rest = line.decode(errors="replace").rstrip("\n").partition(" ")
+            if word == "steps":
+                self.num_steps = int(rest)
+            elif word == "stopped":
+                self.stop_reason, self.stopped = rest, True
+            elif word == "flushed" and self._flushes:
+                self._flushes.popleft().set()
+        if not self.closed:
+            self._gone()
+        while self._flushes:
+            self._flushes.popleft().set()
+
+
+def trace_sink(writer: TraceWriter, recorder: Any, kind: str = "thread") -> Any:
+    """The recorder's sink for ``writer``: a ``BackgroundWriter`` (``kind`` "thread") or a ``ProcessWriter``
+    ("process")."""
+    if kind == "process":
+        return ProcessWriter(writer, recorder)
+    from minillama.trace.background import BackgroundWriter
+
+    return BackgroundWriter(writer)
+
+
+# ---- the writer's side --------------------------------------------------------------------------
+def _pack_tensor(t: Any) -> Any:
+    """A host tensor as an array pickle can pass out of band (bfloat16 and the like as same-size ints)."""
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t.detach().contiguous()
+    if t.dtype in (torch.bfloat16,) or str(t.dtype).startswith("torch.float8"):
+        return "tensor", str(t.dtype).removeprefix("torch."), t.view({2: torch.int16, 1: torch.uint8}[t.element_size()]).numpy()
+    return "tensor", str(t.dtype).removeprefix("torch."), t.numpy()
+
+
+def _unpack_tensor(v: Any) -> Any:
+    import torch
+
+    if isinstance(v, tuple) and len(v) == 3 and v[0] == "tensor":
+        return torch.from_numpy(v[2].copy()).view(getattr(torch, v[1]))
+    return v
+
+
+class _Messages:
+    """Framed messages from a file descriptor (``ProcessWriter._send``), with a look at whether more waits."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buf = fd, bytearray()
+
+    def _fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                return False
+            self.buf += chunk
+        return True
+
+    def _take(self, n: int) -> bytes | None:
+        if not self._fill(n):
+            return None
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def next(self) -> tuple | None:
+        head = self._take(2 * _LEN.size)
+        if head is None:
+            return None
+        n, k = struct.unpack("<QQ", head)
+        sizes = self._take(k * _LEN.size)
+        data = self._take(n)
+        if sizes is None or data is None:
+            return None
+        bufs = [self._take(m) for m in struct.unpack(f"<{k}Q", sizes)]
+        if any(b is None for b in bufs):
+            return None
+        return pickle.loads(data, buffers=bufs)
+
+    def waiting(self) -> bool:
+        return bool(self.buf) or bool(select.select([self.fd], [], [], 0)[0])
+
+
+def main() -> None:
+    """The writer process: steps from stdin to the trace folder, status lines to stdout."""
+    from minillama.debug.finishing import StepFinisher, trace_step
+    from minillama.debug.records import StepRecord, decode_tables
+    from minillama.debug.snapshot import views
+
+    def say(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    msgs = _Messages(sys.stdin.fileno())
+    init = msgs.next()
+    if init is None or init[0] != "init":
+        sys.exit("minillama.debug.writer_process: runs under ProcessWriter, which sends the trace to write on stdin")
+    _, state, tokenizer, shadow, num_sites, shadow_shape = init
+    writer = TraceWriter.reopen(**state)
+    finisher = StepFinisher(tokenizer)
+    say("ready")
+    synced, told = time.monotonic(), 0
+
+    def sync() -> None:
+        nonlocal synced, told
+        if not writer.stopped:
+            try:
+                writer.sync()
+            except OSError as e:
+                writer._stop(f"syncing the trace failed ({e})")
+        synced = time.monotonic()
+        if writer.num_steps != told and not writer.stopped:
+            told = writer.num_steps
+            say(f"steps {told}")
+
+    while (msg := msgs.next()) is not None:
+        kind = msg[0]
+        if kind == "step" and not writer.stopped:
+            _, step, index, event, raw_batch, tables, full = msg
+            rec = StepRecord(step, event, raw_batch, None, {k: _unpack_tensor(v) for k, v in full.items()}, index)
+            if tables is not None and "decoded" in tables:
+                rec._tables = tables["decoded"]
+            elif tables is not None:
+                raw = views(tables["req"], tables["rows"], num_sites, shadow_shape) if "req" in tables else tables
+                rec._tables = decode_tables(raw, shadow)
+            finisher.add(rec)
+            try:
+                ev, tensors = trace_step(rec, finisher, shadow)
+            except Exception as e:  # a step that cannot be finished ends the trace
+                msg_ = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                writer._stop(f"preparing a step failed ({type(e).__name__}: {msg_})")
+            else:
+                writer.write_step(ev, tensors, sync=False)
+            if writer.stopped:
+                say(f"stopped {writer.stop_reason}")
+            elif not msgs.waiting() or time.monotonic() - synced > SYNC_EVERY_S:
+                sync()
+        elif kind == "flush":
+            sync()
+            say("flushed")
+        elif kind == "close":
+            sync()
+            writer.close(msg[1])
+            say(f"steps {writer.num_steps}")
+            say("closed")
+            return
+    sync()  # the engine's process went away: keep what came
+
+
+if __name__ == "__main__":
+    main()
