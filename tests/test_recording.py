@@ -111,6 +111,26 @@ def test_a_writer_process_writes_the_trace_the_writer_thread_writes(tiny, tmp_pa
         assert a.shadow(i) == b.shadow(i)
 
 
+def test_a_writer_process_flushes_on_request(tiny, tmp_path):
+    from minillama.debug.writer_process import ProcessWriter
+
+    llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+    rec = Recorder(llm)
+    sink = ProcessWriter(TraceWriter(tmp_path / "t", build_manifest(llm, rec)), rec)
+    rec.set_sink(sink)
+    rec.attach()
+    try:
+        for p in PROMPTS:
+            llm.add_request(llm.tokenizer.encode(p), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        for _ in range(3):
+            llm.step()
+        sink.flush()
+        assert sink.num_steps == 3 and TraceReader(tmp_path / "t").num_steps == 3, "written and synced"
+    finally:
+        rec.detach()
+    assert TraceReader(tmp_path / "t").status == "complete", "closed with its end line"
+
+
 def test_host_tensors_cross_to_the_writer_process_bit_for_bit():
     import pickle
 

@@ -77,14 +77,14 @@ class ProcessWriter:
         """Queue one recorded step (``event``: its event as the engine made it, not shared with views)."""
         if self.stopped or self.closed:
             return False
-        self._queue.put((rec, event))
+        self._queue.put(("step", rec, event))
         return True
 
     def flush(self) -> None:
         """Wait until every step submitted so far is written and synced."""
         if self._sender.is_alive():
             done = threading.Event()
-            self._queue.put(done)
+            self._queue.put(("flush", done))
             done.wait(60)
 
     def close(self, reason: str = "finished") -> None:
@@ -116,23 +116,22 @@ class ProcessWriter:
 
     def _send_steps(self) -> None:
         while True:
-            item = self._queue.get()
+            kind, *rest = self._queue.get()
             try:
-                if isinstance(item, threading.Event):
-                    self._flushes.append(item)
+                if kind == "flush":
+                    self._flushes.append(rest[0])
                     self._send(("flush",))
-                elif item[0] == "close":
-                    self._send(item)
+                elif kind == "close":
+                    self._send(("close", rest[0]))
                     self._proc.stdin.close()
-                    return
                 elif not self.stopped:
-                    self._send_step(*item)
+                    self._send_step(*rest)
             except (OSError, ValueError):  # the process is gone: the engine goes on, the trace stops here
                 self._gone()
-                if isinstance(item, threading.Event):
-                    item.set()
-                if not isinstance(item, threading.Event) and item[0] == "close":
-                    return
+                if kind == "flush":
+                    rest[0].set()
+            if kind == "close":
+                return
 
     def _send_step(self, rec: Any, event: dict[str, Any]) -> None:
         full = {k: _pack_tensor(v) for k, v in rec.full.items()}
