@@ -131,6 +131,24 @@ def test_a_writer_process_flushes_on_request(tiny, tmp_path):
     assert TraceReader(tmp_path / "t").status == "complete", "closed with its end line"
 
 
+def test_a_step_the_writer_process_cannot_take_stops_the_trace_not_the_engine(tiny, tmp_path, monkeypatch):
+    from minillama.debug import writer_process
+
+    calls = {"n": 0}
+    real = writer_process._pack_tensor
+
+    def pack(t):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise TypeError("cannot hand this over")
+        return real(t)
+
+    monkeypatch.setattr(writer_process, "_pack_tensor", pack)
+    r = TraceReader(record_trace(tmp_path / "t", tiny, PROMPTS, max_tokens=6, writer="process"))
+    assert r.status.startswith("stopped: handing a step to the trace writer failed (TypeError")
+    assert r.num_steps == 3 and len(r.requests()) == len(PROMPTS)
+
+
 def test_host_tensors_cross_to_the_writer_process_bit_for_bit():
     import pickle
 

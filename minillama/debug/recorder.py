@@ -146,7 +146,7 @@ class Recorder:
     def set_sink(self, sink) -> None:
         """Send the following steps to ``sink``; its first step also lists the requests already running."""
         self.sink = sink
-        if sink is not None:  # every step is finished, in order, by the writer (another process's finishes its own)
+        if sink is not None:  # a writer thread finishes every step here, in order; a writer process, its own copies
             self._writer_done(bool(getattr(sink, "takes_records", False)))
         self._catch_up = sink is not None
 
@@ -316,9 +316,7 @@ class Recorder:
         if self.keep_history:
             self.history.append(rec)
         sink = self.sink  # once: the UI's thread may switch recording off meanwhile
-        if sink is not None and not (
-                sink.submit_record(rec, {**event, "prompts": {k: dict(v) for k, v in st.prompts.items()}})
-                if getattr(sink, "takes_records", False) else sink.submit(lambda r=rec: self.written(r))):
+        if sink is not None and not self._submit(sink, rec):
             # keep the sink: detach() must still wait for its thread to write the "stopped" line
             self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
         if self.on_record is not None:
@@ -327,6 +325,14 @@ class Recorder:
             gone = leaving if self.keep_history else rec
             if gone is not None and gone.snapshot is not None:
                 gone.snapshot.drop()
+
+    def _submit(self, sink, rec: StepRecord) -> bool:
+        """Hand ``rec`` to the trace writer: to a thread, the work of finishing it (``written``); to a
+        process (``writer_process``), the record and a copy of its event that views here do not change."""
+        if getattr(sink, "takes_records", False):
+            ev = rec.event
+            return sink.submit_record(rec, {**ev, "prompts": {k: dict(v) for k, v in ev["prompts"].items()}})
+        return sink.submit(lambda r=rec: self.written(r))
 
     # ---- finished steps (the writer's thread, or a live view: finishing.py) ----------------------
     def event_of(self, rec: StepRecord) -> dict[str, Any]:

@@ -27,7 +27,7 @@ class Snapshot:
     def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
                  done: torch.cuda.Event | None) -> None:
         # weak: the buffer holds its snapshots (``_holders``), and a cycle would leave a dropped recorder's
-        # buffer, finish graphs included, to the garbage collector, at any moment
+        # buffer, pinned ring included, to the garbage collector, at any moment
         self._buffer, self._slot = (weakref.ref(buffer) if buffer is not None else None), slot
         self.req, self.rows, self.done = req, rows, done
         self.num_sites, self.shadow_shape = (buffer.num_sites, buffer.shadow_shape) if buffer else (0, (0, 0))

@@ -12,9 +12,9 @@ flat batch (``S`` = number of sites in the catalog, ``L`` layers, ``K`` shadow f
 
 Each step resets the first ``R`` request rows (one copy of a template row), the hook sites fill
 them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` finishes ``stats`` (one kernel on
-the GPU, ``devstats.finish_cuda``; ``stats_table`` on the CPU: the trace writer's thread does no
-arithmetic) and copies ``req[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of
-pinned host buffers, with an event to wait on. Nothing else crosses to the host. A slot is given back once its tables are
+the GPU, ``devstats.finish_cuda``; ``stats_table`` on the CPU: the trace writer does no arithmetic)
+and copies ``req[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of pinned host
+buffers, with an event to wait on. Nothing else crosses to the host. A slot is given back once its tables are
 read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied
 out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more); the
 snapshot and the tables' typed views live in ``snapshot.py``.

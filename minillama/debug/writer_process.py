@@ -64,8 +64,8 @@ class ProcessWriter:
                     recorder.buffer.shadow_shape))
         if self._proc.stdout.readline().strip() != b"ready":
             self._proc.kill()
-            raise TraceError("the trace writer process did not start: run `python -m minillama.debug.writer_process` "
-                             "to see why, or record with the writer thread")
+            raise TraceError(f"the trace writer process did not start (exit code {self._proc.wait()}): record with "
+                             "--trace-writer thread")
         self._queue: queue.Queue = queue.Queue(depth)
         self._flushes: deque[threading.Event] = deque()
         self._sender = threading.Thread(target=self._send_steps, name="minillama-trace-sender", daemon=True)
@@ -130,6 +130,13 @@ class ProcessWriter:
                 self._gone()
                 if kind == "flush":
                     rest[0].set()
+            except Exception as e:  # a step that cannot be handed over ends the trace, with a line saying so
+                self.stop_reason = f"handing a step to the trace writer failed ({type(e).__name__}: {e})"
+                self.stopped = True
+                try:
+                    self._send(("stop", self.stop_reason))
+                except (OSError, ValueError):
+                    pass
             if kind == "close":
                 return
 
@@ -294,6 +301,9 @@ def main() -> None:
         elif kind == "flush":
             sync()
             say("flushed")
+        elif kind == "stop" and not writer.stopped:
+            sync()
+            writer._stop(msg[1])
         elif kind == "close":
             sync()
             writer.close(msg[1])
