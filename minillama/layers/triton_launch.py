@@ -21,12 +21,17 @@ _Tensor = torch.Tensor
 
 
 def _key(args: tuple) -> list:
-    """Triton's specialization classes of ``args`` (the rule above), flat; called at every launch."""
+    """Triton's specialization classes of ``args`` (the rule above), flat, and the device of the first
+    tensor (a compiled kernel belongs to one GPU); called at every launch."""
     key: list = []
+    device = None
     for a in args:
         if type(a) is int:  # noqa: E721  (bools are not specialized)
             key.append((a == 1) | (a % 16 == 0) << 1 | (_I32_MIN <= a <= _I32_MAX) << 2)
         elif isinstance(a, _Tensor):
+            if device is None:
+                device = a.get_device()
+                key.append(device)
             key.append(a.dtype)
             key.append(a.data_ptr() % 16 == 0)
         else:
