@@ -141,17 +141,18 @@ class ProcessWriter:
                 return
 
     def _send_step(self, rec: Any, event: dict[str, Any]) -> None:
-        full = {k: _pack_tensor(v) for k, v in rec.full.items()}
-        msg = ["step", rec.step, rec.index, event, rec.raw_batch, None, full]
         r = self._recorder
         keep = r.keep_history or r.on_record is not None  # a view or a breakpoint may read the tables later
 
-        def send(tables: dict[str, Any]) -> None:  # the slot's memory goes to the pipe as it is
-            msg[5] = tables
-            self._send(tuple(msg))
+        def send(tables: dict[str, Any] | None) -> None:  # the slot's memory goes to the pipe as it is
+            full = {k: _pack_tensor(v) for k, v in rec.full.items()}  # read once the step's copies landed
+            self._send(("step", rec.step, rec.index, event, rec.raw_batch, tables, full))
 
-        if rec.snapshot is None or not rec.snapshot.hand_over(send, keep):
-            self._send(tuple(msg))  # no statistics for this step (too large a batch, or dropped)
+        snap = rec.snapshot
+        if snap is None or not snap.hand_over(send, keep):  # no statistics (too large a batch, or dropped)
+            if snap is not None and snap.done is not None:
+                snap.done.synchronize()
+            send(None)
 
     def _gone(self) -> None:
         if not self.stopped:
@@ -191,7 +192,7 @@ def _pack_tensor(t: Any) -> Any:
 
     if not isinstance(t, torch.Tensor):
         return t
-    t = t.detach().contiguous()
+    t = t.detach().cpu().contiguous()
     if t.dtype in (torch.bfloat16,) or str(t.dtype).startswith("torch.float8"):
         return "tensor", str(t.dtype).removeprefix("torch."), t.view({2: torch.int16, 1: torch.uint8}[t.element_size()]).numpy()
     return "tensor", str(t.dtype).removeprefix("torch."), t.numpy()
