@@ -272,6 +272,7 @@ def main() -> None:
                 writer.sync()
             except OSError as e:
                 writer._stop(f"syncing the trace failed ({e})")
+                say(f"stopped {writer.stop_reason}")
         synced = time.monotonic()
         if writer.num_steps != told and not writer.stopped:
             told = writer.num_steps
@@ -282,13 +283,13 @@ def main() -> None:
         if kind == "step" and not writer.stopped:
             _, step, index, event, raw_batch, tables, full = msg
             rec = StepRecord(step, event, raw_batch, None, {k: _unpack_tensor(v) for k, v in full.items()}, index)
-            if tables is not None and "decoded" in tables:
-                rec._tables = tables["decoded"]
-            elif tables is not None:
-                raw = views(tables["req"], tables["rows"], num_sites, shadow_shape) if "req" in tables else tables
-                rec._tables = decode_tables(raw, shadow)
             finisher.add(rec)
             try:
+                if tables is not None and "decoded" in tables:
+                    rec._tables = tables["decoded"]
+                elif tables is not None:
+                    raw = views(tables["req"], tables["rows"], num_sites, shadow_shape) if "req" in tables else tables
+                    rec._tables = decode_tables(raw, shadow)
                 ev, tensors = trace_step(rec, finisher, shadow)
             except Exception as e:  # a step that cannot be finished ends the trace
                 msg_ = (str(e).strip().splitlines() or [type(e).__name__])[0]
