@@ -112,7 +112,12 @@ class TraceWriter:
         except OSError as e:
             raise TraceError(f"cannot write the trace folder {self.path} ({e.strerror or e}): choose a folder "
                              "you can write to (--out)") from None
-        self.bytes_written = len(data)
+        self._start(len(data))
+        _fsync_dir(self.path)
+
+    def _start(self, bytes_written: int) -> None:
+        """Open the step files for appending, with no step written yet by this writer."""
+        self.bytes_written = bytes_written
         self.num_steps = 0
         self.last_step: int | None = None
         self.stopped = False
@@ -121,7 +126,6 @@ class TraceWriter:
         self._data = open(os.path.join(self.path, DATA), "ab")
         self._events = open(os.path.join(self.path, EVENTS), "ab")
         self._lines: list[bytes] = []  # written after the data they name is synced
-        _fsync_dir(self.path)
 
     # ---- per step -------------------------------------------------------------------------------
     def write_step(self, event: dict[str, Any], tensors: dict[str, torch.Tensor | np.ndarray] | None = None,
@@ -218,11 +222,8 @@ class TraceWriter:
     def reopen(cls, path: str, max_bytes: int | None, bytes_written: int) -> TraceWriter:
         """Go on appending steps to a trace that ``release`` handed over (its manifest is written)."""
         w = cls.__new__(cls)
-        w.path, w.max_bytes, w.bytes_written = path, max_bytes, bytes_written
-        w.num_steps, w.last_step, w.stopped, w.closed, w.stop_reason = 0, None, False, False, None
-        w._data = open(os.path.join(path, DATA), "ab")
-        w._events = open(os.path.join(path, EVENTS), "ab")
-        w._lines = []
+        w.path, w.max_bytes = path, max_bytes
+        w._start(bytes_written)
         return w
 
     # ---- the end --------------------------------------------------------------------------------
