@@ -3,8 +3,10 @@
 Modes (each after a warm-up of the same mode):
   plain graphs      no listener; CUDA graphs and overlapped steps as the engine runs by default
   plain eager       no listener, no CUDA graphs
-  stats             a Recorder writing a trace (per-request statistics and hashes at every site)
+  stats             a Recorder writing a trace (per-request statistics and hashes at every site), with
+                    the default trace writer (``--trace-writer auto``: a process of its own on CUDA)
   stats + shadow    the same plus a shadow backend and the yardstick at every layer
+  stats, thread     stats with the trace written by a thread of this process (``--trace-writer thread``)
   stats, process    stats with the trace written by a process of its own (``--trace-writer process``)
   nan session       a DebugSession running to a NaN breakpoint that never fires
   session           (CPU) a DebugSession with no breakpoint
@@ -45,9 +47,9 @@ from minillama.debug.session import DebugSession  # noqa: E402
 from minillama.debug.writer_process import trace_sink  # noqa: E402
 from minillama.trace.writer import TraceWriter  # noqa: E402
 
-ALL_MODES = ("plain", "eager", "stats", "shadow", "proc", "nan", "session")
+ALL_MODES = ("plain", "eager", "stats", "shadow", "thread", "proc", "nan", "session")
 LABEL = {"plain": "plain graphs", "eager": "plain eager", "stats": "stats", "shadow": "stats + shadow",
-         "proc": "stats, process", "nan": "nan session", "session": "session"}
+         "thread": "stats, thread", "proc": "stats, process", "nan": "nan session", "session": "session"}
 
 
 def build(a):
@@ -129,9 +131,10 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
     path = os.path.join(tmp, f"{mode}-{time.monotonic_ns()}")
     if mode == "eager":
         llm.runner.graphs = None
-    elif mode in ("stats", "shadow", "proc"):
+    elif mode in ("stats", "shadow", "thread", "proc"):
         rec = Recorder(llm, shadow=(ARGS.shadow if mode == "shadow" else None))
-        writer = trace_sink(TraceWriter(path, build_manifest(llm, rec)), rec, "process" if mode == "proc" else "thread")
+        kind = {"thread": "thread", "proc": "process"}.get(mode, "auto")
+        writer = trace_sink(TraceWriter(path, build_manifest(llm, rec)), rec, kind)
         rec.set_sink(writer)
         rec.attach()
     elif mode in ("nan", "session"):

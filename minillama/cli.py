@@ -239,9 +239,9 @@ def build_parser(with_trace: bool = True) -> argparse.ArgumentParser:
                             "'layers.*.attn.out@shadow'); other sites keep per-request statistics only")
         r.add_argument("--max-bytes", type=positive_int, default=None, metavar="N",
                        help="stop recording cleanly before the trace grows past N bytes")
-        r.add_argument("--trace-writer", choices=("thread", "process"), default="thread",
-                       help="write the trace on a thread of this process (default) or in a process of its own, "
-                            "whose Python then never holds the engine's GIL")
+        r.add_argument("--trace-writer", choices=("auto", "thread", "process"), default="auto",
+                       help="write the trace on a thread of this process or in a process of its own, whose Python "
+                            "then never holds the engine's GIL (auto, the default: the process on CUDA)")
         _engine_args(r)
         _sampling_args(r)
         r.set_defaults(fn=cmd_record)

@@ -386,3 +386,25 @@ def test_a_session_on_an_engine_without_a_tokenizer_runs_past_the_backlog():
         assert llm.num_steps >= 30 and len(s.recorder.finisher._unfinished) <= s.recorder._keep < 30
     finally:
         s.stop()
+
+
+def test_a_writer_process_that_cannot_start_ends_the_trace_with_a_line_saying_so(tiny, tmp_path, monkeypatch):
+    """The process starts in the background (switching recording on never waits for it); if it never says
+    it is ready, the engine goes on and the trace ends with a stopped line that names the fix."""
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    r = TraceReader(record_trace(tmp_path / "t", tiny, PROMPTS, max_tokens=4, writer="process"))
+    assert r.status.startswith("stopped: the trace writer process did not start (exit code 1)")
+    assert "--trace-writer thread" in r.status and r.num_steps == 0
+
+
+def test_auto_picks_the_writer_thread_on_the_cpu(tiny, tmp_path):
+    from minillama.debug.writer_process import ProcessWriter, trace_sink
+    from minillama.trace.background import BackgroundWriter
+
+    llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+    rec = Recorder(llm)
+    sink = trace_sink(TraceWriter(tmp_path / "t", build_manifest(llm, rec)), rec)
+    assert isinstance(sink, BackgroundWriter) and not isinstance(sink, ProcessWriter)
+    sink.close()

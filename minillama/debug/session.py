@@ -179,11 +179,11 @@ class DebugSession:
     def start_recording(self, path: str, max_bytes: int | None = None) -> None:
         """Write every following step to a trace folder (``minillama.trace`` format)."""
         from minillama.debug.manifest import build_manifest
-        from minillama.trace.background import BackgroundWriter
+        from minillama.debug.writer_process import trace_sink
         from minillama.trace.writer import TraceWriter
 
-        self._writer = BackgroundWriter(TraceWriter(path, build_manifest(self.llm, self.recorder,
-                                                                         max_bytes=max_bytes), max_bytes))
+        manifest = build_manifest(self.llm, self.recorder, max_bytes=max_bytes)
+        self._writer = trace_sink(TraceWriter(path, manifest, max_bytes), self.recorder)
         self.recorder.set_sink(self._writer)
 
     def stop_recording(self) -> None:

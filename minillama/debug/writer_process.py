@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import select
 import struct
 import subprocess
 import sys
@@ -27,12 +26,15 @@ import time
 from collections import deque
 from typing import Any
 
-from minillama.trace.format import TraceError
 from minillama.trace.writer import TraceWriter
 
 _LEN = struct.Struct("<Q")
 #: The writer process syncs at least this often while steps keep coming (else when it runs dry).
 SYNC_EVERY_S = 0.05
+#: Bytes of steps the writer process reads ahead of what it has written.
+INBOX_BYTES = 1 << 30
+#: How long the writer process may take to start.
+STARTUP_S = 120.0
 
 
 class ProcessWriter:
@@ -56,17 +58,18 @@ class ProcessWriter:
         self._proc = subprocess.Popen([sys.executable, "-m", "minillama.debug.writer_process"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                                       start_new_session=True)
+        _widen_pipe(self._proc.stdin.fileno())
         self.num_steps = 0
         self.stopped = False
         self.closed = False
         self.stop_reason: str | None = None
-        self._send(("init", state, recorder.llm.tokenizer, shadow, recorder.buffer.num_sites,
-                    recorder.buffer.shadow_shape))
-        if self._proc.stdout.readline().strip() != b"ready":
-            self._proc.kill()
-            raise TraceError(f"the trace writer process did not start (exit code {self._proc.wait()}): record with "
-                             "--trace-writer thread")
+        self._ready = threading.Event()
+        self._state, self._never_started = state, False
         self._queue: queue.Queue = queue.Queue(depth)
+        # the process starts meanwhile (it imports torch: a second or two): the sender waits for it
+        # before the first step, so a UI that switches recording on is not held up
+        self._queue.put(("init", ("init", state, recorder.llm.tokenizer, shadow, recorder.buffer.num_sites,
+                                  recorder.buffer.shadow_shape)))
         self._flushes: deque[threading.Event] = deque()
         self._sender = threading.Thread(target=self._send_steps, name="minillama-trace-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_status, name="minillama-trace-status", daemon=True)
@@ -99,6 +102,11 @@ class ProcessWriter:
         except subprocess.TimeoutExpired:
             self._proc.kill()
         self._reader.join(5)
+        if self._never_started:  # nobody else can say why the trace holds no step
+            try:
+                TraceWriter.reopen(**self._state).close_stopped(self.stop_reason)
+            except OSError:
+                pass
 
     # ---- the engine's side: a thread that hands steps over ----------------------------------------
     def _send(self, msg: tuple) -> None:
@@ -118,7 +126,9 @@ class ProcessWriter:
         while True:
             kind, *rest = self._queue.get()
             try:
-                if kind == "flush":
+                if kind == "init":
+                    self._start(rest[0])
+                elif kind == "flush":
                     self._flushes.append(rest[0])
                     self._send(("flush",))
                 elif kind == "close":
@@ -139,6 +149,16 @@ class ProcessWriter:
                     pass
             if kind == "close":
                 return
+
+    def _start(self, init: tuple) -> None:
+        """Send the writer's state and wait until the process has taken it up."""
+        self._send(init)
+        self._ready.wait(STARTUP_S)
+        if not self._ready.is_set() or self.stopped:
+            self._proc.kill()
+            self.stop_reason = (f"the trace writer process did not start (exit code {self._proc.wait()}): record "
+                                "with --trace-writer thread")
+            self.stopped = self._never_started = True
 
     def _send_step(self, rec: Any, event: dict[str, Any]) -> None:
         r = self._recorder
@@ -163,7 +183,9 @@ class ProcessWriter:
     def _read_status(self) -> None:
         for line in self._proc.stdout:
             word, _, rest = line.decode(errors="replace").rstrip("\n").partition(" ")
-            if word == "steps":
+            if word == "ready":
+                self._ready.set()
+            elif word == "steps":
                 self.num_steps = int(rest)
             elif word == "stopped":
                 self.stop_reason, self.stopped = rest, True
@@ -171,13 +193,28 @@ class ProcessWriter:
                 self._flushes.popleft().set()
         if not self.closed:
             self._gone()
+        self._ready.set()  # a sender still waiting for the start finds it stopped
         while self._flushes:
             self._flushes.popleft().set()
 
 
-def trace_sink(writer: TraceWriter, recorder: Any, kind: str = "thread") -> Any:
+def _widen_pipe(fd: int) -> None:
+    """Let a whole decode step's tables sit in the pipe (Linux: 1 MiB where allowed, else as it is)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, OSError):
+        pass
+
+
+def trace_sink(writer: TraceWriter, recorder: Any, kind: str = "auto") -> Any:
     """The recorder's sink for ``writer``: a ``BackgroundWriter`` (``kind`` "thread") or a ``ProcessWriter``
-    ("process")."""
+    ("process"); "auto" picks the process on CUDA, where the engine's thread is busy with Python for its
+    whole step and a writer thread's GIL slows it (benchmarks/RESULTS.md), and the thread on the CPU,
+    where the engine's ops use every core and a process would take one from them."""
+    if kind == "auto":
+        kind = "process" if recorder.llm.device.type == "cuda" else "thread"
     if kind == "process":
         return ProcessWriter(writer, recorder)
     from minillama.trace.background import BackgroundWriter
@@ -207,27 +244,24 @@ def _unpack_tensor(v: Any) -> Any:
 
 
 class _Messages:
-    """Framed messages from a file descriptor (``ProcessWriter._send``), with a look at whether more waits."""
+    """Framed messages from a file descriptor (``ProcessWriter._send``), each buffer read straight into
+    memory of its own."""
 
     def __init__(self, fd: int) -> None:
-        self.fd, self.buf = fd, bytearray()
+        self.fd = fd
 
-    def _fill(self, n: int) -> bool:
-        while len(self.buf) < n:
-            chunk = os.read(self.fd, 1 << 20)
-            if not chunk:
-                return False
-            self.buf += chunk
-        return True
-
-    def _take(self, n: int) -> bytes | None:
-        if not self._fill(n):
-            return None
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
+    def _take(self, n: int) -> bytearray | None:
+        out = bytearray(n)
+        view, got = memoryview(out), 0
+        while got < n:
+            k = os.readv(self.fd, [view[got:]])
+            if k == 0:
+                return None
+            got += k
         return out
 
-    def next(self) -> tuple | None:
+    def next(self) -> tuple[tuple, int] | None:
+        """The next message and its size in bytes; None at the end of the stream."""
         head = self._take(2 * _LEN.size)
         if head is None:
             return None
@@ -236,13 +270,48 @@ class _Messages:
         data = self._take(n)
         if sizes is None or data is None:
             return None
-        bufs = [self._take(m) for m in struct.unpack(f"<{k}Q", sizes)]
+        lens = struct.unpack(f"<{k}Q", sizes)
+        bufs = [self._take(m) for m in lens]
         if any(b is None for b in bufs):
             return None
-        return pickle.loads(data, buffers=bufs)
+        return pickle.loads(data, buffers=bufs), n + sum(lens)
+
+
+class _Inbox:
+    """Messages read ahead on a thread of their own, so the engine's side never waits for this process
+    to finish a step before it can pass the next one (and give its ring slot back); up to ``cap``
+    bytes wait here, then the pipe fills and the engine's side waits."""
+
+    def __init__(self, msgs: _Messages, cap: int = INBOX_BYTES) -> None:
+        self._msgs, self._cap = msgs, cap
+        self._items: deque[tuple[tuple | None, int]] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, name="minillama-trace-inbox", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            got = self._msgs.next()
+            with self._cond:
+                self._items.append(got if got is not None else (None, 0))
+                self._bytes += got[1] if got is not None else 0
+                self._cond.notify_all()
+                if got is None:
+                    return
+                while self._bytes > self._cap:
+                    self._cond.wait()
+
+    def next(self) -> tuple | None:
+        with self._cond:
+            while not self._items:
+                self._cond.wait()
+            msg, size = self._items.popleft()
+            self._bytes -= size
+            self._cond.notify_all()
+            return msg
 
     def waiting(self) -> bool:
-        return bool(self.buf) or bool(select.select([self.fd], [], [], 0)[0])
+        return bool(self._items)
 
 
 def main() -> None:
@@ -255,13 +324,14 @@ def main() -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    msgs = _Messages(sys.stdin.fileno())
-    init = msgs.next()
+    got = _Messages(sys.stdin.fileno()).next()
+    init = got[0] if got is not None else None
     if init is None or init[0] != "init":
         sys.exit("minillama.debug.writer_process: runs under ProcessWriter, which sends the trace to write on stdin")
     _, state, tokenizer, shadow, num_sites, shadow_shape = init
     writer = TraceWriter.reopen(**state)
     finisher = StepFinisher(tokenizer)
+    msgs = _Inbox(_Messages(sys.stdin.fileno()))
     say("ready")
     synced, told = time.monotonic(), 0
 
