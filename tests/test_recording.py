@@ -388,13 +388,30 @@ def test_a_session_on_an_engine_without_a_tokenizer_runs_past_the_backlog():
         s.stop()
 
 
-def test_a_writer_process_that_cannot_start_ends_the_trace_with_a_line_saying_so(tiny, tmp_path, monkeypatch):
-    """The process starts in the background (switching recording on never waits for it); if it never says
-    it is ready, the engine goes on and the trace ends with a stopped line that names the fix."""
-    import sys
+def test_a_writer_process_that_cannot_start_says_so(tiny, tmp_path, monkeypatch):
+    """Waiting for it (the CLI): one error naming the fix. Not waiting (a live session, whose UI must not
+    stall): the engine goes on and the trace ends with a stopped line saying the same."""
+
+    from minillama.debug.writer_process import ProcessWriter
+    from minillama.trace.format import TraceError
 
     monkeypatch.setattr(sys, "executable", "/bin/false")
-    r = TraceReader(record_trace(tmp_path / "t", tiny, PROMPTS, max_tokens=4, writer="process"))
+    llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+    rec = Recorder(llm)
+    with pytest.raises(TraceError, match=r"did not start \(exit code 1\): record with --trace-writer thread"):
+        ProcessWriter(TraceWriter(tmp_path / "a", build_manifest(llm, rec)), rec)
+    assert TraceReader(tmp_path / "a").status.startswith("stopped: the trace writer process did not start")
+
+    sink = ProcessWriter(TraceWriter(tmp_path / "b", build_manifest(llm, rec)), rec, wait=False)
+    rec.set_sink(sink)
+    rec.attach()
+    try:
+        llm.add_request(llm.tokenizer.encode(PROMPTS[0]), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        while llm.has_unfinished():
+            llm.step()
+    finally:
+        rec.detach()
+    r = TraceReader(tmp_path / "b")
     assert r.status.startswith("stopped: the trace writer process did not start (exit code 1)")
     assert "--trace-writer thread" in r.status and r.num_steps == 0
 

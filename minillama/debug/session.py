@@ -183,7 +183,8 @@ class DebugSession:
         from minillama.trace.writer import TraceWriter
 
         manifest = build_manifest(self.llm, self.recorder, max_bytes=max_bytes)
-        self._writer = trace_sink(TraceWriter(path, manifest, max_bytes), self.recorder)
+        # not waiting for a writer process to start: a UI calls this on its own thread
+        self._writer = trace_sink(TraceWriter(path, manifest, max_bytes), self.recorder, wait=False)
         self.recorder.set_sink(self._writer)
 
     def stop_recording(self) -> None:

@@ -1,9 +1,6 @@
 """Where a site's statistics are computed, by device and mode, into the step's tables (``stepbuf``).
 
-* CUDA, eager: token sites of the batched dtypes wait and go in one launch per dtype (their
-  addresses copied up in a small pinned table) at the pass's last token site, or sooner once the
-  tensors held back pass ``EAGER_HOLD_BYTES``; other sites (and every site while an eager listener,
-  which may change tensors at their sites, is attached) get one kernel each, at the site.
+* CUDA, eager: one statistics kernel per site, launched at the site.
 * CUDA, inside a graph capture: the pass's token sites are gathered and done by one kernel per
   dtype at its last token site; the kernel reads the sites' addresses from a device table that is
   filled in after the capture (``graphs_captured``), since only then may host data be copied.
@@ -25,9 +22,6 @@ from minillama.debug.stepbuf import StatsBuffer
 
 #: CPU token sites up to this many elements wait for the pass's last token site, then go in groups.
 CPU_DEFER_ELEMENTS = 1 << 16
-#: Bytes of CUDA site tensors an eager pass may hold back for one batched launch (memory the
-#: allocator could otherwise reuse within the pass).
-EAGER_HOLD_BYTES = 256 << 20
 
 
 class SiteStats:
@@ -37,8 +31,6 @@ class SiteStats:
         self.buffer = buffer
         self.last_token_site = last_token_site
         self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
-        self._held: list[tuple[torch.Tensor, int]] = []  # token sites of this eager CUDA pass, not yet done
-        self._held_bytes = 0
         self._cpu_deferred: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # small CPU sites of this pass
         self._to_fill: list[tuple[int, list[list[int]]]] = []  # arena row and rows of new graphs' tables
         self._arena: torch.Tensor | None = None  # (rows, 4) int64: every table of the live recorded graphs
@@ -58,7 +50,6 @@ class SiteStats:
     def begin_pass(self) -> None:
         """Forget sites left by a forward pass that failed before its last site."""
         self._cpu_deferred = {}
-        self._held, self._held_bytes = [], 0
 
     def add(self, x: torch.Tensor, slot: int, token_rows: bool, seq: torch.Tensor, pos: torch.Tensor) -> None:
         """Statistics of ``x`` (rows of requests ``seq`` at positions ``pos``) into the tables' ``slot``."""
@@ -68,15 +59,8 @@ class SiteStats:
             if last:
                 self._flush_batched(seq, pos)
         elif x.is_cuda:
-            if token_rows and not (hooks.capturing or hooks.eager) and x.dtype in devstats.BATCHED_DTYPES:
-                x2 = devstats.rows_view(x)
-                self._held.append((x2, slot))
-                self._held_bytes += x2.numel() * x2.element_size()
-            else:
-                b = self.buffer
-                devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
-            if self._held and (last or self._held_bytes >= EAGER_HOLD_BYTES):
-                self._flush_held(seq, pos)
+            b = self.buffer
+            devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
         else:
             if token_rows and x.numel() <= CPU_DEFER_ELEMENTS and not hooks.eager:
                 self._cpu_deferred.setdefault((tuple(x.shape), x.dtype), []).append((x, slot))
@@ -116,22 +100,6 @@ class SiteStats:
             self._to_fill.append((self._used - len(items),
                                   [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
         self._batched = []
-
-    def _flush_held(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
-        """One launch per dtype for the eager pass's held sites; their addresses go up in a pinned table
-        (the host allocator keeps it until the copy ran; the tensors' memory is reused only by work
-        enqueued after the launch)."""
-        b = self.buffer
-        groups: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
-        for x, slot in self._held:
-            groups.setdefault(x.dtype, []).append((x, slot))
-        for dtype, items in groups.items():
-            host = torch.tensor([[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items],
-                                dtype=torch.int64, pin_memory=True)
-            table = host.to(b.device, non_blocking=True)
-            devstats.sites_stats_cuda(table, len(items), items[0][0].shape[0], dtype, seq, pos, b.moments, b.keys,
-                                      b.bad, b.rows)
-        self._held, self._held_bytes = [], 0
 
     def graphs_captured(self) -> None:
         """Fill the address tables of the graphs just captured (``hooks.graphs_captured``)."""

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from typing import Any
 
+from minillama.trace.format import TraceError
 from minillama.trace.writer import TraceWriter
 
 _LEN = struct.Struct("<Q")
@@ -44,7 +45,10 @@ class ProcessWriter:
 
     takes_records = True
 
-    def __init__(self, writer: TraceWriter, recorder: Any, depth: int = 256) -> None:
+    def __init__(self, writer: TraceWriter, recorder: Any, depth: int = 256, wait: bool = True) -> None:
+        """``wait``: return once the process has started (a second or two: it imports torch), or raise
+        ``TraceError`` saying why it did not; else return at once, and steps recorded meanwhile wait
+        in the pinned ring (the engine copies out those it needs the slot of) and the queue."""
         self.path = writer.path
         self._recorder = recorder
         shadow = recorder.shadow is not None
@@ -65,9 +69,9 @@ class ProcessWriter:
         self.stop_reason: str | None = None
         self._ready = threading.Event()
         self._state, self._never_started = state, False
+        self._started = threading.Event()  # the start is over, either way
         self._queue: queue.Queue = queue.Queue(depth)
-        # the process starts meanwhile (it imports torch: a second or two): the sender waits for it
-        # before the first step, so a UI that switches recording on is not held up
+        # the sender hands the writer's state over and waits for the process before the first step
         self._queue.put(("init", ("init", state, recorder.llm.tokenizer, shadow, recorder.buffer.num_sites,
                                   recorder.buffer.shadow_shape)))
         self._flushes: deque[threading.Event] = deque()
@@ -75,6 +79,12 @@ class ProcessWriter:
         self._reader = threading.Thread(target=self._read_status, name="minillama-trace-status", daemon=True)
         self._sender.start()
         self._reader.start()
+        if wait:
+            self._started.wait(STARTUP_S + 5)
+            if self._never_started:
+                reason = self.stop_reason
+                self.close()
+                raise TraceError(reason or "the trace writer process did not start")
 
     def submit_record(self, rec: Any, event: dict[str, Any]) -> bool:
         """Queue one recorded step (``event``: its event as the engine made it, not shared with views)."""
@@ -152,13 +162,19 @@ class ProcessWriter:
 
     def _start(self, init: tuple) -> None:
         """Send the writer's state and wait until the process has taken it up."""
-        self._send(init)
-        self._ready.wait(STARTUP_S)
-        if not self._ready.is_set() or self.stopped:
-            self._proc.kill()
-            self.stop_reason = (f"the trace writer process did not start (exit code {self._proc.wait()}): record "
-                                "with --trace-writer thread")
-            self.stopped = self._never_started = True
+        try:
+            self._send(init)
+            self._ready.wait(STARTUP_S)
+        except (OSError, ValueError):  # gone before it read its state
+            pass
+        try:
+            if not self._ready.is_set() or self.stopped:
+                self._proc.kill()
+                self.stop_reason = (f"the trace writer process did not start (exit code {self._proc.wait()}): "
+                                    "record with --trace-writer thread")
+                self.stopped = self._never_started = True
+        finally:
+            self._started.set()
 
     def _send_step(self, rec: Any, event: dict[str, Any]) -> None:
         r = self._recorder
@@ -208,15 +224,16 @@ def _widen_pipe(fd: int) -> None:
         pass
 
 
-def trace_sink(writer: TraceWriter, recorder: Any, kind: str = "auto") -> Any:
+def trace_sink(writer: TraceWriter, recorder: Any, kind: str = "auto", wait: bool = True) -> Any:
     """The recorder's sink for ``writer``: a ``BackgroundWriter`` (``kind`` "thread") or a ``ProcessWriter``
     ("process"); "auto" picks the process on CUDA, where the engine's thread is busy with Python for its
     whole step and a writer thread's GIL slows it (benchmarks/RESULTS.md), and the thread on the CPU,
-    where the engine's ops use every core and a process would take one from them."""
+    where the engine's ops use every core and a process would take one from them. ``wait``: see
+    ``ProcessWriter``."""
     if kind == "auto":
         kind = "process" if recorder.llm.device.type == "cuda" else "thread"
     if kind == "process":
-        return ProcessWriter(writer, recorder)
+        return ProcessWriter(writer, recorder, wait=wait)
     from minillama.trace.background import BackgroundWriter
 
     return BackgroundWriter(writer)
