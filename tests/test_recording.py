@@ -416,6 +416,24 @@ def test_a_writer_process_that_cannot_start_says_so(tiny, tmp_path, monkeypatch)
     assert "--trace-writer thread" in r.status and r.num_steps == 0
 
 
+def test_a_writer_process_that_never_gets_ready_is_given_up(tiny, tmp_path, monkeypatch):
+    from minillama.debug import writer_process
+    from minillama.trace.format import TraceError
+
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(hang))
+    monkeypatch.setattr(writer_process, "STARTUP_S", 1.0)
+    llm = LLM(tiny, device="cpu", num_kvcache_blocks=64, max_model_len=256)
+    rec = Recorder(llm)
+    t = time.monotonic()
+    with pytest.raises(TraceError, match=r"did not start \(exit code -9\)"):
+        writer_process.ProcessWriter(TraceWriter(tmp_path / "t", build_manifest(llm, rec)), rec)
+    assert time.monotonic() - t < 30
+    assert TraceReader(tmp_path / "t").status.startswith("stopped: the trace writer process did not start")
+
+
 def test_auto_picks_the_writer_thread_on_the_cpu(tiny, tmp_path):
     from minillama.debug.writer_process import ProcessWriter, trace_sink
     from minillama.trace.background import BackgroundWriter

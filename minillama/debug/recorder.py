@@ -5,10 +5,10 @@ At each tensor site it computes the site's statistics into the step's device tab
 ``full_sites`` (fnmatch patterns over site names, ``layers.3.attn.out@shadow`` included). It never
 reads a value back: when the step is launched one snapshot of its tables (and its full tensors)
 goes to pinned host memory without blocking; when its tokens are known a ``StepRecord`` is kept in
-``history`` and handed to ``sink`` (``writer_process.trace_sink``: a thread, or on CUDA a process of its
-own), which waits for the copies, decodes the tables and writes (the tokens' text: ``finishing``). Inside a captured CUDA graph
-the same work is captured, so decode steps replay graphs while recording (``hook_mode = "device"``:
-overlapped steps too).
+``history`` and handed to ``sink`` (``writer_process.trace_sink``: a thread, or on CUDA a process of
+its own), which waits for the copies, decodes the tables and writes (the tokens' text: ``finishing``).
+Inside a captured CUDA graph the same work is captured, so decode steps replay graphs while recording
+(``hook_mode = "device"``: overlapped steps too).
 """
 
 from __future__ import annotations

@@ -80,7 +80,9 @@ class ProcessWriter:
         self._sender.start()
         self._reader.start()
         if wait:
-            self._started.wait(STARTUP_S + 5)
+            if not self._started.wait(STARTUP_S + 5):  # the sender is stuck handing the state over
+                self._proc.kill()
+                self._started.wait(10)
             if self._never_started:
                 reason = self.stop_reason
                 self.close()
