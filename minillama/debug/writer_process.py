@@ -116,7 +116,7 @@ class ProcessWriter:
         self._reader.join(5)
         if self._never_started:  # nobody else can say why the trace holds no step
             try:
-                TraceWriter.reopen(**self._state).close_stopped(self.stop_reason)
+                TraceWriter.reopen(**self._state)._stop(self.stop_reason)  # as the process would have
             except OSError:
                 pass
 

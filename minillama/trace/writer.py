@@ -227,11 +227,6 @@ class TraceWriter:
         return w
 
     # ---- the end --------------------------------------------------------------------------------
-    def close_stopped(self, reason: str) -> None:
-        """End the trace with a ``stopped`` line saying ``reason`` (a writer that could not go on)."""
-        self._stop(reason)
-        self.close(reason)
-
     def close(self, reason: str = "finished") -> None:
         """Write the final ``end`` line (unless a size cap already stopped the trace). Safe to call twice."""
         if self.closed:
