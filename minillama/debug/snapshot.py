@@ -126,12 +126,18 @@ class Snapshot:
             buffer._release(self._slot, self)
 
 
+def shadow_words(shadow_shape: tuple[int, int]) -> int:
+    """8-byte words of a request row that hold its shadow metrics (``(layers, fields)`` float32, rounded up)."""
+    layers, fields = shadow_shape
+    return -(-layers * fields // 2)
+
+
 def views(req: np.ndarray, rows: np.ndarray, s: int, shadow_shape: tuple[int, int]) -> dict[str, np.ndarray]:
     """Typed views of one request-table array ``(R, words)`` int64 (``stepbuf``'s layout) and one
     row-table array."""
     r = req.shape[0]
     layers, fields = shadow_shape
-    shadow_end = 4 * s + -(-layers * fields // 2)
+    shadow_end = 4 * s + shadow_words(shadow_shape)
     return {
         "stats": req[:, shadow_end:].view(np.float32).reshape(r, s, 4),
         "moments": req[:, : 2 * s].view(np.float64).reshape(r, s, 2),

@@ -14,8 +14,8 @@ Each step resets the first ``R`` request rows (one copy of a template row), the 
 them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` finishes ``stats`` (one kernel on
 the GPU, ``devstats.finish_cuda``; ``stats_table`` on the CPU: the trace writer does no arithmetic)
 and copies ``req[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of pinned host
-buffers, with an event to wait on. Nothing else crosses to the host. A slot is given back once its tables are
-read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied
+buffers, with an event to wait on. Nothing else crosses to the host. A slot is given back once its
+tables are read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied
 out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more); the
 snapshot and the tables' typed views live in ``snapshot.py``.
 """
@@ -30,7 +30,7 @@ import torch
 
 from minillama.debug import devstats
 from minillama.debug.devstats import KEY_MAX_INIT, KEY_MIN_INIT
-from minillama.debug.snapshot import Snapshot, views
+from minillama.debug.snapshot import Snapshot, shadow_words, views
 
 #: Pinned host slots: steps whose tables may be in flight or waiting for the trace writer at once.
 RING = 8
@@ -45,7 +45,7 @@ class StatsBuffer:
         the new tokens'), and its values per row; they turn the sums into ``stats_table``'s statistics."""
         s = self.num_sites = num_sites
         layers, fields = self.shadow_shape = shadow_shape
-        self.shadow_words = -(-layers * fields // 2)
+        self.shadow_words = shadow_words(shadow_shape)
         self.words = 6 * s + self.shadow_words
         self.device = device
         if device.type == "cpu":  # numpy's zeros: a torch fill this large would start an OpenMP pool on
