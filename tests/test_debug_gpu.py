@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minillama import LLM, SamplingParams, hooks
+from minillama.context import get_context
 from minillama.debug import devstats
 from minillama.debug.recorder import Recorder
 from minillama.debug.stepbuf import RING, StatsBuffer, stats_table
@@ -120,11 +121,27 @@ def _prompts(llm, n):
     return [tok.encode_chat([{"role": "user", "content": f"Count to {i + 3}, please."}]) for i in range(n)]
 
 
-def test_bf16_step_stats_match_the_host(llm):
-    """Every site of a mixed step on the GPU (bf16), per request, against the full tensors."""
-    spy = Spy()
-    rec = Recorder(llm, history=8)
-    hooks.attach(spy)  # eager: the step runs without graphs, so every tensor passes through the spy
+class _StepSpy(Spy):
+    """``Spy`` keeping each step's tensors apart: a "device" listener lets steps overlap, so the step
+    that ``llm.step()`` returns after is not always the one the tensors came from."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.hook_mode = mode
+        self.steps: dict[int, dict] = {}
+
+    def __call__(self, site, tensor, info) -> None:
+        self.seen = self.steps.setdefault(get_context().step, {})
+        super().__call__(site, tensor, info)
+
+
+@pytest.mark.parametrize("spy_mode", ["eager", "device"])
+def test_bf16_step_stats_match_the_host(llm, spy_mode):
+    """Every site of a mixed step on the GPU (bf16), per request, against the full tensors: with an
+    eager listener (one kernel per site) and at speed (eager sites held, one kernel at the pass's end)."""
+    spy = _StepSpy(spy_mode)
+    rec = Recorder(llm, history=16)
+    hooks.attach(spy)  # either way the steps run without graphs: they prefill
     rec.attach()
     try:
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
@@ -133,17 +150,22 @@ def test_bf16_step_stats_match_the_host(llm):
         llm.step()
         llm.add_request(p[1], params)
         llm.add_request(p[2], params)
-        batch, _ = llm.step()
-        assert batch.phase == "mixed"
+        while llm.has_unfinished():
+            llm.step()
     finally:
         rec.detach()
         hooks.detach(spy)
-    last = rec.history[-1]
+    assert hooks.eager is False
+    mixed = [r for r in rec.history if r.event["phase"] == "mixed"]
+    assert mixed, [r.event["phase"] for r in rec.history]
+    last = mixed[0]
     event = rec.event_of(last)
+    assert not event["missing_sites"]
     tables = last.tables(False)
     catalog = [s.to_json() for s in rec.catalog]
+    seen = spy.steps[last.step]
     for slot, spec in enumerate(catalog):
-        x, seq, pos = spy.seen[spec["name"]]
+        x, seq, pos = seen[spec["name"]]
         words = row_words(x.cpu())
         for req in sorted(set(seq.tolist())):
             rows = np.flatnonzero(seq == req)
@@ -153,8 +175,6 @@ def test_bf16_step_stats_match_the_host(llm):
             assert (got["min"], got["max"]) == (vals.min(), vals.max()), spec["name"]
             row = int(rows[0])
             assert tuple(int(v) & M32 for v in tables["hash"][row, slot]) == py_lanes(words[row].tolist(), int(pos[row]))
-    while llm.has_unfinished():
-        llm.step()
 
 
 def _record(llm, prompts, graphs: bool):

@@ -286,6 +286,7 @@ class Recorder:
         self._cur = None
         if not st.ok:
             return
+        self.stats.flush()  # eager sites still held (a pass that ended without its last token site)
         st.graphed = bool(info.get("graphed"))
         if st.graphed:
             st.fired |= self._captured

@@ -1,6 +1,12 @@
 """Where a site's statistics are computed, by device and mode, into the step's tables (``stepbuf``).
 
-* CUDA, eager: one statistics kernel per site, launched at the site.
+* CUDA, eager, at speed (no listener pauses inside the step): token sites are held (a reference
+  keeps their memory from being reused) and done by one kernel per dtype when the pass's last
+  token site comes or the held tensors pass ``HOLD_BYTES``: a 135M prefill step has ~210 sites,
+  and a launch costs ~40 us of host time, more than its GPU work. The kernel's address table
+  is copied up from pinned memory without waiting.
+* CUDA, eager, where a listener may pause inside the step (``hooks.eager``): one kernel per site,
+  launched at the site, so a pause sees every site before it.
 * CUDA, inside a graph capture: the pass's token sites are gathered and done by one kernel per
   dtype at its last token site; the kernel reads the sites' addresses from a device table that is
   filled in after the capture (``graphs_captured``), since only then may host data be copied.
@@ -22,6 +28,9 @@ from minillama.debug.stepbuf import StatsBuffer
 
 #: CPU token sites up to this many elements wait for the pass's last token site, then go in groups.
 CPU_DEFER_ELEMENTS = 1 << 16
+#: Bytes of eager CUDA token sites held for one launch; more is launched at once (memory the
+#: allocator could otherwise reuse: a 1B-shaped layer's sites at 8,192 tokens are ~180 MiB).
+HOLD_BYTES = 128 << 20
 
 
 class SiteStats:
@@ -32,6 +41,9 @@ class SiteStats:
         self.last_token_site = last_token_site
         self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
         self._cpu_deferred: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # small CPU sites of this pass
+        self._held: list[tuple[torch.Tensor, int]] = []  # eager CUDA token sites not yet launched
+        self._held_bytes = 0
+        self._held_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # their (seq, pos)
         self._to_fill: list[tuple[int, list[list[int]]]] = []  # arena row and rows of new graphs' tables
         self._arena: torch.Tensor | None = None  # (rows, 4) int64: every table of the live recorded graphs
         self._used = 0  # arena rows taken by the graphs being captured
@@ -50,6 +62,7 @@ class SiteStats:
     def begin_pass(self) -> None:
         """Forget sites left by a forward pass that failed before its last site."""
         self._cpu_deferred = {}
+        self._held, self._held_bytes, self._held_rows = [], 0, None
 
     def add(self, x: torch.Tensor, slot: int, token_rows: bool, seq: torch.Tensor, pos: torch.Tensor) -> None:
         """Statistics of ``x`` (rows of requests ``seq`` at positions ``pos``) into the tables' ``slot``."""
@@ -58,6 +71,13 @@ class SiteStats:
             self._batched.append((devstats.rows_view(x), slot))  # launched with the others at the graph's end
             if last:
                 self._flush_batched(seq, pos)
+        elif x.is_cuda and token_rows and not hooks.eager and x.dtype in devstats.BATCHED_DTYPES:
+            x2 = devstats.rows_view(x)
+            self._held.append((x2, slot))
+            self._held_bytes += x2.numel() * x2.element_size()
+            self._held_rows = (seq, pos)
+            if last or self._held_bytes > HOLD_BYTES:
+                self.flush()
         elif x.is_cuda:
             b = self.buffer
             devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
@@ -70,6 +90,24 @@ class SiteStats:
                                         t["lanes"])
             if last and self._cpu_deferred:
                 self._flush_cpu(seq, pos)
+
+    def flush(self) -> None:
+        """Launch the held eager CUDA sites: one kernel per dtype and row count (call before reading the
+        step's tables; the pass's last token site does it)."""
+        if not self._held:
+            return
+        b = self.buffer
+        seq, pos = self._held_rows
+        groups: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+        for x, slot in self._held:
+            groups.setdefault((x.dtype, x.shape[0]), []).append((x, slot))
+        for (dtype, rows), items in groups.items():
+            host = torch.tensor([[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items],
+                                dtype=torch.int64).pin_memory()
+            table = torch.empty(host.shape, dtype=torch.int64, device=b.device)
+            table.copy_(host, non_blocking=True)  # the pinned block is not reused before the copy ran
+            devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
+        self._held, self._held_bytes, self._held_rows = [], 0, None  # launched: their memory may be reused
 
     def _flush_cpu(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
         t = self.buffer.numpy_tables()
