@@ -131,6 +131,8 @@ class _StepSpy(Spy):
         self.steps: dict[int, dict] = {}
 
     def __call__(self, site, tensor, info) -> None:
+        if hooks.capturing:  # a device listener is called while graphs are captured: no host copies there
+            return
         self.seen = self.steps.setdefault(get_context().step, {})
         super().__call__(site, tensor, info)
 

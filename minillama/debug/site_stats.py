@@ -72,6 +72,8 @@ class SiteStats:
             if last:
                 self._flush_batched(seq, pos)
         elif x.is_cuda and token_rows and not hooks.eager and x.dtype in devstats.BATCHED_DTYPES:
+            if self._held_rows is not None and self._held_rows[0] is not seq:
+                self.flush()  # another forward pass of the step (its own rows)
             x2 = devstats.rows_view(x)
             self._held.append((x2, slot))
             self._held_bytes += x2.numel() * x2.element_size()
@@ -79,6 +81,7 @@ class SiteStats:
             if last or self._held_bytes > HOLD_BYTES:
                 self.flush()
         elif x.is_cuda:
+            self.flush()  # a listener that may pause came in mid-step: the sites held so far first
             b = self.buffer
             devstats.site_stats_cuda(x, slot, seq, pos, b.moments, b.keys, b.bad, b.rows)
         else:
