@@ -133,3 +133,28 @@ def test_builtin_model_answers_end_the_same_with_overlap(builtin_llm):
     assert [r[1] for r in ref] == ["stop", "length"], "the answers were meant to end both ways"
     overlapped = LLM(None, device="cpu", max_model_len=256, num_kvcache_blocks=64, async_scheduling=True)
     assert outputs(overlapped, prompts, params) == ref
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_step_on_an_idle_engine_runs_nothing(pair, overlap):
+    """``step()`` with no request (a loop that steps once too often, a UI's "step" on an idle engine)
+    returns an empty batch: no forward pass, no step counted, no hook event (it used to raise
+    ValueError from the decode preparation in the synchronous engine)."""
+    sync, overlapped = pair
+    llm = overlapped if overlap else sync
+    llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert not llm.has_unfinished()
+    seen = []
+    listener = lambda site, tensor, info: seen.append(site)  # noqa: E731
+    listener.hook_mode = "device"
+    steps = llm.num_steps
+    hooks.attach(listener)
+    try:
+        for _ in range(3):
+            batch, finished = llm.step()
+            assert not batch.seqs and finished == []
+    finally:
+        hooks.detach(listener)
+    assert llm.num_steps == steps and seen == []
+    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].token_ids) == 3

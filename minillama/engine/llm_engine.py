@@ -223,6 +223,8 @@ class LLMEngine:
         if self._pending is not None and not overlap:
             return ScheduledBatch([], []), self._collect()  # a listener needs synchronous steps: finish this one
         batch = self.scheduler.schedule()
+        if not batch.seqs and not batch.preempted and self._pending is None:
+            return batch, []  # nothing to run (an idle engine): no step to announce
         step = self.num_steps
         if hooks.enabled:
             hooks.emit(hooks.STEP_BEGIN, None, step=step, batch=batch, engine=self)
@@ -236,7 +238,8 @@ class LLMEngine:
             self._pending = launched
         else:
             try:
-                tokens = self.runner.launch(batch, step)
+                # a step that only preempted has no forward pass
+                tokens = self.runner.launch(batch, step) if batch.seqs else torch.empty(0, dtype=torch.int64)
                 if hooks.enabled:
                     hooks.emit(hooks.STEP_LAUNCHED, None, step=step, batch=batch, engine=self,
                                graphed=self.runner.graphed)
