@@ -13,6 +13,7 @@ import torch
 from minillama import LLM, SamplingParams, hooks
 from minillama.context import get_context
 from minillama.debug import devstats
+from minillama.debug import site_stats as held_sites
 from minillama.debug.recorder import Recorder
 from minillama.debug.stepbuf import RING, StatsBuffer, stats_table
 from minillama.trace.tables import site_stats
@@ -137,10 +138,13 @@ class _StepSpy(Spy):
         super().__call__(site, tensor, info)
 
 
-@pytest.mark.parametrize("spy_mode", ["eager", "device"])
-def test_bf16_step_stats_match_the_host(llm, spy_mode):
+@pytest.mark.parametrize("spy_mode,hold", [("eager", None), ("device", None), ("device", 1 << 20)])
+def test_bf16_step_stats_match_the_host(llm, spy_mode, hold, monkeypatch):
     """Every site of a mixed step on the GPU (bf16), per request, against the full tensors: with an
-    eager listener (one kernel per site) and at speed (eager sites held, one kernel at the pass's end)."""
+    eager listener (one kernel per site) and at speed (eager sites held, one kernel at the pass's end;
+    with ``hold`` bytes, several launches within the pass)."""
+    if hold is not None:
+        monkeypatch.setattr(held_sites, "HOLD_BYTES", hold)
     spy = _StepSpy(spy_mode)
     rec = Recorder(llm, history=16)
     hooks.attach(spy)  # either way the steps run without graphs: they prefill
