@@ -124,6 +124,23 @@ def thread_cpu() -> dict[str, tuple[float, float]]:
     return out
 
 
+def _timed_step(llm, times: list[tuple[str, float]]):
+    """``llm.step`` that appends (phase of the batch it ran or launched, wall seconds) to ``times``.
+
+    With overlapped steps a call launches one batch and waits for the one before it, so a prefill's
+    GPU time shows in the call after it; its host work (eager launches, the recorder's per-site
+    work) shows in its own call."""
+    step = type(llm).step
+
+    def timed():
+        t = time.perf_counter()
+        batch, finished = step(llm)
+        if batch.seqs:
+            times.append((batch.phase, time.perf_counter() - t))
+        return batch, finished
+    return timed
+
+
 def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int]:
     """Seconds for the workload in ``mode``, and the trace's bytes and steps (0 without a trace)."""
     graphs = llm.runner.graphs
@@ -144,6 +161,8 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
     if llm.device.type == "cuda":
         torch.cuda.synchronize()
     ENGINE_STEPS[mode] = -llm.num_steps
+    STEP_TIMES[mode] = times = []
+    llm.step = _timed_step(llm, times)  # an instance attribute: the session's thread finds it too
     cpu0 = thread_cpu()
     t = time.perf_counter()
     try:
@@ -169,6 +188,7 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
         THREAD_CPU[mode] = {name: tuple(a - b for a, b in zip(cpu[name], cpu0.get(name, (0.0, 0.0)), strict=True))
                             for name in cpu}
     finally:
+        del llm.step
         llm.runner.graphs = graphs
         recorder = rec if rec is not None else getattr(session, "recorder", None)
         if recorder is not None:
@@ -261,6 +281,14 @@ def main() -> None:
         evicted = f"; ring slots copied out by the engine: {EVICTIONS[mode]}" if EVICTIONS.get(mode) else ""
         print(f"  {label:<16}" + ", ".join(f"{k} {sum(v) / n * 1e3:.2f} (sys {v[1] / n * 1e3:.2f})"
                                            for k, v in sorted(busy.items())) + evicted)
+    print("engine step wall time (ms) by the phase of the batch a call ran or launched, during the timed run:")
+    for mode in modes:
+        by = {}
+        for phase, dt in STEP_TIMES.get(mode, []):
+            by.setdefault("decode" if phase == "decode" else "prefill/mixed", []).append(dt * 1e3)
+        label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
+        print(f"  {label:<16}" + "; ".join(f"{k} {len(v)} steps, median {statistics.median(v):.2f}, total {sum(v):.0f}"
+                                            for k, v in sorted(by.items())))
     per_check = min(timeit.repeat("if hooks.enabled: pass", globals={"hooks": hooks}, number=200_000,
                                   repeat=5)) / 200_000
     checks = len(hooks.expected_sites(llm.model_config.num_hidden_layers)) + 8 * llm.model_config.num_hidden_layers
@@ -272,6 +300,7 @@ def main() -> None:
 
 ARGS: argparse.Namespace
 ENGINE_STEPS: dict[str, int] = {}  # engine steps of each mode's last run
+STEP_TIMES: dict[str, list[tuple[str, float]]] = {}  # (phase, seconds) of each engine step of the last run
 THREAD_CPU: dict[str, dict[str, float]] = {}  # CPU seconds per thread during each mode's last timed run
 EVICTIONS: dict[str, int] = {}  # steps whose tables the engine thread copied out of a full ring (GPU)
 
