@@ -158,3 +158,41 @@ def test_a_step_on_an_idle_engine_runs_nothing(pair, overlap):
     assert llm.num_steps == steps and seen == []
     out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(out[0].token_ids) == 3
+
+
+class _StepEvents:
+    """A device listener that notes the step events and the batch each step began with."""
+
+    hook_mode = "device"
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[int]] = {hooks.STEP_BEGIN: [], hooks.STEP_LAUNCHED: [], hooks.STEP_END: []}
+        self.begun: dict[int, tuple[int, int]] = {}  # step -> (seqs, preempted)
+
+    def __call__(self, site, tensor, info) -> None:
+        if site in self.events:
+            self.events[site].append(info["step"])
+        if site == hooks.STEP_BEGIN:
+            self.begun[info["step"]] = (len(info["batch"].seqs), len(info["batch"].preempted))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_announced_step_ends(tiny_llama_dir, pair, overlap):
+    """Each step.begin gets its step.launched and step.end, once, in order; a step is announced only
+    if it computes something or preempts. Overlapped steps end with a call whose batch is empty
+    (the last tokens are in flight): that call finishes them and announces nothing. Memory is tight
+    here, so requests are preempted too; the tokens equal the roomy synchronous engine's."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    ref = outputs(pair[0], PROMPTS, params)
+    small = tiny_engine(tiny_llama_dir, overlap, num_kvcache_blocks=12, max_model_len=96)
+    spy = _StepEvents()
+    hooks.attach(spy)
+    try:
+        got = outputs(small, PROMPTS, params)
+    finally:
+        hooks.detach(spy)
+    assert got == ref and small.scheduler.num_preemptions > 0
+    began, launched, ended = (spy.events[k] for k in (hooks.STEP_BEGIN, hooks.STEP_LAUNCHED, hooks.STEP_END))
+    assert began == sorted(set(began)) and sorted(launched) == began and sorted(ended) == began
+    assert len(began) == small.num_steps
+    assert all(seqs or preempted for seqs, preempted in spy.begun.values())

@@ -139,6 +139,7 @@ class Recorder:
         if self._attached:
             hooks.detach(self)
             self._attached = False
+        self.stats.begin_pass()  # a step abandoned mid-pass leaves no held tensors behind
         if self.sink is not None:
             self.sink.close(self.stopped_reason or reason)
             self.sink = None
@@ -308,7 +309,7 @@ class Recorder:
                  "sampled": sampled, "finished": [[s.seq_id, s.finish_reason] for s in info["finished"]],
                  "missing_sites": missing,
                  "graphed": st.graphed, "elapsed_ms": round((time.perf_counter() - st.t0) * 1e3, 3)}
-        if not st.ok:
+        if not st.ok and st.reqs:  # (a step that only preempted has no rows to count)
             event["note"] = "statistics skipped: the batch is larger than the recorder's tables"
         rec = StepRecord(st.step, event, st.raw, st.snapshot if st.ok else None, st.full, self.num_records)
         self.num_records += 1

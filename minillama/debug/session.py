@@ -317,6 +317,9 @@ class DebugSession:
                 return
 
     def _pause(self, pos: Position) -> None:
+        # sites held for one launch (the step ran at speed until a UI thread asked for a pause) are
+        # launched first, so a view of the step so far sees them
+        self.recorder.stats.flush()
         with self._cond:
             self.position = pos
             self._paused = True
@@ -376,6 +379,7 @@ class DebugSession:
             self._emit("error", e)
         finally:
             hooks.detach(self)
+            self.recorder.stats.begin_pass()  # a step abandoned mid-pass leaves no held tensors behind
             with self._cond:
                 self._paused = False
                 self._cond.notify_all()

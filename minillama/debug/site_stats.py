@@ -42,7 +42,8 @@ class SiteStats:
         self._batched: list[tuple[torch.Tensor, int]] = []  # token sites of the graph being captured
         self._cpu_deferred: dict[tuple, list[tuple[torch.Tensor, int]]] = {}  # small CPU sites of this pass
         self._held: list[tuple[torch.Tensor, int]] = []  # eager CUDA token sites not yet launched
-        self._held_bytes = 0
+        self._held_bytes = 0  # of the storages they keep alive, each counted once
+        self._held_storage: set[int] = set()
         self._held_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # their (seq, pos)
         self._to_fill: list[tuple[int, list[list[int]]]] = []  # arena row and rows of new graphs' tables
         self._arena: torch.Tensor | None = None  # (rows, 4) int64: every table of the live recorded graphs
@@ -62,7 +63,7 @@ class SiteStats:
     def begin_pass(self) -> None:
         """Forget sites left by a forward pass that failed before its last site."""
         self._cpu_deferred = {}
-        self._held, self._held_bytes, self._held_rows = [], 0, None
+        self._drop_held()
 
     def add(self, x: torch.Tensor, slot: int, token_rows: bool, seq: torch.Tensor, pos: torch.Tensor) -> None:
         """Statistics of ``x`` (rows of requests ``seq`` at positions ``pos``) into the tables' ``slot``."""
@@ -71,12 +72,16 @@ class SiteStats:
             self._batched.append((devstats.rows_view(x), slot))  # launched with the others at the graph's end
             if last:
                 self._flush_batched(seq, pos)
-        elif x.is_cuda and token_rows and not hooks.eager and x.dtype in devstats.BATCHED_DTYPES:
+        elif (x.is_cuda and token_rows and not hooks.eager and x.dtype in devstats.BATCHED_DTYPES
+              and not torch.cuda.is_current_stream_capturing()):  # (a capture not ours: per site, as before)
             if self._held_rows is not None and self._held_rows[0] is not seq:
                 self.flush()  # another forward pass of the step (its own rows)
             x2 = devstats.rows_view(x)
             self._held.append((x2, slot))
-            self._held_bytes += x2.numel() * x2.element_size()
+            storage = x2.untyped_storage()  # a view (q of the fused qkv) keeps its whole block alive
+            if storage.data_ptr() not in self._held_storage:
+                self._held_storage.add(storage.data_ptr())
+                self._held_bytes += storage.nbytes()
             self._held_rows = (seq, pos)
             if last or self._held_bytes > HOLD_BYTES:
                 self.flush()
@@ -110,7 +115,11 @@ class SiteStats:
             table = torch.empty(host.shape, dtype=torch.int64, device=b.device)
             table.copy_(host, non_blocking=True)  # the pinned block is not reused before the copy ran
             devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
-        self._held, self._held_bytes, self._held_rows = [], 0, None  # launched: their memory may be reused
+        self._drop_held()  # launched: their memory may be reused
+
+    def _drop_held(self) -> None:
+        self._held, self._held_bytes, self._held_rows = [], 0, None
+        self._held_storage = set()
 
     def _flush_cpu(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
         t = self.buffer.numpy_tables()

@@ -223,23 +223,22 @@ class LLMEngine:
         if self._pending is not None and not overlap:
             return ScheduledBatch([], []), self._collect()  # a listener needs synchronous steps: finish this one
         batch = self.scheduler.schedule()
-        if not batch.seqs and not batch.preempted and self._pending is None:
-            return batch, []  # nothing to run (an idle engine): no step to announce
+        if not batch.seqs:
+            return batch, self._empty_step(batch)
         step = self.num_steps
         if hooks.enabled:
             hooks.emit(hooks.STEP_BEGIN, None, step=step, batch=batch, engine=self)
         failed: list[Sequence] = []
         if overlap:
             try:
-                launched = self._launch(batch, step) if batch.seqs else None
+                launched = self._launch(batch, step)
             except Exception as e:  # one bad request must not poison the engine: fail it alone
                 launched, failed = None, fail_requests(self.scheduler, batch, e)
             finished = (self._collect() if self._pending is not None else []) + failed
             self._pending = launched
         else:
             try:
-                # a step that only preempted has no forward pass
-                tokens = self.runner.launch(batch, step) if batch.seqs else torch.empty(0, dtype=torch.int64)
+                tokens = self.runner.launch(batch, step)
                 if hooks.enabled:
                     hooks.emit(hooks.STEP_LAUNCHED, None, step=step, batch=batch, engine=self,
                                graphed=self.runner.graphed)
@@ -252,6 +251,20 @@ class LLMEngine:
                            engine=self)
         self.num_steps += 1
         return batch, finished
+
+    def _empty_step(self, batch: ScheduledBatch) -> list[Sequence]:
+        """A batch with nothing to compute: an idle engine, the last tokens all in flight, or a step that
+        only preempted. Finishes the step in flight; only a preemption is a step of its own, announced
+        begin to end at once (there is no forward pass)."""
+        finished = self._collect() if self._pending is not None else []
+        if batch.preempted:
+            step = self.num_steps
+            if hooks.enabled:
+                hooks.emit(hooks.STEP_BEGIN, None, step=step, batch=batch, engine=self)
+                hooks.emit(hooks.STEP_LAUNCHED, None, step=step, batch=batch, engine=self, graphed=False)
+                hooks.emit(hooks.STEP_END, None, step=step, batch=batch, sampled=[], finished=[], engine=self)
+            self.num_steps += 1
+        return finished
 
     def _overlap(self) -> bool:
         on = self.config.async_scheduling
