@@ -19,7 +19,7 @@ Flat tensors have one row per new token of the batch (requests in batch order); 
 request and token position each row has.
 
 A tensor handed to a site is not changed afterwards within its forward pass: listeners may read it
-at the pass's last site (the recorder batches its statistics there, in CUDA graphs and on CPU).
+at the pass's last site (the recorder batches its statistics there: in CUDA graphs, eager CUDA steps, CPU).
 
 Listeners say how they listen (``mode``): ``"eager"`` listeners run Python on each tensor at each
 site (the engine then runs eagerly and step by step); ``"step"`` listeners only enqueue device work

@@ -104,6 +104,9 @@ class SiteStats:
         step's tables; the pass's last token site does it)."""
         if not self._held:
             return
+        if torch.cuda.is_current_stream_capturing():  # left by a warm-up pass that failed: nothing to capture
+            self._drop_held()
+            return
         b = self.buffer
         seq, pos = self._held_rows
         groups: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
