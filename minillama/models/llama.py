@@ -72,19 +72,22 @@ class LlamaDecoderLayer(nn.Module):
 
         The sum is left to the next norm, which adds and normalises in one kernel on the GPU (as
         vLLM does), so ``x`` is the previous layer's MLP output and ``residual`` its stream (None
-        for the first layer, whose ``x`` is the embeddings).
+        for the first layer, whose ``x`` is the embeddings). The hook site ``layers.{i}.output`` is
+        that sum too, emitted where it is made (by layer ``i + 1``, or the final norm), in the same
+        order as if layer ``i`` emitted it last.
         """
         if residual is None:
             normed = self.input_layernorm(x)
         else:
             x, normed = self.input_layernorm.add_and_norm(x, residual)
+            if hooks.enabled:  # that sum is the layer before's output: no add of its own for the hook
+                hooks.emit(f"layers.{self.layer - 1}.output", x)
         if hooks.enabled:
             hooks.emit(f"layers.{self.layer}.input", x)
         h, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(positions, normed))
         mlp_out = self.mlp(normed)
         if hooks.enabled:
             hooks.emit(f"layers.{self.layer}.mlp.out", mlp_out)
-            hooks.emit(f"layers.{self.layer}.output", h + mlp_out)
         return mlp_out, h
 
 
@@ -106,8 +109,9 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
-        _, x = self.norm.add_and_norm(x, residual)
+        h, x = self.norm.add_and_norm(x, residual)
         if hooks.enabled:
+            hooks.emit(f"layers.{len(self.layers) - 1}.output", h)
             hooks.emit("final_norm", x)
         return x
 
