@@ -10,7 +10,8 @@ Site names (dotted, stable, used as keys on disk):
   ``step.launched`` (its forward pass and sampling are enqueued), ``step.end`` (its tokens are known)
 * per forward pass: ``embed``, ``final_norm``, ``logits``, ``sampled``
 * per layer ``i``: ``layers.{i}.input``, ``layers.{i}.attn.q``, ``layers.{i}.attn.k``,
-  ``layers.{i}.attn.v``, ``layers.{i}.attn.out``, ``layers.{i}.mlp.out``, ``layers.{i}.output``
+  ``layers.{i}.attn.v``, ``layers.{i}.attn.out``, ``layers.{i}.mlp.out``, ``layers.{i}.output`` (the
+  residual stream after layer ``i``, which the next norm adds up, so it equals ``layers.{i+1}.input``)
 * per layer, the attention call itself: ``layers.{i}.attn.call`` (info: ``call``, an
   ``AttentionCall`` holding the exact inputs and the paged cache, so a shadow backend can redo it)
 
