@@ -37,6 +37,7 @@ class Context:
     sample_positions: torch.Tensor | None = None  # (num_samples,) int64 their token positions
     seq_ids: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
+    key_lens: list[int] = field(default_factory=list)  # keys per sequence (prefill; host copies of cu_seqlens_k)
     step: int = -1
     # batch-invariant mode (Config.batch_invariant): layers and attention compute each row independently
     batch_invariant: bool = False

@@ -77,7 +77,8 @@ class Recorder:
         self.full_sites = list(full_sites)
         self.shadow = None
         if shadow is not None:
-            self.shadow = Shadow(None if shadow == "reference" else shadow, llm.device, llm.dtype, cfg.head_dim)
+            self.shadow = Shadow(None if shadow == "reference" else shadow, llm.device, llm.dtype, cfg.head_dim,
+                                 active=llm.backend.name)
         if llm.device.type == "cuda" and devstats.triton is None:
             raise ValueError("recording on CUDA needs Triton (pip install triton): the statistics run as a kernel")
         self._check_patterns()

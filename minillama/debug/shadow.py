@@ -12,6 +12,8 @@ loop over sequences, so it can be captured in a decode CUDA graph with the backe
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from minillama import hooks
@@ -36,11 +38,16 @@ class Shadow:
     """Runs ``backend`` (None: the yardstick alone, "reference") beside the active one at every layer."""
 
     def __init__(self, backend: str | AttentionBackend | None, device: torch.device, dtype: torch.dtype,
-                 head_dim: int) -> None:
+                 head_dim: int, active: str | None = None) -> None:
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         if self.backend is not None:
             self.backend.check(head_dim, dtype, device)
         self.dtype = dtype
+        # A backend that pads queries would pad a mixed call's decodes to its prompts' length (the engine
+        # splits such batches itself, but not while a debugger listens): run the two parts apart, as it
+        # would. Not with the active backend as the shadow, which must redo the very same call.
+        self.split_mixed = (self.backend is not None and self.backend.pads_queries and device.type == "cuda"
+                            and self.backend.name != active)
 
     @property
     def name(self) -> str:
@@ -52,8 +59,10 @@ class Shadow:
         outputs (``shadow``, ``ref``, ``plain``) for whoever keeps them in full."""
         shadow = None
         if self.backend is not None:
-            shadow = run_attention(self.backend, call.q, call.k, call.v, call.k_cache, call.v_cache,
-                                   call.context, call.scale)
+            shadow = self._split(call) if self.split_mixed else None
+            if shadow is None:
+                shadow = run_attention(self.backend, call.q, call.k, call.v, call.k_cache, call.v_cache,
+                                       call.context, call.scale)
         if yardstick_gpu.covers(call, self.dtype):
             ref, plain = yardstick_gpu.judge(call, self.dtype, width_of(call))
             yardstick_gpu.metrics(active, shadow, ref, plain, call.context.seq_index, table)
@@ -63,6 +72,35 @@ class Shadow:
         out = {"ref": ref, "plain": plain}
         if shadow is not None:
             out["shadow"] = shadow
+        return out
+
+    def _split(self, call: AttentionCall) -> torch.Tensor | None:
+        """The shadow backend on a mixed prefill call as two calls: the one-token requests (decodes)
+        through ``with_kvcache`` and the prompt chunks through ``varlen``, both reading the paged cache
+        the active call wrote; None if the call is not mixed. Lengths come from the host side of the
+        step context, and the index tensors are copied up without waiting."""
+        ctx = call.context
+        news, keys = ctx.query_lens, ctx.key_lens
+        if (not ctx.is_prefill or ctx.block_tables is None or ctx.batch_invariant or len(keys) != len(news)
+                or 1 not in news or max(news) == 1):
+            return None
+        starts = list(accumulate(news, initial=0))
+        dec = [b for b, n in enumerate(news) if n == 1]
+        pre = [b for b, n in enumerate(news) if n > 1]
+        dev = call.q.device
+        out = torch.empty_like(call.q)
+        rows = _up([starts[b] for b in dec], torch.int64, dev)
+        part = self.backend.with_kvcache(call.q[rows].unsqueeze(1), call.k_cache, call.v_cache,
+                                         cache_seqlens=_up([keys[b] for b in dec], torch.int32, dev),
+                                         block_table=ctx.block_tables[_up(dec, torch.int64, dev)],
+                                         softmax_scale=call.scale, causal=True)
+        out[rows] = part.squeeze(1)
+        rows = _up([r for b in pre for r in range(starts[b], starts[b + 1])], torch.int64, dev)
+        cu_q = _up(list(accumulate((news[b] for b in pre), initial=0)), torch.int32, dev)
+        cu_k = _up(list(accumulate((keys[b] for b in pre), initial=0)), torch.int32, dev)
+        out[rows] = self.backend.varlen(call.q[rows], call.k_cache, call.v_cache, cu_q, cu_k, max(news[b] for b in pre),
+                                        max(keys[b] for b in pre), softmax_scale=call.scale, causal=True,
+                                        block_table=ctx.block_tables[_up(pre, torch.int64, dev)])
         return out
 
     def _metrics(self, call: AttentionCall, active: torch.Tensor, shadow: torch.Tensor | None, ref: torch.Tensor,
@@ -88,3 +126,9 @@ class Shadow:
             d = (active.to(rd) - shadow.to(rd)).flatten(1)
             put("diff_max", d.abs().amax(1), "amax")
             put("diff_sq", (d * d).sum(1), "sum")
+
+
+def _up(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device``, copied from pinned memory without waiting on the GPU."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host

@@ -75,9 +75,10 @@ class ModelRunner:
             return self._prepare_decode(batch, step)
         bs = self.block_size
         input_ids, positions, slot_mapping = [], [], []
-        cu_q, cu_k, logit_rows = [0], [0], []
+        cu_q, cu_k, logit_rows, key_lens = [0], [0], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            key_lens.append(end)
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slot_mapping += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -91,11 +92,12 @@ class ModelRunner:
             cu_seqlens_q=self._tensor(cu_q, torch.int32),
             cu_seqlens_k=self._tensor(cu_k, torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),
-            max_seqlen_k=max(s.num_computed_tokens + n for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True)),
+            max_seqlen_k=max(key_lens),
             slot_mapping=self._tensor(slot_mapping, torch.int64),
             block_tables=self._block_tables(batch.seqs) if need_tables else None,
             seq_ids=[s.seq_id for s in batch.seqs],
             query_lens=list(batch.num_new_tokens),
+            key_lens=key_lens,
             step=step,
             batch_invariant=self.config.batch_invariant,
         )
