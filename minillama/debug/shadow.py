@@ -12,8 +12,7 @@ loop over sequences, so it can be captured in a decode CUDA graph with the backe
 
 from __future__ import annotations
 
-from itertools import accumulate
-
+import numpy as np
 import torch
 
 from minillama import hooks
@@ -48,6 +47,7 @@ class Shadow:
         # would. Not with the active backend as the shadow, which must redo the very same call.
         self.split_mixed = (self.backend is not None and self.backend.pads_queries and device.type == "cuda"
                             and self.backend.name != active)
+        self._parts_of: tuple | None = None  # (step context, its two calls' inputs)
 
     @property
     def name(self) -> str:
@@ -77,31 +77,39 @@ class Shadow:
     def _split(self, call: AttentionCall) -> torch.Tensor | None:
         """The shadow backend on a mixed prefill call as two calls: the one-token requests (decodes)
         through ``with_kvcache`` and the prompt chunks through ``varlen``, both reading the paged cache
-        the active call wrote; None if the call is not mixed. Lengths come from the host side of the
-        step context, and the index tensors are copied up without waiting."""
-        ctx = call.context
-        news, keys = ctx.query_lens, ctx.key_lens
-        if (not ctx.is_prefill or ctx.block_tables is None or ctx.batch_invariant or len(keys) != len(news)
-                or 1 not in news or max(news) == 1):
+        the active call wrote; None if the call is not mixed."""
+        parts = self._parts(call.context)
+        if parts is None:
             return None
-        starts = list(accumulate(news, initial=0))
-        dec = [b for b, n in enumerate(news) if n == 1]
-        pre = [b for b, n in enumerate(news) if n > 1]
-        dev = call.q.device
+        (d_rows, d_keys, d_table), (p_rows, cu_q, cu_k, max_q, max_k, p_table) = parts
         out = torch.empty_like(call.q)
-        rows = _up([starts[b] for b in dec], torch.int64, dev)
-        part = self.backend.with_kvcache(call.q[rows].unsqueeze(1), call.k_cache, call.v_cache,
-                                         cache_seqlens=_up([keys[b] for b in dec], torch.int32, dev),
-                                         block_table=ctx.block_tables[_up(dec, torch.int64, dev)],
-                                         softmax_scale=call.scale, causal=True)
-        out[rows] = part.squeeze(1)
-        rows = _up([r for b in pre for r in range(starts[b], starts[b + 1])], torch.int64, dev)
-        cu_q = _up(list(accumulate((news[b] for b in pre), initial=0)), torch.int32, dev)
-        cu_k = _up(list(accumulate((keys[b] for b in pre), initial=0)), torch.int32, dev)
-        out[rows] = self.backend.varlen(call.q[rows], call.k_cache, call.v_cache, cu_q, cu_k, max(news[b] for b in pre),
-                                        max(keys[b] for b in pre), softmax_scale=call.scale, causal=True,
-                                        block_table=ctx.block_tables[_up(pre, torch.int64, dev)])
+        part = self.backend.with_kvcache(call.q[d_rows].unsqueeze(1), call.k_cache, call.v_cache, cache_seqlens=d_keys,
+                                         block_table=d_table, softmax_scale=call.scale, causal=True)
+        out[d_rows] = part.squeeze(1)
+        out[p_rows] = self.backend.varlen(call.q[p_rows], call.k_cache, call.v_cache, cu_q, cu_k, max_q, max_k,
+                                          softmax_scale=call.scale, causal=True, block_table=p_table)
         return out
+
+    def _parts(self, ctx) -> tuple | None:
+        """The two calls' rows, lengths and block tables, made once per step context (every layer shares
+        it) from its host-side lengths and copied up without waiting; None if the call is not mixed."""
+        if self._parts_of is not None and self._parts_of[0] is ctx:
+            return self._parts_of[1]
+        news, keys = np.asarray(ctx.query_lens, np.int64), np.asarray(ctx.key_lens, np.int64)
+        parts = None
+        if (ctx.is_prefill and ctx.block_tables is not None and not ctx.batch_invariant and len(keys) == len(news)
+                and (news == 1).any() and (news > 1).any()):
+            dev = ctx.block_tables.device
+            starts = np.concatenate([[0], np.cumsum(news)])
+            dec, pre = np.flatnonzero(news == 1), np.flatnonzero(news > 1)
+            p_rows = np.flatnonzero(np.repeat(news > 1, news))  # the rows of the prompt chunks, in order
+            parts = ((_up(starts[dec], torch.int64, dev), _up(keys[dec], torch.int32, dev),
+                      ctx.block_tables[_up(dec, torch.int64, dev)]),
+                     (_up(p_rows, torch.int64, dev), _up(np.concatenate([[0], np.cumsum(news[pre])]), torch.int32, dev),
+                      _up(np.concatenate([[0], np.cumsum(keys[pre])]), torch.int32, dev), int(news[pre].max()),
+                      int(keys[pre].max()), ctx.block_tables[_up(pre, torch.int64, dev)]))
+        self._parts_of = (ctx, parts)
+        return parts
 
     def _metrics(self, call: AttentionCall, active: torch.Tensor, shadow: torch.Tensor | None, ref: torch.Tensor,
                  plain: torch.Tensor, table: torch.Tensor) -> None:
@@ -128,7 +136,7 @@ class Shadow:
             put("diff_sq", (d * d).sum(1), "sum")
 
 
-def _up(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _up(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a tensor on ``device``, copied from pinned memory without waiting on the GPU."""
-    host = torch.tensor(values, dtype=dtype)
+    host = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
