@@ -21,6 +21,8 @@ request and token position each row has.
 
 A tensor handed to a site is not changed afterwards within its forward pass: listeners may read it
 at the pass's last site (the recorder batches its statistics there: in CUDA graphs, eager CUDA steps, CPU).
+Listeners read; one that writes into a site tensor changes the forward pass from there on (tests plant
+a NaN that way), and ``layers.{i}.output`` is the live residual stream, not a copy.
 
 Listeners say how they listen (``mode``): ``"eager"`` listeners run Python on each tensor at each
 site (the engine then runs eagerly and step by step); ``"step"`` listeners only enqueue device work

@@ -27,11 +27,11 @@ class TraceMismatchError(TraceError):
 
 
 #: What runs between the previous site and this one: the op a first difference points at.
-OPS = {"embed": "embedding lookup", "input": "residual add (the layer before's output)",
+OPS = {"embed": "embedding lookup", "input": "nothing (the same tensor as the layer before's output)",
        "attn.q": "input_layernorm, q projection, rotary", "attn.k": "input_layernorm, k projection, rotary",
        "attn.v": "input_layernorm, v projection", "attn.out": "attention",
        "mlp.out": "o_proj, residual add, post_attention_layernorm, gate/up projection, SiLU, down_proj",
-       "output": "residual add", "final_norm": "residual add, final norm", "logits": "LM head",
+       "output": "residual add (fused with the next norm)", "final_norm": "final norm", "logits": "LM head",
        "sampled": "sampler"}
 _ARCH = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
          "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings")
