@@ -297,6 +297,13 @@ def triton_covers(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and x.element_size() in (2, 4) and x.dtype != torch.int16
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host ``values`` (a list or an array) as a tensor on ``device``; on CUDA copied from pinned memory
+    without waiting (the pinned block is not reused before the copy has run)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 def rows_view(x: torch.Tensor) -> torch.Tensor:
     """``x`` as ``(rows, width)`` with unit column stride (a copy only when the layout needs one)."""
     rows = x.shape[0] if x.dim() else 1

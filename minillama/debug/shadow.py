@@ -18,6 +18,7 @@ import torch
 from minillama import hooks
 from minillama.attention import AttentionBackend, get_backend
 from minillama.debug import yardstick_gpu
+from minillama.debug.devstats import to_device
 from minillama.debug.yardstick import judge, reference_dtype
 from minillama.layers.attention import AttentionCall, run_attention
 from minillama.trace.format import SHADOW_FIELDS
@@ -103,11 +104,12 @@ class Shadow:
             starts = np.concatenate([[0], np.cumsum(news)])
             dec, pre = np.flatnonzero(news == 1), np.flatnonzero(news > 1)
             p_rows = np.flatnonzero(np.repeat(news > 1, news))  # the rows of the prompt chunks, in order
-            parts = ((_up(starts[dec], torch.int64, dev), _up(keys[dec], torch.int32, dev),
-                      ctx.block_tables[_up(dec, torch.int64, dev)]),
-                     (_up(p_rows, torch.int64, dev), _up(np.concatenate([[0], np.cumsum(news[pre])]), torch.int32, dev),
-                      _up(np.concatenate([[0], np.cumsum(keys[pre])]), torch.int32, dev), int(news[pre].max()),
-                      int(keys[pre].max()), ctx.block_tables[_up(pre, torch.int64, dev)]))
+            cu_q, cu_k = (np.concatenate([[0], np.cumsum(n[pre])]) for n in (news, keys))
+            parts = ((to_device(starts[dec], torch.int64, dev), to_device(keys[dec], torch.int32, dev),
+                      ctx.block_tables[to_device(dec, torch.int64, dev)]),
+                     (to_device(p_rows, torch.int64, dev), to_device(cu_q, torch.int32, dev),
+                      to_device(cu_k, torch.int32, dev), int(news[pre].max()), int(keys[pre].max()),
+                      ctx.block_tables[to_device(pre, torch.int64, dev)]))
         self._parts_of = (ctx, parts)
         return parts
 
@@ -134,9 +136,3 @@ class Shadow:
             d = (active.to(rd) - shadow.to(rd)).flatten(1)
             put("diff_max", d.abs().amax(1), "amax")
             put("diff_sq", (d * d).sum(1), "sum")
-
-
-def _up(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``values`` as a tensor on ``device``, copied from pinned memory without waiting on the GPU."""
-    host = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host

@@ -109,15 +109,9 @@ class SiteStats:
             return
         b = self.buffer
         seq, pos = self._held_rows
-        groups: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
-        for x, slot in self._held:
-            groups.setdefault((x.dtype, x.shape[0]), []).append((x, slot))
-        for (dtype, rows), items in groups.items():
-            host = torch.tensor([[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items],
-                                dtype=torch.int64).pin_memory()
-            table = torch.empty(host.shape, dtype=torch.int64, device=b.device)
-            table.copy_(host, non_blocking=True)  # the pinned block is not reused before the copy ran
-            devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
+        for (dtype, rows), entries in _launches(self._held).items():
+            table = devstats.to_device(entries, torch.int64, b.device)  # (its pinned block outlives the copy)
+            devstats.sites_stats_cuda(table, len(entries), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
         self._drop_held()  # launched: their memory may be reused
 
     def _drop_held(self) -> None:
@@ -139,19 +133,14 @@ class SiteStats:
     def _flush_batched(self, seq: torch.Tensor, pos: torch.Tensor) -> None:
         """One launch per dtype for every site gathered in this graph."""
         b = self.buffer
-        groups: dict[torch.dtype, list[tuple[torch.Tensor, int]]] = {}
-        for x, slot in self._batched:
-            groups.setdefault(x.dtype, []).append((x, slot))
-        for dtype, items in groups.items():
-            if self._arena is None or self._used + len(items) > self._arena.shape[0]:
+        for (dtype, rows), entries in _launches(self._batched).items():
+            if self._arena is None or self._used + len(entries) > self._arena.shape[0]:
                 raise RuntimeError("recording under CUDA graphs: the address arena is too small (reserve() "
                                    "must be called before capturing, for every graph size)")
-            table = self._arena[self._used: self._used + len(items)]
-            self._used += len(items)
-            rows = items[0][0].shape[0]
-            devstats.sites_stats_cuda(table, len(items), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
-            self._to_fill.append((self._used - len(items),
-                                  [[x.data_ptr(), x.stride(0), x.shape[1], slot] for x, slot in items]))
+            table = self._arena[self._used: self._used + len(entries)]
+            devstats.sites_stats_cuda(table, len(entries), rows, dtype, seq, pos, b.moments, b.keys, b.bad, b.rows)
+            self._to_fill.append((self._used, entries))
+            self._used += len(entries)
         self._batched = []
 
     def graphs_captured(self) -> None:
@@ -161,3 +150,12 @@ class SiteStats:
             self._arena[start: start + len(data)].copy_(torch.tensor(data, dtype=torch.int64))
         self._to_fill = []
         self._used = 0  # a later capture first drops these graphs, so it may take the arena again
+
+
+def _launches(sites: list[tuple[torch.Tensor, int]]) -> dict[tuple[torch.dtype, int], list[list[int]]]:
+    """``(rows view, slot)`` sites as ``devstats.sites_stats_cuda`` launches: one per dtype and row count,
+    each with its table's rows (address, row stride, width, slot)."""
+    out: dict[tuple[torch.dtype, int], list[list[int]]] = {}
+    for x, slot in sites:
+        out.setdefault((x.dtype, x.shape[0]), []).append([x.data_ptr(), x.stride(0), x.shape[1], slot])
+    return out

@@ -102,7 +102,7 @@ class StatsBuffer:
         if self.device.type == "cuda":  # one kernel; a decode step's counts are all ones and need no copy
             c = None
             if not bool((counts == 1).all()):  # a small copy behind the step's work, never a wait
-                c = torch.from_numpy(np.asarray(counts, dtype=np.int32)).pin_memory().to(self.device, non_blocking=True)
+                c = devstats.to_device(np.asarray(counts, dtype=np.int32), torch.int32, self.device)
             devstats.finish_cuda(self.moments[:r], self.keys[:r], self.bad[:r], self.stats[:r], c,
                                  self._per_sample_i32, self._width)
             return self.stats[:r]
