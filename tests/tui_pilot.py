@@ -7,7 +7,7 @@ import os
 
 import pytest
 from rich.console import Console
-from textual.worker import WorkerFailed
+from textual.worker import WorkerCancelled, WorkerFailed
 
 from minillama.debug.sources import LiveOptions
 from minillama.trace.format import TraceError
@@ -95,10 +95,13 @@ async def settle(pilot, app: DebuggerApp, timeout: float = 60.0) -> None:
 
 async def _workers_done(app: DebuggerApp) -> None:
     """Wait for the app's workers. A worker that met a damaged trace is not a test failure: the app
-    already turned it into its error screen (``DebuggerApp._handle_exception``)."""
+    already turned it into its error screen (``DebuggerApp._handle_exception``). Nor is one cancelled:
+    an exclusive group cancels the older worker when a newer one starts, and the newer one is waited for."""
     for worker in list(app.workers):
         try:
             await worker.wait()
+        except WorkerCancelled:
+            continue
         except WorkerFailed as e:
             if not isinstance(e.error, TraceError):
                 raise
