@@ -22,9 +22,12 @@ prompts, 24 new tokens each). It also prints what the disabled hooks cost a plai
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import itertools
 import math
 import os
+import pstats
 import random
 import shutil
 import statistics
@@ -132,9 +135,15 @@ def _timed_step(llm, times: list[tuple[str, float]]):
     work) shows in its own call."""
     step = type(llm).step
 
+    prof = PROFILE.get("now")
+
     def timed():
         t = time.perf_counter()
+        if prof is not None:
+            prof.enable()  # on the thread that steps (a session's own)
         batch, finished = step(llm)
+        if prof is not None:
+            prof.disable()
         if batch.seqs:
             times.append((batch.phase, time.perf_counter() - t))
         return batch, finished
@@ -227,6 +236,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval(S) first: how long a thread "
                     "waiting for the GIL lets the holder run (Python's default 0.005 s)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="after the timed runs, one more run of "
+                    "each mode with cProfile around each engine step: its N largest functions by own time")
     ap.add_argument("--keep-trace", metavar="DIR", help="keep the last shadow (else stats) recording in DIR, e.g. "
                     "for `bench_tui.py --trace DIR`")
     ARGS = a = ap.parse_args()
@@ -262,6 +273,16 @@ def main() -> None:
             print(f"  {LABEL[mode]}: {dt:.3f} s", file=sys.stderr, flush=True)
             if repeat == 0:  # auto: from the first timed run
                 repeat = max(1, min(15, math.ceil(3.0 / max(dt, 1e-3))))
+    if a.profile:
+        for mode in modes:
+            PROFILE["now"] = cProfile.Profile()
+            run(mode, llm, fresh(), params, tmp)
+            steps = max(ENGINE_STEPS.get(mode, 1), 1)
+            out = io.StringIO()
+            pstats.Stats(PROFILE.pop("now"), stream=out).sort_stats("tottime").print_stats(a.profile)
+            print(f"== profile of {LABEL[mode]}: {steps} engine steps (seconds / {steps} = ms a step)")
+            text = out.getvalue()
+            print(text[text.find("   ncalls"):][:20000])
     rows = [(m, statistics.median(times[m]), *sizes[m]) for m in modes]
     base = next((t for m, t, _, _ in rows if m == "plain"), rows[0][1])
     name = {"builtin": "SmolLM2-135M"}.get(a.model, f"Llama-3.2-{a.model}-shaped")
@@ -302,6 +323,7 @@ ARGS: argparse.Namespace
 ENGINE_STEPS: dict[str, int] = {}  # engine steps of each mode's last run
 STEP_TIMES: dict[str, list[tuple[str, float]]] = {}  # (phase, seconds) of each engine step of the last run
 THREAD_CPU: dict[str, dict[str, float]] = {}  # CPU seconds per thread during each mode's last timed run
+PROFILE: dict[str, cProfile.Profile] = {}  # "now": the profile of the run being made (--profile)
 EVICTIONS: dict[str, int] = {}  # steps whose tables the engine thread copied out of a full ring (GPU)
 
 if __name__ == "__main__":
