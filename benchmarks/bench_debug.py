@@ -273,7 +273,8 @@ def main() -> None:
             print(f"  {LABEL[mode]}: {dt:.3f} s", file=sys.stderr, flush=True)
             if repeat == 0:  # auto: from the first timed run
                 repeat = max(1, min(15, math.ceil(3.0 / max(dt, 1e-3))))
-    if a.profile:
+    if a.profile:  # the tables below stay the timed runs'
+        kept = {k: dict(d) for k, d in (("steps", ENGINE_STEPS), ("times", STEP_TIMES), ("cpu", THREAD_CPU))}
         for mode in modes:
             PROFILE["now"] = cProfile.Profile()
             run(mode, llm, fresh(), params, tmp)
@@ -283,6 +284,9 @@ def main() -> None:
             print(f"== profile of {LABEL[mode]}: {steps} engine steps (seconds / {steps} = ms a step)")
             text = out.getvalue()
             print(text[text.find("   ncalls"):][:20000])
+        for d, k in ((ENGINE_STEPS, "steps"), (STEP_TIMES, "times"), (THREAD_CPU, "cpu")):
+            d.clear()
+            d.update(kept[k])
     rows = [(m, statistics.median(times[m]), *sizes[m]) for m in modes]
     base = next((t for m, t, _, _ in rows if m == "plain"), rows[0][1])
     name = {"builtin": "SmolLM2-135M"}.get(a.model, f"Llama-3.2-{a.model}-shaped")
