@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_debug import build, workload  # noqa: E402
 
-from minillama import hooks  # noqa: E402
 from minillama.debug.manifest import build_manifest  # noqa: E402
 from minillama.debug.recorder import Recorder  # noqa: E402
 from minillama.debug.writer_process import trace_sink  # noqa: E402
@@ -80,31 +79,56 @@ def kernels(g, n: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def timed_callbacks(rec: Recorder) -> dict[str, list[float]]:
-    """Wrap the recorder's step callbacks (instance attributes shadow the methods) to time each call."""
-    times: dict[str, list[float]] = defaultdict(list)
-    for name in ("_begin", "_launched", "_end", "_site"):
-        fn = getattr(rec, name)
-
-        def timed(*a, _fn=fn, _name=name):
-            t = time.perf_counter()
-            _fn(*a)
-            times[_name].append(time.perf_counter() - t)
-        setattr(rec, name, timed)
-    return times
+CUR: dict[str, list[float]] = defaultdict(list)  # where the wrappers put times now (per engine step)
 
 
-def step_times(llm, prompts, params) -> list[float]:
-    """Wall seconds of each decode-phase ``llm.step`` of the workload."""
-    out = []
+def timed(owner, name: str, label: str) -> None:
+    """Replace ``owner.name`` by a wrapper that appends each call's wall seconds to ``CUR[label]``."""
+    fn = getattr(owner, name)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            CUR[label].append(time.perf_counter() - t)
+    setattr(owner, name, wrapper)
+
+
+def time_parts(rec: Recorder) -> None:
+    """Time the recorder's step callbacks (instance attributes shadow the methods) and what they call."""
+    import minillama.debug.recorder as recorder_module
+    from minillama.debug.snapshot import Snapshot
+    from minillama.debug.stepbuf import StatsBuffer
+
+    for name in ("_begin", "_launched", "_end", "_site", "_submit"):
+        timed(rec, name, f"rec.{name}")
+    timed(rec.finisher, "add", "  finisher.add")
+    if not getattr(time_parts, "done", False):  # module and class attributes: once
+        time_parts.done = True
+        for name in ("capture_batch", "step_counts", "_to_host"):
+            timed(recorder_module, name, f"  {name}")
+        for name in ("reset", "finish", "snapshot"):
+            timed(StatsBuffer, name, f"  buffer.{name}")
+        timed(Snapshot, "__init__", "  Snapshot()")
+
+
+def step_times(llm, prompts, params) -> tuple[list[float], dict[str, list[float]]]:
+    """Wall seconds of each decode-phase ``llm.step`` of the workload, and the timed parts' seconds
+    during those steps, per step (summed within a step)."""
+    out, parts = [], defaultdict(list)
     for p, sp in zip(prompts, params, strict=True):
         llm.add_request(p, sp)
     while llm.has_unfinished():
+        CUR.clear()
         t = time.perf_counter()
         batch, _ = llm.step()
+        dt = time.perf_counter() - t
         if batch.seqs and batch.phase == "decode":
-            out.append(time.perf_counter() - t)
-    return out
+            out.append(dt)
+            for k, v in CUR.items():
+                parts[k].append(sum(v))
+    return out, parts
 
 
 def main() -> None:
@@ -116,20 +140,24 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--device", default="cuda", help="cpu: the host parts only (torch backend), to try the script")
     a = ap.parse_args()
-    for k, v in dict(backend="flash-attn", device="cuda", max_model_len=1024, max_num_seqs=256,
+    for k, v in dict(backend="flash-attn" if a.device == "cuda" else "torch", max_model_len=1024, max_num_seqs=256,
                      max_num_batched_tokens=8192, workload="small").items():
         setattr(a, k, v)
     llm = build(a)
     prompts, params = workload(a, llm)
     llm.generate(prompts[:8], params[:8])
     graphs = llm.runner.graphs
+    if graphs is not None:
+        graph_part(a, llm, graphs)
+    host_part(a, llm, params)
+
+
+def graph_part(a, llm, graphs) -> None:
     bs = next(s for s in graphs.sizes if s >= a.batch)
     plain = graphs.sets[-1][bs]
-    rec = Recorder(llm)
-    sink = trace_sink(TraceWriter(tempfile.mkdtemp() + "/t", build_manifest(llm, rec)), rec)
-    rec.set_sink(sink)
-    rec.attach()
+    rec = Recorder(llm).attach()
     recorded = graphs.sets[graphs._key()][bs]
     prime(graphs, bs, a.context, llm.config.kvcache_block_size)
     res: dict[str, list[float]] = defaultdict(list)
@@ -147,19 +175,40 @@ def main() -> None:
     for name in sorted(set(kp) | set(kr), key=lambda n: -(kr.get(n, (0, 0))[0] - kp.get(n, (0, 0))[0]))[:12]:
         (t0, c0), (t1, c1) = kp.get(name, (0, 0)), kr.get(name, (0, 0))
         print(f"  {t1 - t0:+8.1f} us  {t0:8.1f} -> {t1:8.1f}  {c0:5.0f} -> {c1:5.0f}x  {name[:80]}")
-    # the host side, in a real run: recorded, then plain (the recorder detached)
-    times = timed_callbacks(rec)
-    hooks.refresh()
-    fresh = workload(a, llm, 1)[0]
-    rec_steps = step_times(llm, fresh, params)
-    n = len(rec_steps)
     rec.detach()
-    plain_steps = step_times(llm, workload(a, llm, 2)[0], params)
-    print(f"decode steps of the workload ({a.requests} x {a.prompt_len} + {a.new_tokens}): median wall ms, "
-          f"plain {statistics.median(plain_steps) * 1e3:.3f}, recorded {statistics.median(rec_steps) * 1e3:.3f}")
-    print("recorder callbacks, us per decode-era step (total over the run / decode steps), calls per step:")
-    for name, v in times.items():
-        print(f"  {name:<10} {sum(v) / n * 1e6:8.1f} us  {len(v) / n:6.1f}x  (median call {statistics.median(v) * 1e6:.1f} us)")
+
+
+def host_part(a, llm, params) -> None:
+    """The host side, in real runs: plain, recorded without a trace, recorded to a trace (a process on CUDA)."""
+    timed(torch.cuda.CUDAGraph, "replay", "graph replay")
+    runs = {}
+    for i, label in enumerate(("plain", "recorded", "recorded to a trace")):
+        r = None
+        if label != "plain":
+            r = Recorder(llm)
+            if label == "recorded to a trace":
+                r.set_sink(trace_sink(TraceWriter(tempfile.mkdtemp() + "/t", build_manifest(llm, r)), r))
+            time_parts(r)
+            r.attach()
+        step_times(llm, workload(a, llm, 10 + i)[0][:8], params[:8])  # warm-up
+        runs[label] = step_times(llm, workload(a, llm, 20 + i)[0], params)
+        if r is not None:
+            r.detach()
+    print(f"decode steps of the workload ({a.requests} x {a.prompt_len} + {a.new_tokens}), host: median ms a step")
+    labels = sorted({k for _, parts in runs.values() for k in parts}, key=lambda k: (k.startswith("  "), k))
+    print(f"  {'':<22}" + "".join(f"{lab:>22}" for lab in runs))
+    print(f"  {'engine step (wall)':<22}" + "".join(f"{statistics.median(st) * 1e3:>22.3f}" for st, _ in runs.values()))
+    order = []
+    for k in labels:  # callbacks, each followed by its parts
+        if not k.startswith("  "):
+            order.append(k)
+    order += [k for k in labels if k.startswith("  ")]
+    for k in order:
+        cells = []
+        for st, parts in runs.values():
+            v = parts.get(k)
+            cells.append(f"{statistics.median(v + [0.0] * (len(st) - len(v))) * 1e3:>22.3f}" if v else f"{'-':>22}")
+        print(f"  {k:<22}" + "".join(cells))
 
 
 if __name__ == "__main__":
