@@ -252,7 +252,8 @@ class Recorder:
         else:
             seq, pos = ctx.seq_index, ctx.positions
         x = tensor.detach()
-        x = x.to(torch.int32) if x.dtype == torch.int64 else x
+        if x.dtype == torch.int64:  # token ids, hashed as int32: on CUDA the low words, viewed (no cast kernel)
+            x = x.view(torch.int32)[..., ::2] if x.is_cuda and x.is_contiguous() and x.dim() else x.to(torch.int32)
         self.stats.add(x, slot, rows == "tokens", seq, pos)
         if hooks.capturing:
             self._captured.add(slot)
@@ -260,6 +261,8 @@ class Recorder:
                 self._static[site][: x.shape[0]].copy_(tensor)
             return
         self._cur.fired.add(slot)
+        if site == "sampled":  # kept always, made at the step's end from the tokens the engine copies anyway
+            return
         if self.is_full(site):  # on the GPU straight to the host: the copy is ordered before any later change
             self._cur.full[site] = _to_host(tensor.detach()) if tensor.is_cuda else tensor.detach().clone()
 
@@ -302,7 +305,10 @@ class Recorder:
         if st is None:
             return
         batch = info["batch"]
-        sampled = {str(s.seq_id): t for s, t in zip(batch.seqs, info["sampled"], strict=True) if t is not None}
+        tokens = info["sampled"]
+        sampled = {str(s.seq_id): t for s, t in zip(batch.seqs, tokens, strict=True) if t is not None}
+        if st.ok and self.slot["sampled"] in st.fired:  # the "sampled" site's rows: the sampling requests'
+            st.full["sampled"] = torch.tensor([t for t in tokens if t is not None], dtype=torch.int64)
         expected = self._expected[bool(st.samples)]
         missing = [] if not st.ok or st.fired.issuperset(expected) else \
             [self.catalog[i].name for i in sorted(expected - st.fired)]
