@@ -252,8 +252,7 @@ class Recorder:
         else:
             seq, pos = ctx.seq_index, ctx.positions
         x = tensor.detach()
-        if x.dtype == torch.int64:  # token ids, hashed as int32: on CUDA the low words, viewed (no cast kernel)
-            x = x.view(torch.int32)[..., ::2] if x.is_cuda and x.is_contiguous() and x.dim() else x.to(torch.int32)
+        x = x.to(torch.int32) if x.dtype == torch.int64 else x
         self.stats.add(x, slot, rows == "tokens", seq, pos)
         if hooks.capturing:
             self._captured.add(slot)
