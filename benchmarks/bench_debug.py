@@ -55,6 +55,11 @@ LABEL = {"plain": "plain graphs", "eager": "plain eager", "stats": "stats", "sha
          "thread": "stats, thread", "proc": "stats, process", "nan": "nan session", "session": "session"}
 
 
+def label_of(mode: str) -> str:
+    """A mode's name in the tables (on CPU there are no graphs: "plain")."""
+    return "plain" if mode == "plain" and ARGS.device == "cpu" else LABEL[mode]
+
+
 def build(a):
     kw = dict(backend=a.backend, device=a.device, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
               max_num_batched_tokens=a.max_num_batched_tokens)
@@ -134,7 +139,6 @@ def _timed_step(llm, times: list[tuple[str, float]]):
     GPU time shows in the call after it; its host work (eager launches, the recorder's per-site
     work) shows in its own call."""
     step = type(llm).step
-
     prof = PROFILE.get("now")
 
     def timed():
@@ -270,7 +274,7 @@ def main() -> None:
             dt, size, steps = run(mode, llm, fresh(), params, tmp)
             times[mode].append(dt)
             sizes[mode] = (size, steps)
-            print(f"  {LABEL[mode]}: {dt:.3f} s", file=sys.stderr, flush=True)
+            print(f"  {label_of(mode)}: {dt:.3f} s", file=sys.stderr, flush=True)
             if repeat == 0:  # auto: from the first timed run
                 repeat = max(1, min(15, math.ceil(3.0 / max(dt, 1e-3))))
     if a.profile:  # the tables below stay the timed runs'
@@ -281,9 +285,9 @@ def main() -> None:
             steps = max(ENGINE_STEPS.get(mode, 1), 1)
             out = io.StringIO()
             pstats.Stats(PROFILE.pop("now"), stream=out).sort_stats("tottime").print_stats(a.profile)
-            print(f"== profile of {LABEL[mode]}: {steps} engine steps (seconds / {steps} = ms a step)")
+            print(f"== profile of {label_of(mode)}: {steps} engine steps (seconds / {steps} = ms a step)")
             text = out.getvalue()
-            print(text[text.find("   ncalls"):][:20000])
+            print(text[text.find("   ncalls"):])
         for d, k in ((ENGINE_STEPS, "steps"), (STEP_TIMES, "times"), (THREAD_CPU, "cpu")):
             d.clear()
             d.update(kept[k])
@@ -296,13 +300,13 @@ def main() -> None:
     print(f"{'mode':<16}{'requests':>9}{'tokens':>9}{'seconds':>10}{'tok/s':>10}{'slowdown':>10}{'bytes/step':>12}")
     for mode, t, size, steps in rows:
         per = f"{size / steps:,.0f}" if steps else "-"
-        label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
+        label = label_of(mode)
         print(f"{label:<16}{len(prompts):>9}{tokens:>9}{t:>10.3f}{tokens / t:>10.0f}{t / base:>9.2f}x{per:>12}")
     print("host CPU per engine step (ms), by thread, during the timed run (Linux):")
     for mode in modes:
         n = max(ENGINE_STEPS.get(mode, 1), 1)
         busy = {k: v for k, v in THREAD_CPU.get(mode, {}).items() if sum(v) > 0.01}
-        label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
+        label = label_of(mode)
         evicted = f"; ring slots copied out by the engine: {EVICTIONS[mode]}" if EVICTIONS.get(mode) else ""
         print(f"  {label:<16}" + ", ".join(f"{k} {sum(v) / n * 1e3:.2f} (sys {v[1] / n * 1e3:.2f})"
                                            for k, v in sorted(busy.items())) + evicted)
@@ -311,7 +315,7 @@ def main() -> None:
         by = {}
         for phase, dt in STEP_TIMES.get(mode, []):
             by.setdefault("decode" if phase == "decode" else "prefill/mixed", []).append(dt * 1e3)
-        label = "plain" if mode == "plain" and a.device == "cpu" else LABEL[mode]
+        label = label_of(mode)
         print(f"  {label:<16}" + "; ".join(f"{k} {len(v)} steps, median {statistics.median(v):.2f}, total {sum(v):.0f}"
                                             for k, v in sorted(by.items())))
     per_check = min(timeit.repeat("if hooks.enabled: pass", globals={"hooks": hooks}, number=200_000,

@@ -195,15 +195,11 @@ def host_part(a, llm, params) -> None:
         if r is not None:
             r.detach()
     print(f"decode steps of the workload ({a.requests} x {a.prompt_len} + {a.new_tokens}), host: median ms a step")
+    # the callbacks first, then what they call (indented labels)
     labels = sorted({k for _, parts in runs.values() for k in parts}, key=lambda k: (k.startswith("  "), k))
     print(f"  {'':<22}" + "".join(f"{lab:>22}" for lab in runs))
     print(f"  {'engine step (wall)':<22}" + "".join(f"{statistics.median(st) * 1e3:>22.3f}" for st, _ in runs.values()))
-    order = []
-    for k in labels:  # callbacks, each followed by its parts
-        if not k.startswith("  "):
-            order.append(k)
-    order += [k for k in labels if k.startswith("  ")]
-    for k in order:
+    for k in labels:
         cells = []
         for st, parts in runs.values():
             v = parts.get(k)
