@@ -15,6 +15,7 @@ from minillama.context import get_context
 from minillama.debug import devstats
 from minillama.debug import site_stats as held_sites
 from minillama.debug.recorder import Recorder
+from minillama.debug.snapshot import views
 from minillama.debug.stepbuf import RING, StatsBuffer, stats_table
 from minillama.trace.tables import site_stats
 from tests.test_devstats import M32, py_lanes, row_words
@@ -265,11 +266,65 @@ def test_the_finish_kernel_equals_stats_table(decode):
         rows = np.where(per_sample[None, :], counts[:, 1:2], counts[:, 0:1])
         want = stats_table(buf.moments[:reqs].cpu(), buf.keys[:reqs].cpu(), buf.bad[:reqs].cpu(),
                            torch.from_numpy(rows * width))
-        got = buf.finish(counts).cpu()
+        sums = {k: v[:reqs].cpu() for k, v in (("moments", buf.moments), ("keys", buf.keys), ("bad", buf.bad))}
+        peek = buf.finish(reqs, counts, clear=False).cpu()  # a session paused inside the step: sums stay
+        assert torch.equal(buf.moments[:reqs].cpu(), sums["moments"]) and torch.equal(buf.bad[:reqs].cpu(), sums["bad"])
+        got = buf.finish(reqs, None if decode else counts).cpu()
+        torch.testing.assert_close(peek, got, rtol=0, atol=0, equal_nan=True)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0, equal_nan=True)
         assert torch.isnan(got[0, 1, 2:]).all()
-        assert (buf.shadow[:reqs] == 7.0).all(), "the statistics land beside the shadow metrics, not on them"
+        done = views(buf.finished.cpu().numpy(), buf.rows.cpu().numpy(), buf.num_sites, buf.shadow_shape)
+        assert (done["shadow"][:reqs] == 7.0).all(), "the statistics land beside the shadow metrics, not on them"
+        for k, v in sums.items():  # the sums copied beside their statistics (what the snapshot carries)
+            assert np.array_equal(done[k][:reqs], v.numpy()), k
+        # and every accumulating row cleared behind them, the step's and the rest (graph padding rows)
+        assert (buf.moments == 0).all() and (buf.bad == 0).all() and (buf.shadow == 0).all()
+        assert (buf.keys[..., 0] == devstats.KEY_MIN_INIT).all() and (buf.keys[..., 1] == devstats.KEY_MAX_INIT).all()
+
+
+def _decode_tables(tail: bool, device: str, reqs: int = 37) -> dict[str, np.ndarray]:
+    """A decode step of ``reqs`` requests: two token sites, then the two sampling sites (logits-like
+    float32 with a NaN and an Inf, int64 tokens), finished. On the GPU with ``tail`` the sampling
+    sites go through the finish kernel (``StatsBuffer.finish``'s tail), else one kernel each; on the
+    CPU through the numpy definition."""
+    from minillama.debug.recorder import _low_words
+
+    g = torch.Generator().manual_seed(3)
+    per_sample = np.array([0, 0, 1, 1], bool)
+    width = np.array([64.0, 576, 1000, 1])
+    buf = StatsBuffer(4, reqs + 5, reqs + 5, (0, 0), torch.device(device), per_sample, width)
+    buf.reset(reqs)
+    seq, pos = torch.arange(reqs, dtype=torch.int32), torch.randint(0, 900, (reqs,), generator=g)
+    sites = [(torch.randn(reqs, 64, generator=g) * 2).to(torch.bfloat16), torch.randn(reqs, 576, generator=g),
+             torch.randn(reqs, 1000, generator=g) * 5, torch.randint(0, 2**40, (reqs,), generator=g)]
+    sites[2][4, 7], sites[2][9, 0] = float("nan"), float("-inf")
+    if device == "cpu":
+        t = buf.numpy_tables()
+        for slot, x in enumerate(sites):
+            x = x.to(torch.int32) if x.dtype == torch.int64 else x
+            devstats.site_stats_cpu(x, slot, seq.numpy(), pos.numpy(), t["moments"], t["keys"], t["bad"], t["lanes"])
+        return buf.snapshot(reqs, reqs, None).tables()
+    seq, pos, sites = seq.cuda(), pos.cuda(), [x.cuda() for x in sites]
+    sites[3] = _low_words(sites[3])
+    for slot, x in enumerate(sites[: 2 if tail else 4]):
+        devstats.site_stats_cuda(x, slot, seq, pos, buf.moments, buf.keys, buf.bad, buf.rows)
+    rest = [(devstats.rows_view(x), slot) for slot, x in enumerate(sites) if slot >= 2] if tail else []
+    return buf.snapshot(reqs, reqs, None, rest, pos).tables()
+
+
+def test_the_finish_kernel_adds_a_decode_steps_sampling_sites():
+    """A decode step at speed saves the sampling sites' launches: the finish kernel adds them itself.
+    Its tables must equal those of one kernel per site, and the numpy definition's."""
+    cpu, alone, folded = _decode_tables(False, "cpu"), _decode_tables(False, "cuda"), _decode_tables(True, "cuda")
+    for got in (alone, folded):
+        assert np.array_equal(got["lanes"], cpu["lanes"]), "hash lanes"
+        assert np.array_equal(got["keys"], cpu["keys"]) and np.array_equal(got["bad"], cpu["bad"])
+        np.testing.assert_allclose(got["moments"], cpu["moments"], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got["stats"], cpu["stats"], rtol=1e-5, atol=1e-4, equal_nan=True)
+    assert folded["bad"][4, 2, 0] == 1 and folded["bad"][9, 2, 1] == 1
+    for k in ("moments", "stats"):  # one row per request: the same float sums either way
+        np.testing.assert_array_equal(folded[k], alone[k])
 
 
 def test_steps_that_leave_a_short_history_free_their_ring_slots(llm):

@@ -251,37 +251,95 @@ if triton is not None:
         return tl.where((k == 2147483647) | (k == -2147483648), float("nan"), f)
 
     @triton.jit
-    def _finish_kernel(MOM, mom_stride, KEYS, keys_stride, BAD, bad_stride, OUT, out_stride, COUNTS, PER_SAMPLE,
-                       WIDTH, num_sites, ONES: tl.constexpr, BLOCK: tl.constexpr):
-        """``stepbuf.stats_table`` for request ``program_id(0)``, all its sites (float64 arithmetic);
-        ``ONES``: every request has one new token and samples it (a decode step: no counts are read)."""
+    def _finish_kernel(MOM, KEYS, BAD, SHADOW, OMOM, OKEYS, OBAD, OSHADOW, OUT, row_words, num_shadow, COUNTS,
+                       PER_SAMPLE, WIDTH, num_sites, num_reqs, POS, LANES, lanes_stride, X1, stride1, width1, slot1,
+                       X2, stride2, width2, slot2, ONES: tl.constexpr, RESET: tl.constexpr, BLOCK: tl.constexpr,
+                       TAIL: tl.constexpr, W16_1: tl.constexpr, BT1: tl.constexpr, W16_2: tl.constexpr,
+                       BT2: tl.constexpr):
+        """``stepbuf.stats_table`` for request ``program_id(0)``, all its sites (float64 arithmetic), into
+        the finished table (``O*``: the raw sums copied beside the statistics ``OUT``). ``RESET``: the
+        accumulating row is cleared behind the copy (each thread its own elements, so no barrier), and
+        programs past ``num_reqs`` only clear. ``ONES``: every request has one new token and samples it
+        (a decode step: no counts are read). Pointers are typed views of the tables' int64 rows of
+        ``row_words`` words.
+
+        ``TAIL`` (0-2, decode steps only): the step's last sites (its sampling sites, row ``r`` of each
+        being request ``r``'s, at ``POS[r]``) are computed here first, as ``_site_kernel`` would, which
+        saves their launches; a barrier then orders their sums before this program reads them."""
         r = tl.program_id(0).to(tl.int64)
-        if ONES:
-            tok = 1.0
-            smp = 1.0
-        else:
-            tok = tl.load(COUNTS + 2 * r).to(tl.float64)
-            smp = tl.load(COUNTS + 2 * r + 1).to(tl.float64)
-        for start in range(0, num_sites, BLOCK):
-            j = start + tl.arange(0, BLOCK)
-            ok = j < num_sites
-            s = tl.load(MOM + r * mom_stride + 2 * j, mask=ok, other=0.0)
-            ss = tl.load(MOM + r * mom_stride + 2 * j + 1, mask=ok, other=0.0)
-            nbad = (tl.load(BAD + r * bad_stride + 2 * j, mask=ok, other=0)
-                    + tl.load(BAD + r * bad_stride + 2 * j + 1, mask=ok, other=0))
-            per = tl.load(PER_SAMPLE + j, mask=ok, other=0)
-            n = tl.where(per != 0, smp, tok) * tl.load(WIDTH + j, mask=ok, other=1.0) - nbad.to(tl.float64)
-            mean = s / n
-            var = tl.maximum(ss - s * mean, 0.0) / tl.maximum(n - 1.0, 1.0)
-            std = tl.where(n > 1.0, tl.sqrt(var), tl.where(n == 1.0, 0.0, float("nan")))
-            lo = _key_float(tl.load(KEYS + r * keys_stride + 2 * j, mask=ok, other=0))
-            hi = _key_float(tl.load(KEYS + r * keys_stride + 2 * j + 1, mask=ok, other=0))
-            none = n == 0.0
-            out = OUT + r * out_stride + 4 * j
-            tl.store(out, mean.to(tl.float32), mask=ok)
-            tl.store(out + 1, std.to(tl.float32), mask=ok)
-            tl.store(out + 2, tl.where(none, float("nan"), lo), mask=ok)
-            tl.store(out + 3, tl.where(none, float("nan"), hi), mask=ok)
+        mom = MOM + r * row_words
+        keys = KEYS + r * 2 * row_words
+        bad = BAD + r * 2 * row_words
+        shadow = SHADOW + r * 2 * row_words
+        if TAIL > 0:
+            if r < num_reqs:
+                rowkey = _fmix(tl.load(POS + r).to(tl.uint32) * 0x7FEB352D + 0x165667B1)
+                l1, l2, s, ss, lo, hi, n_nan, n_inf = _row(X1 + r * stride1, width1, rowkey, W16_1, BT1)
+                _put(r, r, slot1, l1, l2, s, ss, lo, hi, n_nan, n_inf, MOM, row_words, KEYS, 2 * row_words, BAD,
+                     2 * row_words, LANES, lanes_stride)
+                if TAIL > 1:
+                    l1, l2, s, ss, lo, hi, n_nan, n_inf = _row(X2 + r * stride2, width2, rowkey, W16_2, BT2)
+                    _put(r, r, slot2, l1, l2, s, ss, lo, hi, n_nan, n_inf, MOM, row_words, KEYS, 2 * row_words,
+                         BAD, 2 * row_words, LANES, lanes_stride)
+            tl.debug_barrier()  # (outside the branch: every thread of the program reaches it)
+        if r < num_reqs:
+            if ONES:
+                tok = 1.0
+                smp = 1.0
+            else:
+                tok = tl.load(COUNTS + 2 * r).to(tl.float64)
+                smp = tl.load(COUNTS + 2 * r + 1).to(tl.float64)
+            for start in range(0, num_sites, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                ok = j < num_sites
+                s = tl.load(mom + 2 * j, mask=ok, other=0.0)
+                ss = tl.load(mom + 2 * j + 1, mask=ok, other=0.0)
+                k0 = tl.load(keys + 2 * j, mask=ok, other=0)
+                k1 = tl.load(keys + 2 * j + 1, mask=ok, other=0)
+                b0 = tl.load(bad + 2 * j, mask=ok, other=0)
+                b1 = tl.load(bad + 2 * j + 1, mask=ok, other=0)
+                per = tl.load(PER_SAMPLE + j, mask=ok, other=0)
+                n = tl.where(per != 0, smp, tok) * tl.load(WIDTH + j, mask=ok, other=1.0) - (b0 + b1).to(tl.float64)
+                mean = s / n
+                var = tl.maximum(ss - s * mean, 0.0) / tl.maximum(n - 1.0, 1.0)
+                std = tl.where(n > 1.0, tl.sqrt(var), tl.where(n == 1.0, 0.0, float("nan")))
+                none = n == 0.0
+                out = OUT + r * 2 * row_words + 4 * j
+                tl.store(out, mean.to(tl.float32), mask=ok)
+                tl.store(out + 1, std.to(tl.float32), mask=ok)
+                tl.store(out + 2, tl.where(none, float("nan"), _key_float(k0)), mask=ok)
+                tl.store(out + 3, tl.where(none, float("nan"), _key_float(k1)), mask=ok)
+                tl.store(OMOM + r * row_words + 2 * j, s, mask=ok)
+                tl.store(OMOM + r * row_words + 2 * j + 1, ss, mask=ok)
+                tl.store(OKEYS + r * 2 * row_words + 2 * j, k0, mask=ok)
+                tl.store(OKEYS + r * 2 * row_words + 2 * j + 1, k1, mask=ok)
+                tl.store(OBAD + r * 2 * row_words + 2 * j, b0, mask=ok)
+                tl.store(OBAD + r * 2 * row_words + 2 * j + 1, b1, mask=ok)
+                if RESET:
+                    _clear(mom, keys, bad, j, ok)
+            for start in range(0, num_shadow, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                ok = j < num_shadow
+                tl.store(OSHADOW + r * 2 * row_words + j, tl.load(shadow + j, mask=ok, other=0.0), mask=ok)
+                if RESET:
+                    tl.store(shadow + j, 0.0, mask=ok)
+        elif RESET:
+            for start in range(0, num_sites, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                _clear(mom, keys, bad, j, j < num_sites)
+            for start in range(0, num_shadow, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                tl.store(shadow + j, 0.0, mask=j < num_shadow)
+
+    @triton.jit
+    def _clear(mom, keys, bad, j, ok):
+        """One request row's sums back to their initial values (``StatsBuffer``'s template row)."""
+        tl.store(mom + 2 * j, 0.0, mask=ok)
+        tl.store(mom + 2 * j + 1, 0.0, mask=ok)
+        tl.store(keys + 2 * j, 2147483647, mask=ok)
+        tl.store(keys + 2 * j + 1, -2147483648, mask=ok)
+        tl.store(bad + 2 * j, 0, mask=ok)
+        tl.store(bad + 2 * j + 1, 0, mask=ok)
 
     _launch_site = FastLaunch(_site_kernel)
     _launch_sites = FastLaunch(_sites_kernel)
@@ -332,14 +390,31 @@ def site_stats_cuda(x: torch.Tensor, slot: int, seq_index: torch.Tensor, pos: to
                            bad, bad.stride(0), lanes, lanes.stride(0), slot), (x2.element_size() == 2, block))
 
 
-def finish_cuda(moments: torch.Tensor, keys: torch.Tensor, bad: torch.Tensor, out: torch.Tensor,
-                counts: torch.Tensor | None, per_sample: torch.Tensor, width: torch.Tensor) -> None:
-    """``stepbuf.stats_table`` of the first ``out.shape[0]`` requests in one launch. ``counts``: each
-    request's new tokens and whether it samples (``(R, 2)`` int32 on the device); None for a decode
-    step (one token each, sampled). ``per_sample`` (int32) and ``width`` (float64): one per site."""
-    reqs, sites = out.shape[0], out.shape[1]
-    if reqs == 0:
+def finish_cuda(req: dict[str, torch.Tensor], out: dict[str, torch.Tensor], row_words: int, num_reqs: int,
+                counts: torch.Tensor | None, per_sample: torch.Tensor, width: torch.Tensor, reset: bool,
+                tail: list[tuple[torch.Tensor, int]] = (), pos: torch.Tensor | None = None,
+                lanes: torch.Tensor | None = None) -> None:
+    """``stepbuf.stats_table`` of the first ``num_reqs`` requests in one launch, from the accumulating
+    table's typed views ``req`` (moments, keys, bad, shadow) into the finished table's ``out`` (the
+    same, and stats). ``counts``: each request's new tokens and whether it samples (``(R, 2)`` int32 on
+    the device); None for a decode step (one token each, sampled). ``per_sample`` (int32) and
+    ``width`` (float64): one per site. ``reset``: every row of ``req`` is cleared behind the copy.
+    ``tail``: up to two sites of a decode step, ``(rows view, slot)`` with row r request r's at
+    ``pos[r]``, computed in the same launch first (their hash lanes into ``lanes``)."""
+    sites = out["stats"].shape[1]
+    grid = out["stats"].shape[0] if reset else num_reqs
+    if grid == 0:
         return
-    _launch_finish((reqs,), (moments, moments.stride(0), keys, keys.stride(0), bad, bad.stride(0), out, out.stride(0),
-                             per_sample if counts is None else counts, per_sample, width, sites),
-                   (counts is None, min(256, triton.next_power_of_2(sites))))
+    assert len(tail) <= 2 and (not tail or counts is None), "tail sites are a decode step's sampling sites"
+    shadow = req["shadow"].shape[1] * req["shadow"].shape[2]
+    sides, consts = [], []
+    for x, slot in (*tail, *tail[:1] * (2 - len(tail))) if tail else ((per_sample, 0), (per_sample, 0)):
+        sides += [x, x.stride(0), x.shape[-1] if x.dim() > 1 else 1, slot]
+        consts += [x.element_size() == 2, min(512, max(128, triton.next_power_of_2(sides[-2])))]
+    _launch_finish((grid,), (req["moments"], req["keys"], req["bad"], req["shadow"], out["moments"], out["keys"],
+                             out["bad"], out["shadow"], out["stats"], row_words, shadow,
+                             per_sample if counts is None else counts, per_sample, width, sites, num_reqs,
+                             per_sample if pos is None else pos, per_sample if lanes is None else lanes,
+                             0 if lanes is None else lanes.stride(0), *sides),
+                   (counts is None, reset, min(256, triton.next_power_of_2(max(sites, shadow, 1))), len(tail),
+                    *consts))

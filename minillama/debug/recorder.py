@@ -60,6 +60,8 @@ class _Open:
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     snapshot: Any = None
     graphed: bool = False
+    tail: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # sampling sites the finish adds
+    tail_pos: torch.Tensor | None = None
 
 
 class Recorder:
@@ -252,8 +254,16 @@ class Recorder:
         else:
             seq, pos = ctx.seq_index, ctx.positions
         x = tensor.detach()
-        x = x.to(torch.int32) if x.dtype == torch.int64 else x
-        self.stats.add(x, slot, rows == "tokens", seq, pos)
+        if x.dtype == torch.int64:  # hashed as int32: on the GPU the low words in place (no cast kernel)
+            x = _low_words(x) if x.is_cuda and x.dim() == 1 else x.to(torch.int32)
+        st = self._cur
+        if (rows == "samples" and x.is_cuda and not hooks.capturing and not hooks.eager and st.ok
+                and st.raw["phase"] == "decode" and len(st.tail) < 2 and devstats.triton_covers(x)):
+            # a decode step at speed: the finish kernel adds this site (held, so its memory stays), one launch less
+            st.tail.append((devstats.rows_view(x), slot))
+            st.tail_pos = pos
+        else:
+            self.stats.add(x, slot, rows == "tokens", seq, pos)
         if hooks.capturing:
             self._captured.add(slot)
             if site in self._static:
@@ -270,6 +280,7 @@ class Recorder:
         captured them (an attach, a session), and make the pinned ring."""
         self.stats.graphs_captured()
         self.buffer.prepare_ring()
+        self.buffer.touched()  # the captures' warm-up passes ran the sites into the sums
 
     def _attention(self, out: torch.Tensor, call) -> None:
         if self.shadow is None:
@@ -297,7 +308,9 @@ class Recorder:
             for name, buf in self._static.items():
                 st.full[name] = buf[: st.rows]
         st.full = {k: _to_host(t) for k, t in st.full.items()}  # before the snapshot: its event covers them
-        st.snapshot = self.buffer.snapshot(st.reqs, max(st.rows, st.samples), step_counts(st.raw))
+        counts = None if st.raw["phase"] == "decode" else step_counts(st.raw)  # decode: one token each, sampled
+        st.snapshot = self.buffer.snapshot(st.reqs, max(st.rows, st.samples), counts, st.tail, st.tail_pos)
+        st.tail = []  # launched: their memory may be reused
 
     def _end(self, info: dict[str, Any]) -> None:
         st = self._open.pop(info["step"], None)
@@ -352,6 +365,12 @@ class Recorder:
     def written(self, rec: StepRecord) -> tuple[dict[str, Any], dict[str, torch.Tensor | np.ndarray]]:
         """What the trace writer stores (``finishing.trace_step``)."""
         return trace_step(rec, self.finisher, self.shadow is not None)
+
+
+def _low_words(x: torch.Tensor) -> torch.Tensor:
+    """The int32 low words of 1-D int64 ``x`` as a ``(rows, 1)`` view of unit column stride (little-endian:
+    what a cast to int32 keeps; ``devstats.rows_view`` then needs no copy)."""
+    return x.contiguous().view(torch.int32).view(-1, 2)[:, :1]
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -220,10 +220,10 @@ class DebugSession:
         if st is None or not self._paused or not st.ok:
             return None
         buf = self.recorder.buffer
-        buf.finish(step_counts(st.raw))  # into the request rows, which the copy below then holds
+        buf.finish(st.reqs, step_counts(st.raw), clear=False)  # the step goes on: its sums stay
         if buf.device.type == "cuda":
             torch.cuda.synchronize(buf.device)
-        raw = views(buf.req[: st.reqs].cpu().numpy(), buf.rows[: max(st.rows, st.samples)].cpu().numpy(),
+        raw = views(buf.finished[: st.reqs].cpu().numpy(), buf.rows[: max(st.rows, st.samples)].cpu().numpy(),
                     buf.num_sites, buf.shadow_shape)
         return decode_tables(raw, self.recorder.shadow is not None)
 

@@ -10,11 +10,13 @@ flat batch (``S`` = number of sites in the catalog, ``L`` layers, ``K`` shadow f
               | stats   (S, 4) float32: mean, std, min, max, finished from the above at the step's end ]
     rows[i] = lanes (S, 2) int32: the content-hash lanes of row i at each site
 
-Each step resets the first ``R`` request rows (one copy of a template row), the hook sites fill
-them in (atomics on the GPU, numpy on the CPU), and ``snapshot`` finishes ``stats`` (one kernel on
-the GPU, ``devstats.finish_cuda``; ``stats_table`` on the CPU: the trace writer does no arithmetic)
-and copies ``req[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of pinned host
-buffers, with an event to wait on. Nothing else crosses to the host. A slot is given back once its
+The hook sites fill the request rows in (atomics on the GPU, numpy on the CPU), and ``snapshot``
+finishes ``stats`` (``stats_table`` on the CPU: the trace writer does no arithmetic) and copies
+``finished[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of pinned host buffers,
+with an event to wait on. On the CPU ``finished`` is ``req`` itself, reset at each step's start
+(one copy of a template row). On the GPU it is a second table: one kernel
+(``devstats.finish_cuda``) copies the sums there beside their statistics and clears ``req`` behind
+them, so a step needs no reset launch of its own (host time is what recording costs there). Nothing else crosses to the host. A slot is given back once its
 tables are read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied
 out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more); the
 snapshot and the tables' typed views live in ``snapshot.py``.
@@ -59,13 +61,12 @@ class StatsBuffer:
         keys = init[2 * s: 3 * s].view(np.int32).reshape(s, 2)
         keys[:, 0], keys[:, 1] = KEY_MIN_INIT, KEY_MAX_INIT
         self._init = torch.from_numpy(init).to(device)
-        r = self.req  # typed views over the same memory, for the kernels
-        self.moments = r[:, : 2 * s].view(torch.float64).view(-1, s, 2)
-        self.keys = r[:, 2 * s: 3 * s].view(torch.int32).view(-1, s, 2)
-        self.bad = r[:, 3 * s: 4 * s].view(torch.int32).view(-1, s, 2)
-        self.shadow = r[:, 4 * s: 4 * s + self.shadow_words].view(torch.float32)[:, : layers * fields].reshape(
-            r.shape[0], layers, fields)
-        self.stats = r[:, 4 * s + self.shadow_words:].view(torch.float32).view(-1, s, 4)
+        self._acc = acc = self._typed(self.req)  # typed views over the same memory, for the kernels
+        self.moments, self.keys, self.bad, self.shadow = acc["moments"], acc["keys"], acc["bad"], acc["shadow"]
+        self.finished = torch.empty_like(self.req) if device.type == "cuda" else self.req
+        self._out = self._typed(self.finished)
+        self.stats = self._out["stats"]
+        self._dirty = True  # req may hold sums no finish cleared (a new buffer, an abandoned step, a capture)
         self._np = views(self.req.numpy(), self.rows.numpy(), s, shadow_shape) if device.type == "cpu" else None
         per_sample = np.zeros(s, bool) if per_sample is None else np.asarray(per_sample, bool)
         self._per_sample = torch.as_tensor(per_sample, device=device)
@@ -77,6 +78,16 @@ class StatsBuffer:
         self._order: deque[int] = deque()
         self._ring_lock = threading.Lock()
         self.evictions = 0
+
+    def _typed(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed views of a request table (``snapshot.views``'s layout, for the kernels)."""
+        s, (layers, fields) = self.num_sites, self.shadow_shape
+        return {"moments": t[:, : 2 * s].view(torch.float64).view(-1, s, 2),
+                "keys": t[:, 2 * s: 3 * s].view(torch.int32).view(-1, s, 2),
+                "bad": t[:, 3 * s: 4 * s].view(torch.int32).view(-1, s, 2),
+                "shadow": t[:, 4 * s: 4 * s + self.shadow_words].view(torch.float32)[:, : layers * fields].reshape(
+                    t.shape[0], layers, fields),
+                "stats": t[:, 4 * s + self.shadow_words:].view(torch.float32).view(-1, s, 4)}
 
     @property
     def max_reqs(self) -> int:
@@ -92,34 +103,54 @@ class StatsBuffer:
         return self._np
 
     def reset(self, num_reqs: int) -> None:
-        """Clear the first ``num_reqs`` request rows for a new step (one kernel on the GPU)."""
+        """Clear the first ``num_reqs`` request rows for a new step. On the GPU the last step's finish
+        cleared them already: only a table that something else wrote (``touched``) is cleared, whole."""
+        if self.device.type == "cuda":
+            if self._dirty:
+                self.req.copy_(self._init.expand(self.max_reqs, -1))
+            self._dirty = True  # until this step's finish clears it
+            return
         self.req[:num_reqs].copy_(self._init.expand(num_reqs, -1))
 
-    def finish(self, counts: np.ndarray) -> torch.Tensor:
+    def touched(self) -> None:
+        """Something other than a step wrote the sums (a graph capture's warm-up pass): clear them first."""
+        self._dirty = True
+        self.reset(self.max_reqs)
+
+    def finish(self, num_reqs: int, counts: np.ndarray | None = None, clear: bool = True,
+               tail: list[tuple[torch.Tensor, int]] = (), pos: torch.Tensor | None = None) -> torch.Tensor:
         """The step's statistics table from its sums, on the device: ``stats_table`` of the first
-        ``len(counts)`` requests, given each one's new tokens and whether it samples (``(R, 2)``)."""
-        r = len(counts)
+        ``num_reqs`` requests, given each one's new tokens and whether it samples (``(R, 2)``; None:
+        one each, sampled, a decode step). On the GPU into ``finished`` beside a copy of the sums, and
+        with ``clear`` the sums are cleared behind it (not when peeking at a step in progress).
+        ``tail`` (GPU, decode steps): up to two sites still to add first, ``(rows view, slot)``, row r
+        request r's at position ``pos[r]`` (``devstats.finish_cuda``)."""
+        r = num_reqs
         if self.device.type == "cuda":  # one kernel; a decode step's counts are all ones and need no copy
             c = None
-            if not bool((counts == 1).all()):  # a small copy behind the step's work, never a wait
+            if counts is not None and not bool((counts == 1).all()):  # a small copy behind the step's work
                 c = devstats.to_device(np.asarray(counts, dtype=np.int32), torch.int32, self.device)
-            devstats.finish_cuda(self.moments[:r], self.keys[:r], self.bad[:r], self.stats[:r], c,
-                                 self._per_sample_i32, self._width)
+            devstats.finish_cuda(self._acc, self._out, self.words, r, c, self._per_sample_i32, self._width, clear,
+                                 tail, pos, self.rows)
+            if clear:
+                self._dirty = False
             return self.stats[:r]
-        c = torch.from_numpy(np.asarray(counts, dtype=np.float64))
+        assert not tail, "tail sites are folded on the GPU only"
+        c = torch.from_numpy(np.ones((r, 2)) if counts is None else np.asarray(counts, dtype=np.float64))
         rows = torch.where(self._per_sample, c[:, 1:2], c[:, 0:1])  # (R, S): each site's rows per request
         return stats_table(self.moments[:r], self.keys[:r], self.bad[:r], rows * self._width, out=self.stats[:r])
 
-    def snapshot(self, num_reqs: int, num_rows: int, counts: np.ndarray) -> Snapshot:
+    def snapshot(self, num_reqs: int, num_rows: int, counts: np.ndarray | None,
+                 tail: list[tuple[torch.Tensor, int]] = (), pos: torch.Tensor | None = None) -> Snapshot:
         """Finish the step's statistics and copy its used tables to the host without blocking (into a
-        slot of a pinned ring); ``counts`` as ``finish`` takes them."""
-        self.finish(counts)
+        slot of a pinned ring); ``counts``, ``tail`` and ``pos`` as ``finish`` takes them."""
+        self.finish(num_reqs, counts, tail=tail, pos=pos)
         if self.device.type != "cuda":
             return Snapshot(self, None, self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), None)
         slot = self._acquire()
         req, rows = self._ring[slot]
         req, rows = req[:num_reqs], rows[:num_rows]
-        req.copy_(self.req[:num_reqs], non_blocking=True)
+        req.copy_(self.finished[:num_reqs], non_blocking=True)
         rows.copy_(self.rows[:num_rows], non_blocking=True)
         done = torch.cuda.Event()
         done.record()
