@@ -443,3 +443,42 @@ def test_auto_picks_the_writer_thread_on_the_cpu(tiny, tmp_path):
     sink = trace_sink(TraceWriter(tmp_path / "t", build_manifest(llm, rec)), rec)
     assert isinstance(sink, BackgroundWriter) and not isinstance(sink, ProcessWriter)
     sink.close()
+
+
+def test_the_sender_writes_a_message_larger_than_the_pipe_whole():
+    """``_write_all`` gathers its parts into one call at a time and goes on after a partial write."""
+    import threading
+
+    from minillama.debug.writer_process import _write_all
+
+    parts = [b"head", bytes(range(256)) * 9000, np.arange(300_000, dtype=np.int64), b"tail"]
+    want = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    r, w = os.pipe()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: [got.extend(c) for c in iter(lambda: os.read(r, 1 << 16), b"")])
+    reader.start()
+    _write_all(w, parts)  # several MiB: the pipe takes part of it at a time
+    os.close(w)
+    reader.join(10)
+    os.close(r)
+    assert bytes(got) == want
+
+
+def test_the_senders_mailbox_wakes_it_for_a_batch_of_steps_or_at_once_for_control():
+    import time
+
+    from minillama.debug import writer_process as wp
+
+    box = wp._Mailbox(depth=64)
+    for i in range(wp.WAKE_STEPS - 1):
+        box.put(("step", i))
+    t = time.perf_counter()
+    assert box.take() == [("step", i) for i in range(wp.WAKE_STEPS - 1)]  # after the timeout, all of them
+    assert time.perf_counter() - t >= wp.WAKE_S * 0.9
+    box.put(("flush",), urgent=True)
+    t = time.perf_counter()
+    assert box.take() == [("flush",)] and time.perf_counter() - t < wp.WAKE_S / 2
+    for i in range(wp.WAKE_STEPS):
+        box.put(("step", i))
+    t = time.perf_counter()
+    assert len(box.take()) == wp.WAKE_STEPS and time.perf_counter() - t < wp.WAKE_S / 2

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import queue
 import struct
 import subprocess
 import sys
@@ -36,6 +35,38 @@ SYNC_EVERY_S = 0.05
 INBOX_BYTES = 1 << 30
 #: How long the writer process may take to start.
 STARTUP_S = 120.0
+#: Steps the sender is woken for at once (or after ``WAKE_S``): each wake takes the GIL from a busy
+#: engine thread, so fewer wakes a step cost it less.
+WAKE_STEPS = 4
+WAKE_S = 0.05
+
+
+class _Mailbox:
+    """What the engine hands the sender: appended without waking it, until ``WAKE_STEPS`` wait, a
+    message is urgent (init, flush, close), or ``WAKE_S`` passed; bounded at ``depth`` (a put then
+    waits for room, as ``queue.Queue`` would)."""
+
+    def __init__(self, depth: int) -> None:
+        self._items: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._depth = depth
+
+    def put(self, item: tuple, urgent: bool = False) -> None:
+        self._items.append(item)
+        if urgent or len(self._items) >= WAKE_STEPS:
+            self._wake.set()
+        while len(self._items) > self._depth:  # the writer fell far behind: wait for it
+            self._wake.set()
+            time.sleep(0.001)
+
+    def take(self) -> list[tuple]:
+        """Everything put so far (waits until woken, or ``WAKE_S``)."""
+        self._wake.wait(WAKE_S)
+        self._wake.clear()  # before draining: a put after this wakes the next take
+        out = []
+        while self._items:
+            out.append(self._items.popleft())
+        return out
 
 
 class ProcessWriter:
@@ -70,10 +101,10 @@ class ProcessWriter:
         self._ready = threading.Event()
         self._state, self._never_started = state, False
         self._started = threading.Event()  # the start is over, either way
-        self._queue: queue.Queue = queue.Queue(depth)
+        self._queue = _Mailbox(depth)
         # the sender hands the writer's state over and waits for the process before the first step
         self._queue.put(("init", ("init", state, recorder.llm.tokenizer, shadow, recorder.buffer.num_sites,
-                                  recorder.buffer.shadow_shape)))
+                                  recorder.buffer.shadow_shape)), urgent=True)
         self._flushes: deque[threading.Event] = deque()
         self._sender = threading.Thread(target=self._send_steps, name="minillama-trace-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_status, name="minillama-trace-status", daemon=True)
@@ -99,7 +130,7 @@ class ProcessWriter:
         """Wait until every step submitted so far is written and synced."""
         if self._sender.is_alive():
             done = threading.Event()
-            self._queue.put(("flush", done))
+            self._queue.put(("flush", done), urgent=True)
             done.wait(60)
 
     def close(self, reason: str = "finished") -> None:
@@ -107,7 +138,7 @@ class ProcessWriter:
         if self.closed:
             return
         self.closed = True
-        self._queue.put(("close", reason))
+        self._queue.put(("close", reason), urgent=True)
         self._sender.join()
         try:
             self._proc.wait(120)
@@ -123,44 +154,45 @@ class ProcessWriter:
     # ---- the engine's side: a thread that hands steps over ----------------------------------------
     def _send(self, msg: tuple) -> None:
         """One message: a small pickle, and its arrays' memory written out of band, uncopied (pickle
-        protocol 5), so this thread holds the GIL only for the small part."""
+        protocol 5), so this thread holds the GIL only for the small part; one system call (each
+        return from one takes the GIL again)."""
         bufs: list[pickle.PickleBuffer] = []
         data = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
         raws = [b.raw() for b in bufs]
-        out = self._proc.stdin
-        out.write(b"".join(_LEN.pack(n) for n in (len(data), len(raws), *(r.nbytes for r in raws))))
-        out.write(data)
-        for r in raws:
-            out.write(r)
-        out.flush()
+        head = b"".join(_LEN.pack(n) for n in (len(data), len(raws), *(r.nbytes for r in raws)))
+        _write_all(self._proc.stdin.fileno(), [head, data, *raws])
 
     def _send_steps(self) -> None:
         while True:
-            kind, *rest = self._queue.get()
+            for item in self._queue.take():
+                if self._send_one(*item):
+                    return
+
+    def _send_one(self, kind: str, *rest: Any) -> bool:
+        """Hand one message over; True once the pipe is closed."""
+        try:
+            if kind == "init":
+                self._start(rest[0])
+            elif kind == "flush":
+                self._flushes.append(rest[0])
+                self._send(("flush",))
+            elif kind == "close":
+                self._send(("close", rest[0]))
+                self._proc.stdin.close()
+            elif not self.stopped:
+                self._send_step(*rest)
+        except (OSError, ValueError):  # the process is gone: the engine goes on, the trace stops here
+            self._gone()
+            if kind == "flush":
+                rest[0].set()
+        except Exception as e:  # a step that cannot be handed over ends the trace, with a line saying so
+            self.stop_reason = f"handing a step to the trace writer failed ({type(e).__name__}: {e})"
+            self.stopped = True
             try:
-                if kind == "init":
-                    self._start(rest[0])
-                elif kind == "flush":
-                    self._flushes.append(rest[0])
-                    self._send(("flush",))
-                elif kind == "close":
-                    self._send(("close", rest[0]))
-                    self._proc.stdin.close()
-                elif not self.stopped:
-                    self._send_step(*rest)
-            except (OSError, ValueError):  # the process is gone: the engine goes on, the trace stops here
-                self._gone()
-                if kind == "flush":
-                    rest[0].set()
-            except Exception as e:  # a step that cannot be handed over ends the trace, with a line saying so
-                self.stop_reason = f"handing a step to the trace writer failed ({type(e).__name__}: {e})"
-                self.stopped = True
-                try:
-                    self._send(("stop", self.stop_reason))
-                except (OSError, ValueError):
-                    pass
-            if kind == "close":
-                return
+                self._send(("stop", self.stop_reason))
+            except (OSError, ValueError):
+                pass
+        return kind == "close"
 
     def _start(self, init: tuple) -> None:
         """Send the writer's state and wait until the process has taken it up."""
@@ -214,6 +246,18 @@ class ProcessWriter:
         self._ready.set()  # a sender still waiting for the start finds it stopped
         while self._flushes:
             self._flushes.popleft().set()
+
+
+def _write_all(fd: int, parts: list) -> None:
+    """Write ``parts`` (bytes-like) to ``fd`` in order, gathered (a pipe may take part of them at a time)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
 
 
 def _widen_pipe(fd: int) -> None:
