@@ -16,9 +16,10 @@ finishes ``stats`` (``stats_table`` on the CPU: the trace writer does no arithme
 with an event to wait on. On the CPU ``finished`` is ``req`` itself, reset at each step's start
 (one copy of a template row). On the GPU it is a second table: one kernel
 (``devstats.finish_cuda``) copies the sums there beside their statistics and clears ``req`` behind
-them, so a step needs no reset launch of its own (host time is what recording costs there). Nothing else crosses to the host. A slot is given back once its
-tables are read there (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied
-out (when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more); the
+them, so a step needs no reset launch of its own (host time is what recording costs there).
+Nothing else crosses to the host. A slot is given back once its tables are read there
+(``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied out
+(when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more); the
 snapshot and the tables' typed views live in ``snapshot.py``.
 """
 
