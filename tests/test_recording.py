@@ -482,3 +482,7 @@ def test_the_senders_mailbox_wakes_it_for_a_batch_of_steps_or_at_once_for_contro
         box.put(("step", i))
     t = time.perf_counter()
     assert len(box.take()) == wp.WAKE_STEPS and time.perf_counter() - t < wp.WAKE_S / 2
+    gone = wp._Mailbox(depth=2, alive=lambda: False)  # a full box whose sender is gone never blocks a put
+    for i in range(5):
+        gone.put(("step", i))
+    assert len(gone.take()) == 5

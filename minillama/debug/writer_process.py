@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from minillama.trace.format import TraceError
@@ -44,18 +45,19 @@ WAKE_S = 0.05
 class _Mailbox:
     """What the engine hands the sender: appended without waking it, until ``WAKE_STEPS`` wait, a
     message is urgent (init, flush, close), or ``WAKE_S`` passed; bounded at ``depth`` (a put then
-    waits for room, as ``queue.Queue`` would)."""
+    waits for room, as ``queue.Queue`` would, while ``alive()`` says the sender still takes them)."""
 
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, alive: Callable[[], bool] = lambda: True) -> None:
         self._items: deque[tuple] = deque()
         self._wake = threading.Event()
         self._depth = depth
+        self._alive = alive
 
     def put(self, item: tuple, urgent: bool = False) -> None:
         self._items.append(item)
         if urgent or len(self._items) >= WAKE_STEPS:
             self._wake.set()
-        while len(self._items) > self._depth:  # the writer fell far behind: wait for it
+        while len(self._items) > self._depth and self._alive():  # the writer fell far behind: wait for it
             self._wake.set()
             time.sleep(0.001)
 
@@ -101,7 +103,7 @@ class ProcessWriter:
         self._ready = threading.Event()
         self._state, self._never_started = state, False
         self._started = threading.Event()  # the start is over, either way
-        self._queue = _Mailbox(depth)
+        self._queue = _Mailbox(depth, lambda: self._sender.is_alive())
         # the sender hands the writer's state over and waits for the process before the first step
         self._queue.put(("init", ("init", state, recorder.llm.tokenizer, shadow, recorder.buffer.num_sites,
                                   recorder.buffer.shadow_shape)), urgent=True)
