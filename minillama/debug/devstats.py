@@ -408,7 +408,7 @@ def finish_cuda(req: dict[str, torch.Tensor], out: dict[str, torch.Tensor], row_
     assert len(tail) <= 2 and (not tail or counts is None), "tail sites are a decode step's sampling sites"
     shadow = req["shadow"].shape[1] * req["shadow"].shape[2]
     sides, consts = [], []
-    for x, slot in (*tail, *tail[:1] * (2 - len(tail))) if tail else ((per_sample, 0), (per_sample, 0)):
+    for x, slot in [*tail, *[(per_sample, 0)] * (2 - len(tail))]:  # an unused side: any int32 tensor
         sides += [x, x.stride(0), x.shape[-1] if x.dim() > 1 else 1, slot]
         consts += [x.element_size() == 2, min(512, max(128, triton.next_power_of_2(sides[-2])))]
     _launch_finish((grid,), (req["moments"], req["keys"], req["bad"], req["shadow"], out["moments"], out["keys"],
