@@ -206,6 +206,9 @@ def run_mode(mode: str, llm, prompts, params, tmp: str) -> tuple[float, int, int
         recorder = rec if rec is not None else getattr(session, "recorder", None)
         if recorder is not None:
             EVICTIONS[mode] = recorder.buffer.evictions
+        if hasattr(writer, "num_lent"):
+            ring = recorder.buffer.ring
+            HANDOVER[mode] = (writer.num_lent, writer.num_piped, ring.waits if ring is not None else 0)
         if rec is not None:
             rec.detach()
         if session is not None:
@@ -308,6 +311,9 @@ def main() -> None:
         busy = {k: v for k, v in THREAD_CPU.get(mode, {}).items() if sum(v) > 0.01}
         label = label_of(mode)
         evicted = f"; ring slots copied out by the engine: {EVICTIONS[mode]}" if EVICTIONS.get(mode) else ""
+        if mode in HANDOVER:
+            lent, piped, waits = HANDOVER[mode]
+            evicted += f"; steps lent in place {lent}, piped {piped}, waits for a slot {waits}"
         print(f"  {label:<16}" + ", ".join(f"{k} {sum(v) / n * 1e3:.2f} (sys {v[1] / n * 1e3:.2f})"
                                            for k, v in sorted(busy.items())) + evicted)
     print("engine step wall time (ms) by the phase of the batch a call ran or launched, during the timed run:")
@@ -333,6 +339,7 @@ STEP_TIMES: dict[str, list[tuple[str, float]]] = {}  # (phase, seconds) of each 
 THREAD_CPU: dict[str, dict[str, float]] = {}  # CPU seconds per thread during each mode's last timed run
 PROFILE: dict[str, cProfile.Profile] = {}  # "now": the profile of the run being made (--profile)
 EVICTIONS: dict[str, int] = {}  # steps whose tables the engine thread copied out of a full ring (GPU)
+HANDOVER: dict[str, tuple[int, int, int]] = {}  # a writer process's steps lent, piped; the engine's waits
 
 if __name__ == "__main__":
     main()

@@ -397,15 +397,19 @@ def _has_flash() -> bool:
     return available_backends().get("flash-attn") is None
 
 
-def test_a_writer_process_writes_what_the_writer_thread_writes_on_the_gpu(tmp_path):
+def test_a_writer_process_writes_what_the_writer_thread_writes_on_the_gpu(tmp_path, monkeypatch):
     """A graphed GPU recording (pinned ring, events) written by a thread and by a process of its own:
     the same steps, hashes, statistics (float64 atomics: to rounding) and text. A fresh engine each,
-    so the second finds no prefix in the cache."""
+    so the second finds no prefix in the cache. The process is lent the ring's slots in place (memory
+    it maps, page-locked here): no step goes through its sender thread."""
     from minillama.debug.manifest import build_manifest
-    from minillama.debug.writer_process import trace_sink
+    from minillama.debug.writer_process import ProcessWriter, trace_sink
     from minillama.trace import TraceReader
     from minillama.trace.writer import TraceWriter
 
+    sent: list = []
+    real = ProcessWriter._send_step
+    monkeypatch.setattr(ProcessWriter, "_send_step", lambda self, *a: (sent.append(a), real(self, *a))[1])
     readers = []
     for kind in ("thread", "process"):
         llm = _gpu_llm()
@@ -418,7 +422,10 @@ def test_a_writer_process_writes_what_the_writer_thread_writes_on_the_gpu(tmp_pa
         finally:
             rec.detach()
         readers.append(TraceReader(tmp_path / kind))
+        if kind == "process":
+            assert rec.buffer.ring.shared and rec.buffer.ring.num_lent() == 0 and rec.buffer.evictions == 0
     a, b = readers
+    assert not sent, "every step was lent"
     assert a.num_steps == b.num_steps > 10 and a.status == b.status == "complete"
     assert any(a.step(i)["graphed"] for i in range(a.num_steps))
     assert [q["text"] for q in a.requests().values()] == [q["text"] for q in b.requests().values()]

@@ -342,10 +342,11 @@ class Recorder:
             self.stopped_reason = "the trace writer stopped (size cap or write error; see its last line)"
         if self.on_record is not None:
             self.on_record(rec)
-        if sink is None and self._unwritten:  # a step that left the history can never be read: free its slot
-            gone = leaving if self.keep_history else rec
-            if gone is not None and gone.snapshot is not None:
-                gone.snapshot.drop()
+        # a step that left the history can never be read here: free its slot, if no writer may still read
+        # it from this process (none, or a writer process it was lent to)
+        gone = leaving if self.keep_history else rec
+        if gone is not None and gone.snapshot is not None and ((sink is None and self._unwritten) or gone.snapshot.lent):
+            gone.snapshot.drop()
 
     def _submit(self, sink, rec: StepRecord) -> bool:
         """Hand ``rec`` to the trace writer: to a thread, the work of finishing it (``written``); to a

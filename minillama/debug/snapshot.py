@@ -25,11 +25,12 @@ class Snapshot:
     ``copy_out`` copies them out (when the ring needs the slot) or ``drop`` lets them go unread."""
 
     def __init__(self, buffer: StatsBuffer | None, slot: int | None, req: torch.Tensor, rows: torch.Tensor,
-                 done: torch.cuda.Event | None) -> None:
+                 done: torch.cuda.Event | None, use: int = 0) -> None:
         # weak: the buffer holds its snapshots (``_holders``), and a cycle would leave a dropped recorder's
         # buffer, pinned ring included, to the garbage collector, at any moment
         self._buffer, self._slot = (weakref.ref(buffer) if buffer is not None else None), slot
-        self.req, self.rows, self.done = req, rows, done
+        self.req, self.rows, self.done, self.use = req, rows, done, use
+        self.lent = False  # handed to the writer process in place (``lend``)
         self.num_sites, self.shadow_shape = (buffer.num_sites, buffer.shadow_shape) if buffer else (0, (0, 0))
         self._tables: dict[str, np.ndarray] | None = None
         self._any_bad: bool | None = None  # known once decoded in place
@@ -95,6 +96,27 @@ class Snapshot:
             self._give_back()
             return True
 
+    def lend(self, fn: Callable[[dict[str, int]], None], keep: bool) -> bool:
+        """Hand the tables over in place to the writer process that maps the ring: ``fn`` gets the slot,
+        its use number and the table sizes; the slot is not reused until that process says it read it,
+        nor while this side holds it (``keep``: a view may read it later; else given up now). False,
+        with nothing done, if the tables left the slot, were decoded here first, or the ring is private."""
+        with self._lock:
+            buffer = self._buffer() if self._buffer is not None else None
+            ring = buffer.ring if buffer is not None else None
+            if self.req is None or self._decoded is not None or ring is None or not ring.shared:
+                return False
+            ring.lend(self._slot, self.use)
+            try:
+                fn({"slot": self._slot, "use": self.use, "reqs": self.req.shape[0], "rows": self.rows.shape[0]})
+            except BaseException:
+                ring.unlend(self._slot)
+                raise
+            self.lent = True
+            if not keep:
+                self._give_back()
+            return True
+
     def any_bad(self) -> bool:
         """Whether some site of the step saw a NaN or Inf, without copying or decoding the tables."""
         with self._lock:
@@ -123,7 +145,7 @@ class Snapshot:
         self.req = self.rows = None  # type: ignore[assignment]
         buffer = self._buffer() if self._buffer is not None else None
         if buffer is not None and self._slot is not None:
-            buffer._release(self._slot, self)
+            buffer.ring.release(self._slot, self)
 
 
 def shadow_words(shadow_shape: tuple[int, int]) -> int:

@@ -12,31 +12,28 @@ flat batch (``S`` = number of sites in the catalog, ``L`` layers, ``K`` shadow f
 
 The hook sites fill the request rows in (atomics on the GPU, numpy on the CPU), and ``snapshot``
 finishes ``stats`` (``stats_table`` on the CPU: the trace writer does no arithmetic) and copies
-``finished[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of pinned host buffers,
-with an event to wait on. On the CPU ``finished`` is ``req`` itself, reset at each step's start
+``finished[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of pinned host buffers
+(``hostring``: memory the trace writer process maps too), with an event to wait on. On the CPU ``finished`` is ``req`` itself, reset at each step's start
 (one copy of a template row). On the GPU it is a second table: one kernel
 (``devstats.finish_cuda``) copies the sums there beside their statistics and clears ``req`` behind
 them, so a step needs no reset launch of its own (host time is what recording costs there).
 Nothing else crosses to the host. A slot is given back once its tables are read there
 (``Snapshot.decoded``, the trace writer's thread or a view, whichever asks first), copied out
-(when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more); the
-snapshot and the tables' typed views live in ``snapshot.py``.
+(when the ring is full) or dropped (``Snapshot.drop``: nobody can read them any more), and once
+the writer process it was lent to (``Snapshot.lend``) read it; the snapshot and the tables' typed
+views live in ``snapshot.py``. On the CPU a step's tables are cloned, unless a writer process
+shares a ring (``share_ring``).
 """
 
 from __future__ import annotations
-
-import threading
-from collections import deque
 
 import numpy as np
 import torch
 
 from minillama.debug import devstats
 from minillama.debug.devstats import KEY_MAX_INIT, KEY_MIN_INIT
+from minillama.debug.hostring import RING, HostRing  # noqa: F401  (RING: the recorder's)
 from minillama.debug.snapshot import Snapshot, shadow_words, views
-
-#: Pinned host slots: steps whose tables may be in flight or waiting for the trace writer at once.
-RING = 8
 
 
 class StatsBuffer:
@@ -73,12 +70,7 @@ class StatsBuffer:
         self._per_sample = torch.as_tensor(per_sample, device=device)
         self._per_sample_i32 = torch.as_tensor(per_sample.astype(np.int32), device=device)  # the finish kernel's
         self._width = torch.as_tensor(np.ones(s) if width is None else width, dtype=torch.float64, device=device)
-        self._ring: list[tuple[torch.Tensor, ...]] = []  # pinned host copies, reused
-        self._free: deque[int] = deque()
-        self._holders: dict[int, Snapshot] = {}
-        self._order: deque[int] = deque()
-        self._ring_lock = threading.Lock()
-        self.evictions = 0
+        self.ring: HostRing | None = None  # made before the first snapshot on the GPU, for a writer process on the CPU
 
     def _typed(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views of a request table (``snapshot.views``'s layout, for the kernels)."""
@@ -144,49 +136,47 @@ class StatsBuffer:
     def snapshot(self, num_reqs: int, num_rows: int, counts: np.ndarray | None,
                  tail: list[tuple[torch.Tensor, int]] = (), pos: torch.Tensor | None = None) -> Snapshot:
         """Finish the step's statistics and copy its used tables to the host without blocking (into a
-        slot of a pinned ring); ``counts``, ``tail`` and ``pos`` as ``finish`` takes them."""
+        slot of the ring, stamped behind the copies); ``counts``, ``tail`` and ``pos`` as ``finish`` takes them."""
         self.finish(num_reqs, counts, tail=tail, pos=pos)
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and self.ring is None:  # no writer process to share a slot with
             return Snapshot(self, None, self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), None)
-        slot = self._acquire()
-        req, rows = self._ring[slot]
+        self.prepare_ring()
+        ring = self.ring
+        slot, use = ring.acquire()
+        req, rows = ring.slots[slot]
         req, rows = req[:num_reqs], rows[:num_rows]
-        req.copy_(self.finished[:num_reqs], non_blocking=True)
+        src = self.finished if self.device.type == "cuda" else self.req
+        req.copy_(src[:num_reqs], non_blocking=True)
         rows.copy_(self.rows[:num_rows], non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        snap = Snapshot(self, slot, req, rows, done)
-        with self._ring_lock:
-            self._holders[slot] = snap
-            self._order.append(slot)
+        ring.stamp(slot, use)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        snap = Snapshot(self, slot, req, rows, done, use)
+        ring.hold(slot, snap)
         return snap
 
     def prepare_ring(self) -> None:
-        """Allocate the pinned ring now (page-locking takes a while), not at the first step."""
-        if not self._ring and self.device.type == "cuda":
-            with torch.inference_mode(False):  # made from graphs_captured too, inside the capture's inference mode
-                self._ring = [tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                    for t in (self.req, self.rows)) for _ in range(RING)]
-            self._free = deque(range(RING))
+        """Make the GPU's ring of pinned host slots now (page-locking takes a while), not at the first step."""
+        if self.ring is None and self.device.type == "cuda":
+            self._make_ring()
 
-    def _acquire(self) -> int:
-        """A free ring slot; when all are held, the oldest snapshot is copied out to free its slot (on
-        the engine's thread: ``evictions`` counts them, a sign that the trace writer fell behind)."""
-        self.prepare_ring()
-        while True:
-            with self._ring_lock:
-                if self._free:
-                    return self._free.popleft()
-                oldest = self._holders[self._order[0]]
-            self.evictions += 1
-            oldest.copy_out()
+    def share_ring(self) -> dict | None:
+        """A ring a writer process can map (``HostRing.layout``), made now if need be; None where the
+        memory cannot be shared (the tables then travel through its pipe)."""
+        if self.ring is None:
+            self._make_ring()
+        return self.ring.layout()
 
-    def _release(self, slot: int, snap: Snapshot) -> None:
-        with self._ring_lock:
-            if self._holders.get(slot) is snap:
-                del self._holders[slot]
-                self._order.remove(slot)
-                self._free.append(slot)
+    def _make_ring(self) -> None:
+        with torch.inference_mode(False):  # made from graphs_captured too, inside the capture's inference mode
+            self.ring = HostRing([(tuple(t.shape), t.dtype) for t in (self.req, self.rows)], self.device, shared=True)
+
+    @property
+    def evictions(self) -> int:
+        """Snapshots copied out on the engine's thread to free a slot (the trace writer fell behind)."""
+        return self.ring.evictions if self.ring is not None else 0
 
 
 def key_floats(k: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,13 @@ tables out of the pinned ring and pipes them, pickled, to ``python -m minillama.
 which finishes the step (``finishing.trace_step``, with its own decoders) and writes it with the
 same ``TraceWriter``. The trace is the same either way.
 
+Where the ring of pinned slots is shared memory (``hostring``: a memfd the process inherits), a step
+whose tables sit in their slot is not piped at all: the engine's thread lends the slot and writes a
+message of a kilobyte or so itself, straight into the pipe when the pipe has room and nothing waits
+before it (else through the thread), and the process waits for the slot's stamp, reads the tables
+in place and gives the slot back. No thread of the engine's process then wakes, waits for the
+copies or copies the tables, at any step the writer keeps up with.
+
 Status comes back as lines: ``ready``, ``steps N`` (after each group commit), ``stopped REASON``,
 ``flushed``, ``closed``. If the engine's process dies, the writer sees the pipe close, syncs
 what it has and exits: the trace reads to its last written step, as with the thread.
@@ -26,6 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from minillama.debug.hostring import RING
 from minillama.trace.format import TraceError
 from minillama.trace.writer import TraceWriter
 
@@ -40,6 +48,10 @@ STARTUP_S = 120.0
 #: engine thread, so fewer wakes a step cost it less.
 WAKE_STEPS = 4
 WAKE_S = 0.05
+#: Slots of the ring never lent (the steps in flight need them): past that, steps go through the pipe.
+LEND_SPARE = 4
+#: Bytes left free in the pipe when the engine's thread writes to it (a write it fills would block).
+ROOM_SLACK = 64 << 10
 
 
 class _Mailbox:
@@ -49,11 +61,13 @@ class _Mailbox:
 
     def __init__(self, depth: int, alive: Callable[[], bool] = lambda: True) -> None:
         self._items: deque[tuple] = deque()
+        self.pending = 0  # put and not yet handled by the sender (a message written now would pass them)
         self._wake = threading.Event()
         self._depth = depth
         self._alive = alive
 
     def put(self, item: tuple, urgent: bool = False) -> None:
+        self.pending += 1
         self._items.append(item)
         if urgent or len(self._items) >= WAKE_STEPS:
             self._wake.set()
@@ -70,6 +84,10 @@ class _Mailbox:
             out.append(self._items.popleft())
         return out
 
+    def done(self) -> None:
+        """One item taken is handled."""
+        self.pending -= 1
+
 
 class ProcessWriter:
     """A ``TraceWriter`` driven from another process (see the module docstring). The recorder hands it
@@ -85,6 +103,7 @@ class ProcessWriter:
         self.path = writer.path
         self._recorder = recorder
         shadow = recorder.shadow is not None
+        layout = recorder.buffer.share_ring()  # the slots this process lends the writer's (None: tables piped)
         state = writer.release()
         import minillama
 
@@ -94,9 +113,15 @@ class ProcessWriter:
         # not the writer in the middle of a step
         self._proc = subprocess.Popen([sys.executable, "-m", "minillama.debug.writer_process"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                                      start_new_session=True)
-        _widen_pipe(self._proc.stdin.fileno())
+                                      start_new_session=True, pass_fds=(recorder.buffer.ring.fd,) if layout else ())
+        self._fd = self._proc.stdin.fileno()
+        self._pipe_size = _widen_pipe(self._fd)
+        self._pipe_lock = threading.Lock()  # one message at a time, whichever thread writes it
+        self._ring = recorder.buffer.ring if layout else None
+        if self._ring is not None:
+            self._ring.remote_alive = lambda: self._proc.poll() is None
         self.num_steps = 0
+        self.num_lent = self.num_piped = 0  # steps handed over in place, and through the sender
         self.stopped = False
         self.closed = False
         self.stop_reason: str | None = None
@@ -105,8 +130,10 @@ class ProcessWriter:
         self._started = threading.Event()  # the start is over, either way
         self._queue = _Mailbox(depth, lambda: self._sender.is_alive())
         # the sender hands the writer's state over and waits for the process before the first step
+        if layout is not None:
+            layout = {**layout, "fd": self._ring.fd}
         self._queue.put(("init", ("init", state, recorder.llm.tokenizer, shadow, recorder.buffer.num_sites,
-                                  recorder.buffer.shadow_shape)), urgent=True)
+                                  recorder.buffer.shadow_shape, layout)), urgent=True)
         self._flushes: deque[threading.Event] = deque()
         self._sender = threading.Thread(target=self._send_steps, name="minillama-trace-sender", daemon=True)
         self._reader = threading.Thread(target=self._read_status, name="minillama-trace-status", daemon=True)
@@ -122,11 +149,56 @@ class ProcessWriter:
                 raise TraceError(reason or "the trace writer process did not start")
 
     def submit_record(self, rec: Any, event: dict[str, Any]) -> bool:
-        """Queue one recorded step (``event``: its event as the engine made it, not shared with views)."""
+        """Queue one recorded step (``event``: its event as the engine made it, not shared with views):
+        lent in place when it can be (``_lendable``), else through the sender."""
         if self.stopped or self.closed:
             return False
+        r = self._recorder
+        keep = r.keep_history or r.on_record is not None  # a view or a breakpoint may read the tables later
+        if self._lendable(rec, keep):
+            try:
+                if rec.snapshot.lend(lambda ref: self._post(("step", rec.step, rec.index, event, rec.raw_batch,
+                                                             {"lent": ref}, {k: _pack_tensor(v) for k, v in
+                                                                             rec.full.items()})), keep):
+                    self.num_lent += 1
+                    return True
+            except (OSError, ValueError):  # the process is gone
+                self._gone()
+                return False
+            except Exception as e:  # as the sender would: the trace ends with a line saying why, the engine goes on
+                self.stop_reason = f"handing a step to the trace writer failed ({type(e).__name__}: {e})"
+                self.stopped = True
+                self._queue.put(("bytes", _frame(("stop", self.stop_reason))), urgent=True)
+                return True
         self._queue.put(("step", rec, event))
+        self.num_piped += 1
         return True
+
+    def _lendable(self, rec: Any, keep: bool) -> bool:
+        """Whether ``rec`` can go as a message naming its slot, written by the engine's thread."""
+        snap = rec.snapshot
+        if snap is None or self._ring is None or self._queue.pending or not self._ready.is_set():
+            return False
+        # full tensors copied from the device land with the tables, and the sender waits for them (the
+        # sampled tokens, made on the host at the step's end, need no wait)
+        if snap.done is not None and not set(rec.full) <= {"sampled"}:
+            return False
+        # lent and kept, a slot stays out of the ring until its step leaves the history: with a long
+        # history the engine's thread would copy out a step each step (the sender does that instead)
+        if keep and self._recorder.history.maxlen > RING - LEND_SPARE:
+            return False
+        return self._ring.num_lent() <= RING - LEND_SPARE
+
+    def _post(self, msg: tuple) -> None:
+        """Write ``msg`` from this thread if the pipe has room for it and nothing waits in the mailbox (so
+        no other thread is woken and no step overtakes another); else leave it to the sender."""
+        parts = _frame(msg)
+        if self._queue.pending == 0:
+            with self._pipe_lock:
+                if self._queue.pending == 0 and _room(self._fd, self._pipe_size) >= sum(map(len, parts)) + ROOM_SLACK:
+                    _write_all(self._fd, parts)
+                    return
+        self._queue.put(("bytes", parts))
 
     def flush(self) -> None:
         """Wait until every step submitted so far is written and synced."""
@@ -147,6 +219,8 @@ class ProcessWriter:
         except subprocess.TimeoutExpired:
             self._proc.kill()
         self._reader.join(5)
+        if self._ring is not None:
+            self._ring.remote_gone()
         if self._never_started:  # nobody else can say why the trace holds no step
             try:
                 TraceWriter.reopen(**self._state)._stop(self.stop_reason)  # as the process would have
@@ -155,19 +229,17 @@ class ProcessWriter:
 
     # ---- the engine's side: a thread that hands steps over ----------------------------------------
     def _send(self, msg: tuple) -> None:
-        """One message: a small pickle, and its arrays' memory written out of band, uncopied (pickle
-        protocol 5), so this thread holds the GIL only for the small part; one system call (each
-        return from one takes the GIL again)."""
-        bufs: list[pickle.PickleBuffer] = []
-        data = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
-        raws = [b.raw() for b in bufs]
-        head = b"".join(_LEN.pack(n) for n in (len(data), len(raws), *(r.nbytes for r in raws)))
-        _write_all(self._proc.stdin.fileno(), [head, data, *raws])
+        """One message (``_frame``), in one system call (each return from one takes the GIL again)."""
+        parts = _frame(msg)
+        with self._pipe_lock:
+            _write_all(self._fd, parts)
 
     def _send_steps(self) -> None:
         while True:
             for item in self._queue.take():
-                if self._send_one(*item):
+                last = self._send_one(*item)
+                self._queue.done()
+                if last:
                     return
 
     def _send_one(self, kind: str, *rest: Any) -> bool:
@@ -181,6 +253,9 @@ class ProcessWriter:
             elif kind == "close":
                 self._send(("close", rest[0]))
                 self._proc.stdin.close()
+            elif kind == "bytes":  # written even once stopped: the process gives its lent slot back
+                with self._pipe_lock:
+                    _write_all(self._fd, rest[0])
             elif not self.stopped:
                 self._send_step(*rest)
         except (OSError, ValueError):  # the process is gone: the engine goes on, the trace stops here
@@ -250,6 +325,27 @@ class ProcessWriter:
             self._flushes.popleft().set()
 
 
+def _frame(msg: tuple) -> list[memoryview]:
+    """A message as the parts to write: a small pickle, and its arrays' memory out of band, uncopied
+    (pickle protocol 5), so the thread holds the GIL only for the small part."""
+    bufs: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
+    raws = [b.raw() for b in bufs]
+    head = b"".join(_LEN.pack(n) for n in (len(data), len(raws), *(r.nbytes for r in raws)))
+    return [memoryview(p).cast("B") for p in (head, data, *raws)]
+
+
+def _room(fd: int, size: int) -> int:
+    """Free bytes in the pipe ``fd`` of ``size`` bytes (Linux; -1 where it cannot be asked)."""
+    try:
+        import fcntl
+        import termios
+
+        return size - struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except (ImportError, OSError, AttributeError):
+        return -1
+
+
 def _write_all(fd: int, parts: list) -> None:
     """Write ``parts`` (bytes-like) to ``fd`` in order, gathered (a pipe may take part of them at a time)."""
     views = [memoryview(p).cast("B") for p in parts]
@@ -262,14 +358,16 @@ def _write_all(fd: int, parts: list) -> None:
             views[0] = views[0][n:]
 
 
-def _widen_pipe(fd: int) -> None:
-    """Let a whole decode step's tables sit in the pipe (Linux: 1 MiB where allowed, else as it is)."""
+def _widen_pipe(fd: int) -> int:
+    """Let a whole decode step's tables sit in the pipe (Linux: 1 MiB where allowed, else as it is);
+    its size now (0 where it cannot be asked: nothing is then written to it but by the sender)."""
     try:
         import fcntl
 
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        return fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
     except (ImportError, OSError):
-        pass
+        return 0
 
 
 def trace_sink(writer: TraceWriter, recorder: Any, kind: str = "auto", wait: bool = True) -> Any:
@@ -351,6 +449,7 @@ class _Inbox:
         self._msgs, self._cap = msgs, cap
         self._items: deque[tuple[tuple | None, int]] = deque()
         self._bytes = 0
+        self.ended = False  # the engine's side closed the pipe (or went away)
         self._cond = threading.Condition()
         threading.Thread(target=self._read, name="minillama-trace-inbox", daemon=True).start()
 
@@ -358,6 +457,7 @@ class _Inbox:
         while True:
             got = self._msgs.next()
             with self._cond:
+                self.ended = got is None
                 self._items.append(got if got is not None else (None, 0))
                 self._bytes += got[1] if got is not None else 0
                 self._cond.notify_all()
@@ -382,6 +482,7 @@ class _Inbox:
 def main() -> None:
     """The writer process: steps from stdin to the trace folder, status lines to stdout."""
     from minillama.debug.finishing import StepFinisher, trace_step
+    from minillama.debug.hostring import RingView
     from minillama.debug.records import StepRecord, decode_tables
     from minillama.debug.snapshot import views
 
@@ -393,8 +494,9 @@ def main() -> None:
     init = got[0] if got is not None else None
     if init is None or init[0] != "init":
         sys.exit("minillama.debug.writer_process: runs under ProcessWriter, which sends the trace to write on stdin")
-    _, state, tokenizer, shadow, num_sites, shadow_shape = init
+    _, state, tokenizer, shadow, num_sites, shadow_shape, layout = init
     writer = TraceWriter.reopen(**state)
+    ring = RingView(layout, layout["fd"]) if layout is not None else None
     finisher = StepFinisher(tokenizer)
     msgs = _Inbox(_Messages(sys.stdin.fileno()))
     say("ready")
@@ -415,12 +517,24 @@ def main() -> None:
 
     while (msg := msgs.next()) is not None:
         kind = msg[0]
+        lent = msg[5].get("lent") if kind == "step" and isinstance(msg[5], dict) else None
+        if lent is not None and writer.stopped:
+            ring.release(lent["slot"], lent["use"])
         if kind == "step" and not writer.stopped:
             _, step, index, event, raw_batch, tables, full = msg
             rec = StepRecord(step, event, raw_batch, None, {k: _unpack_tensor(v) for k, v in full.items()}, index)
             finisher.add(rec)
             try:
-                if tables is not None and "decoded" in tables:
+                if lent is not None:  # read in place in the shared slot, which goes back once decoded
+                    try:
+                        got = ring.read(lent["slot"], lent["use"], lambda: msgs.ended)
+                        if got is None:
+                            raise TraceError("its tables never reached the shared ring")
+                        raw = views(got[0][: lent["reqs"]], got[1][: lent["rows"]], num_sites, shadow_shape)
+                        rec._tables = decode_tables(raw, shadow)
+                    finally:
+                        ring.release(lent["slot"], lent["use"])
+                elif tables is not None and "decoded" in tables:
                     rec._tables = tables["decoded"]
                 elif tables is not None:
                     raw = views(tables["req"], tables["rows"], num_sites, shadow_shape) if "req" in tables else tables
