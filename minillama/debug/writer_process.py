@@ -33,6 +33,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+try:
+    import fcntl
+    import termios
+except ImportError:  # not on POSIX: the pipe is never asked for room, and only the sender writes to it
+    pass
+
 from minillama.debug.hostring import RING
 from minillama.trace.format import TraceError
 from minillama.trace.writer import TraceWriter
@@ -48,6 +54,8 @@ STARTUP_S = 120.0
 #: engine thread, so fewer wakes a step cost it less.
 WAKE_STEPS = 4
 WAKE_S = 0.05
+#: The writer process's naps while its pipe is empty: from the first, doubling up to the second.
+POLL_S = (0.0002, 0.005)
 #: Slots of the ring never lent (the steps in flight need them): past that, steps go through the pipe.
 LEND_SPARE = 4
 #: Bytes left free in the pipe when the engine's thread writes to it (a write it fills would block).
@@ -338,11 +346,8 @@ def _frame(msg: tuple) -> list[memoryview]:
 def _room(fd: int, size: int) -> int:
     """Free bytes in the pipe ``fd`` of ``size`` bytes (Linux; -1 where it cannot be asked)."""
     try:
-        import fcntl
-        import termios
-
         return size - struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-    except (ImportError, OSError, AttributeError):
+    except (NameError, OSError, AttributeError):  # (NameError: no fcntl here)
         return -1
 
 
@@ -362,11 +367,9 @@ def _widen_pipe(fd: int) -> int:
     """Let a whole decode step's tables sit in the pipe (Linux: 1 MiB where allowed, else as it is);
     its size now (0 where it cannot be asked: nothing is then written to it but by the sender)."""
     try:
-        import fcntl
-
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         return fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-    except (ImportError, OSError):
+    except (NameError, OSError):
         return 0
 
 
@@ -392,7 +395,8 @@ def _pack_tensor(t: Any) -> Any:
 
     if not isinstance(t, torch.Tensor):
         return t
-    t = t.detach().cpu().contiguous()
+    if t.is_cuda or t.requires_grad or not t.is_contiguous():  # (a host tensor made by the engine needs none)
+        t = t.detach().cpu().contiguous()
     if t.dtype in (torch.bfloat16,) or str(t.dtype).startswith("torch.float8"):
         return "tensor", str(t.dtype).removeprefix("torch."), t.view({2: torch.int16, 1: torch.uint8}[t.element_size()]).numpy()
     return "tensor", str(t.dtype).removeprefix("torch."), t.numpy()
@@ -408,19 +412,33 @@ def _unpack_tensor(v: Any) -> Any:
 
 class _Messages:
     """Framed messages from a file descriptor (``ProcessWriter._send``), each buffer read straight into
-    memory of its own."""
+    memory of its own.
 
-    def __init__(self, fd: int) -> None:
+    With ``poll`` the descriptor is read without blocking, sleeping between tries: no reader ever
+    waits in the pipe, so the engine's writes wake nobody. (A write that wakes a waiting reader pulls
+    it onto the writer's core, Linux's wake-up for pipes, where it competes with the engine's thread.)
+    """
+
+    def __init__(self, fd: int, poll: bool = False) -> None:
         self.fd = fd
+        self._poll = poll
+        if poll:
+            os.set_blocking(fd, False)
 
     def _take(self, n: int) -> bytearray | None:
         out = bytearray(n)
-        view, got = memoryview(out), 0
+        view, got, nap = memoryview(out), 0, POLL_S[0]
         while got < n:
-            k = os.readv(self.fd, [view[got:]])
+            try:
+                k = os.readv(self.fd, [view[got:]])
+            except BlockingIOError:  # nothing yet: sleep longer the longer nothing comes
+                time.sleep(nap)
+                nap = min(2 * nap, POLL_S[1])
+                continue
             if k == 0:
                 return None
             got += k
+            nap = POLL_S[0]
         return out
 
     def next(self) -> tuple[tuple, int] | None:
@@ -498,12 +516,14 @@ def main() -> None:
     writer = TraceWriter.reopen(**state)
     ring = RingView(layout, layout["fd"]) if layout is not None else None
     finisher = StepFinisher(tokenizer)
-    msgs = _Inbox(_Messages(sys.stdin.fileno()))
+    msgs = _Inbox(_Messages(sys.stdin.fileno(), poll=True))
     say("ready")
-    synced, told = time.monotonic(), 0
+    synced, told, told_at = time.monotonic(), 0, 0.0
 
-    def sync() -> None:
-        nonlocal synced, told
+    def sync(tell: bool = False) -> None:
+        """Sync what is written; say how many steps are, at most every ``SYNC_EVERY_S`` unless ``tell``
+        (each line read wakes a thread of the engine's process, which then takes its GIL)."""
+        nonlocal synced, told, told_at
         if not writer.stopped:
             try:
                 writer.sync()
@@ -511,8 +531,8 @@ def main() -> None:
                 writer._stop(f"syncing the trace failed ({e})")
                 say(f"stopped {writer.stop_reason}")
         synced = time.monotonic()
-        if writer.num_steps != told and not writer.stopped:
-            told = writer.num_steps
+        if writer.num_steps != told and not writer.stopped and (tell or synced - told_at >= SYNC_EVERY_S):
+            told, told_at = writer.num_steps, synced
             say(f"steps {told}")
 
     while (msg := msgs.next()) is not None:
@@ -550,13 +570,13 @@ def main() -> None:
             elif not msgs.waiting() or time.monotonic() - synced > SYNC_EVERY_S:
                 sync()
         elif kind == "flush":
-            sync()
+            sync(tell=True)
             say("flushed")
         elif kind == "stop" and not writer.stopped:
-            sync()
+            sync(tell=True)
             writer._stop(msg[1])
         elif kind == "close":
-            sync()
+            sync(tell=True)
             writer.close(msg[1])
             say(f"steps {writer.num_steps}")
             say("closed")
