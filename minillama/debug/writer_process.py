@@ -12,7 +12,7 @@ Where the ring of pinned slots is shared memory (``hostring``: a memfd the proce
 whose tables sit in their slot is not piped at all: the engine's thread lends the slot and writes a
 message of a kilobyte or so itself, straight into the pipe when the pipe has room and nothing waits
 before it (else through the thread), and the process waits for the slot's stamp, reads the tables
-in place and gives the slot back. No thread of the engine's process then wakes, waits for the
+in place as the message arrives (ahead of the writing) and gives the slot back. No thread of the engine's process then wakes, waits for the
 copies or copies the tables, at any step the writer keeps up with.
 
 Status comes back as lines: ``ready``, ``steps N`` (after each group commit), ``stopped REASON``,
@@ -461,10 +461,13 @@ class _Messages:
 class _Inbox:
     """Messages read ahead on a thread of their own, so the engine's side never waits for this process
     to finish a step before it can pass the next one (and give its ring slot back); up to ``cap``
-    bytes wait here, then the pipe fills and the engine's side waits."""
+    bytes wait here, then the pipe fills and the engine's side waits. ``take`` (a message and its
+    size -> the same) runs on that thread as each arrives: it reads a lent slot's tables out at once,
+    so the slot goes back however far the writing lags."""
 
-    def __init__(self, msgs: _Messages, cap: int = INBOX_BYTES) -> None:
-        self._msgs, self._cap = msgs, cap
+    def __init__(self, msgs: _Messages, cap: int = INBOX_BYTES,
+                 take: Callable[[tuple, int], tuple[tuple, int]] | None = None) -> None:
+        self._msgs, self._cap, self._take = msgs, cap, take
         self._items: deque[tuple[tuple | None, int]] = deque()
         self._bytes = 0
         self.ended = False  # the engine's side closed the pipe (or went away)
@@ -474,6 +477,8 @@ class _Inbox:
     def _read(self) -> None:
         while True:
             got = self._msgs.next()
+            if got is not None and self._take is not None:
+                got = self._take(*got)
             with self._cond:
                 self.ended = got is None
                 self._items.append(got if got is not None else (None, 0))
@@ -516,7 +521,28 @@ def main() -> None:
     writer = TraceWriter.reopen(**state)
     ring = RingView(layout, layout["fd"]) if layout is not None else None
     finisher = StepFinisher(tokenizer)
-    msgs = _Inbox(_Messages(sys.stdin.fileno(), poll=True))
+    parent = os.getppid()
+
+    def take(msg: tuple, size: int) -> tuple[tuple, int]:
+        """A step lent in place: its tables decoded out of the slot, which goes back (``_Inbox``)."""
+        lent = msg[5].get("lent") if msg[0] == "step" and isinstance(msg[5], dict) else None
+        if lent is None:
+            return msg, size
+        try:
+            got = ring.read(lent["slot"], lent["use"], lambda: os.getppid() != parent)  # (the engine died)
+            if got is None:
+                tables: dict[str, Any] = {"missing": "its tables never reached the shared ring"}
+            else:
+                raw = views(got[0][: lent["reqs"]], got[1][: lent["rows"]], num_sites, shadow_shape)
+                tables = {"decoded": decode_tables(raw, shadow)}
+                size += sum(v.nbytes for v in tables["decoded"].values() if v is not None)
+        except Exception as e:
+            tables = {"missing": f"reading its tables failed ({type(e).__name__}: {e})"}
+        finally:
+            ring.release(lent["slot"], lent["use"])
+        return (*msg[:5], tables, msg[6]), size
+
+    msgs = _Inbox(_Messages(sys.stdin.fileno(), poll=True), take=take if ring is not None else None)
     say("ready")
     synced, told, told_at = time.monotonic(), 0, 0.0
 
@@ -537,24 +563,14 @@ def main() -> None:
 
     while (msg := msgs.next()) is not None:
         kind = msg[0]
-        lent = msg[5].get("lent") if kind == "step" and isinstance(msg[5], dict) else None
-        if lent is not None and writer.stopped:
-            ring.release(lent["slot"], lent["use"])
         if kind == "step" and not writer.stopped:
             _, step, index, event, raw_batch, tables, full = msg
             rec = StepRecord(step, event, raw_batch, None, {k: _unpack_tensor(v) for k, v in full.items()}, index)
             finisher.add(rec)
             try:
-                if lent is not None:  # read in place in the shared slot, which goes back once decoded
-                    try:
-                        got = ring.read(lent["slot"], lent["use"], lambda: msgs.ended)
-                        if got is None:
-                            raise TraceError("its tables never reached the shared ring")
-                        raw = views(got[0][: lent["reqs"]], got[1][: lent["rows"]], num_sites, shadow_shape)
-                        rec._tables = decode_tables(raw, shadow)
-                    finally:
-                        ring.release(lent["slot"], lent["use"])
-                elif tables is not None and "decoded" in tables:
+                if tables is not None and "missing" in tables:
+                    raise TraceError(tables["missing"])
+                if tables is not None and "decoded" in tables:
                     rec._tables = tables["decoded"]
                 elif tables is not None:
                     raw = views(tables["req"], tables["rows"], num_sites, shadow_shape) if "req" in tables else tables
