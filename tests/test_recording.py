@@ -154,7 +154,7 @@ def test_host_tensors_cross_to_the_writer_process_bit_for_bit():
 
     import torch
 
-    from minillama.debug.writer_process import _pack_tensor, _unpack_tensor
+    from minillama.debug.writer_main import _pack_tensor, _unpack_tensor
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int64, torch.int32):
         t = (torch.randn(5, 3) * 100).to(dtype)

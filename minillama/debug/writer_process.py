@@ -3,27 +3,27 @@
 ``BackgroundWriter`` (trace/background.py) runs on a thread of the engine's process: its text
 decoding, table decoding, JSON and encoding hold the GIL that a busy engine thread needs, and
 each time it gives the GIL up and takes it back the engine thread waits its turn. ``ProcessWriter``
-keeps only the hand-over on that side: a thread waits for a step's device copies, takes the raw
-tables out of the pinned ring and pipes them, pickled, to ``python -m minillama.debug.writer_process``,
-which finishes the step (``finishing.trace_step``, with its own decoders) and writes it with the
-same ``TraceWriter``. The trace is the same either way.
+keeps only the hand-over on that side, and ``python -m minillama.debug.writer_main`` finishes each
+step (``finishing.trace_step``, with its own decoders) and writes it with the same ``TraceWriter``.
+The trace is the same either way.
 
-Where the ring of pinned slots is shared memory (``hostring``: a memfd the process inherits), a step
-whose tables sit in their slot is not piped at all: the engine's thread lends the slot and writes a
-message of a kilobyte or so itself, straight into the pipe when the pipe has room and nothing waits
-before it (else through the thread), and the process waits for the slot's stamp, reads the tables
-in place as the message arrives (ahead of the writing) and gives the slot back. No thread of the engine's process then wakes, waits for the
-copies or copies the tables, at any step the writer keeps up with.
+The hand-over: where the ring of pinned slots is shared memory (``hostring``: a memfd the process
+inherits), the engine's thread lends a step's slot and writes a message of a kilobyte or so itself,
+straight into the pipe when the pipe has room and nothing waits before it. The process waits for
+the slot's stamp, reads the tables out as the message arrives (ahead of the writing) and gives the
+slot back. No thread of the engine's process then wakes, waits for the copies or copies the tables.
+Else (a step with full tensors still in flight, a ring lent out, a private ring) a sender thread
+waits for the step's device copies and pipes its raw tables, pickled.
 
-Status comes back as lines: ``ready``, ``steps N`` (after each group commit), ``stopped REASON``,
-``flushed``, ``closed``. If the engine's process dies, the writer sees the pipe close, syncs
-what it has and exits: the trace reads to its last written step, as with the thread.
+Status comes back as lines: ``ready``, ``steps N`` (at most every ``writer_main.SYNC_EVERY_S``,
+and at flush, stop and close), ``stopped REASON``, ``flushed``, ``closed``. If the engine's process
+dies, the writer sees the pipe close, syncs what it has and exits: the trace reads to its last
+written step, as with the thread.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import struct
 import subprocess
 import sys
@@ -40,22 +40,16 @@ except ImportError:  # not on POSIX: the pipe is never asked for room, and only 
     pass
 
 from minillama.debug.hostring import RING
+from minillama.debug.writer_main import _frame, _pack_tensor
 from minillama.trace.format import TraceError
 from minillama.trace.writer import TraceWriter
 
-_LEN = struct.Struct("<Q")
-#: The writer process syncs at least this often while steps keep coming (else when it runs dry).
-SYNC_EVERY_S = 0.05
-#: Bytes of steps the writer process reads ahead of what it has written.
-INBOX_BYTES = 1 << 30
 #: How long the writer process may take to start.
 STARTUP_S = 120.0
 #: Steps the sender is woken for at once (or after ``WAKE_S``): each wake takes the GIL from a busy
 #: engine thread, so fewer wakes a step cost it less.
 WAKE_STEPS = 4
 WAKE_S = 0.05
-#: The writer process's naps while its pipe is empty: from the first, doubling up to the second.
-POLL_S = (0.0002, 0.005)
 #: Slots of the ring never lent (the steps in flight need them): past that, steps go through the pipe.
 LEND_SPARE = 4
 #: Bytes left free in the pipe when the engine's thread writes to it (a write it fills would block).
@@ -119,7 +113,7 @@ class ProcessWriter:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
         # a session of its own: a Ctrl-C at the terminal interrupts the engine, which then closes the trace,
         # not the writer in the middle of a step
-        self._proc = subprocess.Popen([sys.executable, "-m", "minillama.debug.writer_process"], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", "minillama.debug.writer_main"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
                                       start_new_session=True, pass_fds=(recorder.buffer.ring.fd,) if layout else ())
         self._fd = self._proc.stdin.fileno()
@@ -333,16 +327,6 @@ class ProcessWriter:
             self._flushes.popleft().set()
 
 
-def _frame(msg: tuple) -> list[memoryview]:
-    """A message as the parts to write: a small pickle, and its arrays' memory out of band, uncopied
-    (pickle protocol 5), so the thread holds the GIL only for the small part."""
-    bufs: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(msg, protocol=5, buffer_callback=bufs.append)
-    raws = [b.raw() for b in bufs]
-    head = b"".join(_LEN.pack(n) for n in (len(data), len(raws), *(r.nbytes for r in raws)))
-    return [memoryview(p).cast("B") for p in (head, data, *raws)]
-
-
 def _room(fd: int, size: int) -> int:
     """Free bytes in the pipe ``fd`` of ``size`` bytes (Linux; -1 where it cannot be asked)."""
     try:
@@ -386,219 +370,3 @@ def trace_sink(writer: TraceWriter, recorder: Any, kind: str = "auto", wait: boo
     from minillama.trace.background import BackgroundWriter
 
     return BackgroundWriter(writer)
-
-
-# ---- the writer's side --------------------------------------------------------------------------
-def _pack_tensor(t: Any) -> Any:
-    """A host tensor as an array pickle can pass out of band (bfloat16 and the like as same-size ints)."""
-    import torch
-
-    if not isinstance(t, torch.Tensor):
-        return t
-    if t.is_cuda or t.requires_grad or not t.is_contiguous():  # (a host tensor made by the engine needs none)
-        t = t.detach().cpu().contiguous()
-    if t.dtype in (torch.bfloat16,) or str(t.dtype).startswith("torch.float8"):
-        return "tensor", str(t.dtype).removeprefix("torch."), t.view({2: torch.int16, 1: torch.uint8}[t.element_size()]).numpy()
-    return "tensor", str(t.dtype).removeprefix("torch."), t.numpy()
-
-
-def _unpack_tensor(v: Any) -> Any:
-    import torch
-
-    if isinstance(v, tuple) and len(v) == 3 and v[0] == "tensor":
-        return torch.from_numpy(v[2].copy()).view(getattr(torch, v[1]))
-    return v
-
-
-class _Messages:
-    """Framed messages from a file descriptor (``ProcessWriter._send``), each buffer read straight into
-    memory of its own.
-
-    With ``poll`` the descriptor is read without blocking, sleeping between tries: no reader ever
-    waits in the pipe, so the engine's writes wake nobody. (A write that wakes a waiting reader pulls
-    it onto the writer's core, Linux's wake-up for pipes, where it competes with the engine's thread.)
-    """
-
-    def __init__(self, fd: int, poll: bool = False) -> None:
-        self.fd = fd
-        self._poll = poll
-        if poll:
-            os.set_blocking(fd, False)
-
-    def _take(self, n: int) -> bytearray | None:
-        out = bytearray(n)
-        view, got, nap = memoryview(out), 0, POLL_S[0]
-        while got < n:
-            try:
-                k = os.readv(self.fd, [view[got:]])
-            except BlockingIOError:  # nothing yet: sleep longer the longer nothing comes
-                time.sleep(nap)
-                nap = min(2 * nap, POLL_S[1])
-                continue
-            if k == 0:
-                return None
-            got += k
-            nap = POLL_S[0]
-        return out
-
-    def next(self) -> tuple[tuple, int] | None:
-        """The next message and its size in bytes; None at the end of the stream."""
-        head = self._take(2 * _LEN.size)
-        if head is None:
-            return None
-        n, k = struct.unpack("<QQ", head)
-        sizes = self._take(k * _LEN.size)
-        data = self._take(n)
-        if sizes is None or data is None:
-            return None
-        lens = struct.unpack(f"<{k}Q", sizes)
-        bufs = [self._take(m) for m in lens]
-        if any(b is None for b in bufs):
-            return None
-        return pickle.loads(data, buffers=bufs), n + sum(lens)
-
-
-class _Inbox:
-    """Messages read ahead on a thread of their own, so the engine's side never waits for this process
-    to finish a step before it can pass the next one (and give its ring slot back); up to ``cap``
-    bytes wait here, then the pipe fills and the engine's side waits. ``take`` (a message and its
-    size -> the same) runs on that thread as each arrives: it reads a lent slot's tables out at once,
-    so the slot goes back however far the writing lags."""
-
-    def __init__(self, msgs: _Messages, cap: int = INBOX_BYTES,
-                 take: Callable[[tuple, int], tuple[tuple, int]] | None = None) -> None:
-        self._msgs, self._cap, self._take = msgs, cap, take
-        self._items: deque[tuple[tuple | None, int]] = deque()
-        self._bytes = 0
-        self.ended = False  # the engine's side closed the pipe (or went away)
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, name="minillama-trace-inbox", daemon=True).start()
-
-    def _read(self) -> None:
-        while True:
-            got = self._msgs.next()
-            if got is not None and self._take is not None:
-                got = self._take(*got)
-            with self._cond:
-                self.ended = got is None
-                self._items.append(got if got is not None else (None, 0))
-                self._bytes += got[1] if got is not None else 0
-                self._cond.notify_all()
-                if got is None:
-                    return
-                while self._bytes > self._cap:
-                    self._cond.wait()
-
-    def next(self) -> tuple | None:
-        with self._cond:
-            while not self._items:
-                self._cond.wait()
-            msg, size = self._items.popleft()
-            self._bytes -= size
-            self._cond.notify_all()
-            return msg
-
-    def waiting(self) -> bool:
-        return bool(self._items)
-
-
-def main() -> None:
-    """The writer process: steps from stdin to the trace folder, status lines to stdout."""
-    from minillama.debug.finishing import StepFinisher, trace_step
-    from minillama.debug.hostring import RingView
-    from minillama.debug.records import StepRecord, decode_tables
-    from minillama.debug.snapshot import views
-
-    def say(line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-
-    got = _Messages(sys.stdin.fileno()).next()
-    init = got[0] if got is not None else None
-    if init is None or init[0] != "init":
-        sys.exit("minillama.debug.writer_process: runs under ProcessWriter, which sends the trace to write on stdin")
-    _, state, tokenizer, shadow, num_sites, shadow_shape, layout = init
-    writer = TraceWriter.reopen(**state)
-    ring = RingView(layout, layout["fd"]) if layout is not None else None
-    finisher = StepFinisher(tokenizer)
-    parent = os.getppid()
-
-    def take(msg: tuple, size: int) -> tuple[tuple, int]:
-        """A step lent in place: its tables decoded out of the slot, which goes back (``_Inbox``)."""
-        lent = msg[5].get("lent") if msg[0] == "step" and isinstance(msg[5], dict) else None
-        if lent is None:
-            return msg, size
-        try:
-            got = ring.read(lent["slot"], lent["use"], lambda: os.getppid() != parent)  # (the engine died)
-            if got is None:
-                tables: dict[str, Any] = {"missing": "its tables never reached the shared ring"}
-            else:
-                raw = views(got[0][: lent["reqs"]], got[1][: lent["rows"]], num_sites, shadow_shape)
-                tables = {"decoded": decode_tables(raw, shadow)}
-                size += sum(v.nbytes for v in tables["decoded"].values() if v is not None)
-        except Exception as e:
-            tables = {"missing": f"reading its tables failed ({type(e).__name__}: {e})"}
-        finally:
-            ring.release(lent["slot"], lent["use"])
-        return (*msg[:5], tables, msg[6]), size
-
-    msgs = _Inbox(_Messages(sys.stdin.fileno(), poll=True), take=take if ring is not None else None)
-    say("ready")
-    synced, told, told_at = time.monotonic(), 0, 0.0
-
-    def sync(tell: bool = False) -> None:
-        """Sync what is written; say how many steps are, at most every ``SYNC_EVERY_S`` unless ``tell``
-        (each line read wakes a thread of the engine's process, which then takes its GIL)."""
-        nonlocal synced, told, told_at
-        if not writer.stopped:
-            try:
-                writer.sync()
-            except OSError as e:
-                writer._stop(f"syncing the trace failed ({e})")
-                say(f"stopped {writer.stop_reason}")
-        synced = time.monotonic()
-        if writer.num_steps != told and not writer.stopped and (tell or synced - told_at >= SYNC_EVERY_S):
-            told, told_at = writer.num_steps, synced
-            say(f"steps {told}")
-
-    while (msg := msgs.next()) is not None:
-        kind = msg[0]
-        if kind == "step" and not writer.stopped:
-            _, step, index, event, raw_batch, tables, full = msg
-            rec = StepRecord(step, event, raw_batch, None, {k: _unpack_tensor(v) for k, v in full.items()}, index)
-            finisher.add(rec)
-            try:
-                if tables is not None and "missing" in tables:
-                    raise TraceError(tables["missing"])
-                if tables is not None and "decoded" in tables:
-                    rec._tables = tables["decoded"]
-                elif tables is not None:
-                    raw = views(tables["req"], tables["rows"], num_sites, shadow_shape) if "req" in tables else tables
-                    rec._tables = decode_tables(raw, shadow)
-                ev, tensors = trace_step(rec, finisher, shadow)
-            except Exception as e:  # a step that cannot be finished ends the trace
-                msg_ = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                writer._stop(f"preparing a step failed ({type(e).__name__}: {msg_})")
-            else:
-                writer.write_step(ev, tensors, sync=False)
-            if writer.stopped:
-                say(f"stopped {writer.stop_reason}")
-            elif not msgs.waiting() or time.monotonic() - synced > SYNC_EVERY_S:
-                sync()
-        elif kind == "flush":
-            sync(tell=True)
-            say("flushed")
-        elif kind == "stop" and not writer.stopped:
-            sync(tell=True)
-            writer._stop(msg[1])
-        elif kind == "close":
-            sync(tell=True)
-            writer.close(msg[1])
-            say(f"steps {writer.num_steps}")
-            say("closed")
-            return
-    sync()  # the engine's process went away: keep what came
-
-
-if __name__ == "__main__":
-    main()
