@@ -345,7 +345,7 @@ class Recorder:
         # a step that left the history can never be read here: free its slot, if no writer may still read
         # it from this process (none, or a writer process it was lent to)
         gone = leaving if self.keep_history else rec
-        if gone is not None and gone.snapshot is not None and ((sink is None and self._unwritten) or gone.snapshot.lent):
+        if gone is not None and gone.snapshot is not None and (gone.snapshot.lent or (sink is None and self._unwritten)):
             gone.snapshot.drop()
 
     def _submit(self, sink, rec: StepRecord) -> bool:

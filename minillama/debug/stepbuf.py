@@ -13,8 +13,8 @@ flat batch (``S`` = number of sites in the catalog, ``L`` layers, ``K`` shadow f
 The hook sites fill the request rows in (atomics on the GPU, numpy on the CPU), and ``snapshot``
 finishes ``stats`` (``stats_table`` on the CPU: the trace writer does no arithmetic) and copies
 ``finished[:R]`` and ``rows[:n]`` without blocking into a slot of a ring of pinned host buffers
-(``hostring``: memory the trace writer process maps too), with an event to wait on. On the CPU ``finished`` is ``req`` itself, reset at each step's start
-(one copy of a template row). On the GPU it is a second table: one kernel
+(``hostring``: memory the trace writer process maps too), with an event to wait on. On the CPU
+``finished`` is ``req`` itself, reset at each step's start (one copy of a template row). On the GPU it is a second table: one kernel
 (``devstats.finish_cuda``) copies the sums there beside their statistics and clears ``req`` behind
 them, so a step needs no reset launch of its own (host time is what recording costs there).
 Nothing else crosses to the host. A slot is given back once its tables are read there
@@ -70,7 +70,7 @@ class StatsBuffer:
         self._per_sample = torch.as_tensor(per_sample, device=device)
         self._per_sample_i32 = torch.as_tensor(per_sample.astype(np.int32), device=device)  # the finish kernel's
         self._width = torch.as_tensor(np.ones(s) if width is None else width, dtype=torch.float64, device=device)
-        self.ring: HostRing | None = None  # made before the first snapshot on the GPU, for a writer process on the CPU
+        self.ring: HostRing | None = None  # on the GPU before the first snapshot; on the CPU for a writer process
 
     def _typed(self, t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed views of a request table (``snapshot.views``'s layout, for the kernels)."""
@@ -136,7 +136,8 @@ class StatsBuffer:
     def snapshot(self, num_reqs: int, num_rows: int, counts: np.ndarray | None,
                  tail: list[tuple[torch.Tensor, int]] = (), pos: torch.Tensor | None = None) -> Snapshot:
         """Finish the step's statistics and copy its used tables to the host without blocking (into a
-        slot of the ring, stamped behind the copies); ``counts``, ``tail`` and ``pos`` as ``finish`` takes them."""
+        slot of the ring, stamped behind the copies); ``counts``, ``tail`` and ``pos`` as ``finish``
+        takes them."""
         self.finish(num_reqs, counts, tail=tail, pos=pos)
         if self.device.type != "cuda" and self.ring is None:  # no writer process to share a slot with
             return Snapshot(self, None, self.req[:num_reqs].clone(), self.rows[:num_rows].clone(), None)
@@ -171,7 +172,8 @@ class StatsBuffer:
 
     def _make_ring(self) -> None:
         with torch.inference_mode(False):  # made from graphs_captured too, inside the capture's inference mode
-            self.ring = HostRing([(tuple(t.shape), t.dtype) for t in (self.req, self.rows)], self.device, shared=True)
+            self.ring = HostRing([(tuple(t.shape), t.dtype) for t in (self.req, self.rows)], self.device,
+                                 shared=True)
 
     @property
     def evictions(self) -> int:
