@@ -81,7 +81,7 @@ def test_a_writer_that_is_gone_gives_every_lent_slot_back():
 
 def test_the_writer_reads_a_slot_once_its_stamp_is_there_and_sees_what_was_written():
     ring = HostRing(SHAPES, torch.device("cpu"), shared=True)
-    view = RingView(ring.layout(), os.dup(ring.fd))  # the writer process's side, mapped a second time
+    view = RingView({**ring.layout(), "fd": os.dup(ring.fd)})  # the writer process's side, mapped a second time
     slot, use = ring.acquire()
     req, rows = ring.slots[slot]
     assert view.read(slot, use, stop=lambda: True) is None, "not stamped yet: the reader gives up when told"

@@ -42,12 +42,10 @@ class HostRing:
     def __init__(self, shapes: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device, shared: bool) -> None:
         self.device = device
         self.shapes = shapes
-        sizes = [int(np.prod(s)) * torch.empty(0, dtype=d).element_size() for s, d in shapes]
-        self.slot_bytes = sum(-(-n // _PAGE) * _PAGE for n in sizes)
         self.fd: int | None = None
         self._mm = None
         if shared:
-            self._share(sizes)
+            self._share()
         if self.fd is None:
             self.slots = [tuple(torch.empty(s, dtype=d, pin_memory=device.type == "cuda") for s, d in shapes)
                           for _ in range(RING)]
@@ -70,10 +68,10 @@ class HostRing:
     def shared(self) -> bool:
         return self.fd is not None
 
-    def _share(self, sizes: list[int]) -> None:
+    def _share(self) -> None:
         if not hasattr(os, "memfd_create"):
             return
-        total = _CTRL + RING * self.slot_bytes
+        placement, total = _placement([(s, str(d).removeprefix("torch.")) for s, d in self.shapes])
         fd = os.memfd_create("minillama-stats-ring")
         try:
             os.ftruncate(fd, total)
@@ -90,21 +88,20 @@ class HostRing:
                 os.close(fd)
                 return
             weakref.finalize(self, _unregister, ptr)
-        self.fd, self._mm, self._base, self.total = fd, mm, base, total
+        self.fd, self._mm, self._base, self._placement, self.total = fd, mm, base, placement, total
         weakref.finalize(self, os.close, fd)
         self._ctrl_t = base[: 16 * RING].view(torch.int64)
         ctrl = self._ctrl_t.numpy()
         self.ready, self.released = ctrl[:RING], ctrl[RING:]
-        self.slots = [tuple(_carve(base, off, shapes_i) for off, shapes_i in _offsets(_CTRL + i * self.slot_bytes,
-                                                                                       self.shapes, sizes))
-                      for i in range(RING)]
+        self.slots = [tuple(base[off: off + n].view(getattr(torch, d)).view(shape) for off, n, shape, d in arrays)
+                      for arrays in placement]
 
     def layout(self) -> dict[str, Any] | None:
-        """What the writer process needs to map the slots (``RingView``); None if the ring is private."""
+        """What the writer process needs to map the slots (``RingView``: the memfd, which it inherits, and
+        where each slot's arrays lie); None if the ring is private."""
         if self.fd is None:
             return None
-        return {"total": self.total, "slot_bytes": self.slot_bytes,
-                "shapes": [(s, str(d).removeprefix("torch.")) for s, d in self.shapes]}
+        return {"fd": self.fd, "total": self.total, "slots": self._placement}
 
     # ---- the engine's side ----------------------------------------------------------------------
     def acquire(self) -> tuple[int, int]:
@@ -182,18 +179,15 @@ class HostRing:
 
 
 class RingView:
-    """The writer process's view of a shared ring (``HostRing.layout``, its memfd ``fd``)."""
+    """The writer process's view of a shared ring (``HostRing.layout``; its memfd is closed here once mapped)."""
 
-    def __init__(self, layout: dict[str, Any], fd: int) -> None:
-        self._mm = mmap.mmap(fd, layout["total"])
-        os.close(fd)
+    def __init__(self, layout: dict[str, Any]) -> None:
+        self._mm = mmap.mmap(layout["fd"], layout["total"])
+        os.close(layout["fd"])
         ctrl = np.frombuffer(self._mm, dtype=np.int64, count=2 * RING)
         self.ready, self.released = ctrl[:RING], ctrl[RING:]
-        shapes = [(tuple(s), np.dtype(d)) for s, d in layout["shapes"]]
-        sizes = [int(np.prod(s)) * d.itemsize for s, d in shapes]
-        self.slots = [[np.frombuffer(self._mm, dtype=d, count=int(np.prod(s)), offset=off).reshape(s)
-                       for off, (s, d) in _offsets(_CTRL + i * layout["slot_bytes"], shapes, sizes)]
-                      for i in range(RING)]
+        self.slots = [[np.frombuffer(self._mm, dtype=d, count=n // np.dtype(d).itemsize, offset=off).reshape(shape)
+                       for off, n, shape, d in arrays] for arrays in layout["slots"]]
 
     def read(self, slot: int, use: int, stop: Any, timeout: float = 60.0) -> list[np.ndarray] | None:
         """The slot's arrays once ``use``'s stamp is there (None if ``stop()`` or ``timeout`` came first)."""
@@ -208,18 +202,18 @@ class RingView:
         self.released[slot] = use
 
 
-def _offsets(start: int, shapes: list, sizes: list[int]) -> list[tuple[int, Any]]:
-    out, off = [], start
-    for shape, n in zip(shapes, sizes, strict=True):
-        out.append((off, shape))
-        off += -(-n // _PAGE) * _PAGE
-    return out
-
-
-def _carve(base: torch.Tensor, off: int, shape_dtype: tuple[tuple[int, ...], torch.dtype]) -> torch.Tensor:
-    shape, dtype = shape_dtype
-    n = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-    return base[off: off + n].view(dtype).view(shape)
+def _placement(shapes: list[tuple[tuple[int, ...], str]]) -> tuple[list[list[tuple[int, int, tuple, str]]], int]:
+    """Where each slot's arrays lie in the shared memory, ``(offset, bytes, shape, dtype name)``, each
+    page-aligned after the control words; and the memory's size. One list for both processes."""
+    sizes = [int(np.prod(shape)) * np.dtype(d).itemsize for shape, d in shapes]
+    out, off = [], _CTRL
+    for _ in range(RING):
+        arrays = []
+        for (shape, d), n in zip(shapes, sizes, strict=True):
+            arrays.append((off, n, tuple(shape), d))
+            off += -(-n // _PAGE) * _PAGE
+        out.append(arrays)
+    return out, off
 
 
 def _unregister(ptr: int) -> None:

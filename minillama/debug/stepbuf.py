@@ -146,8 +146,7 @@ class StatsBuffer:
         slot, use = ring.acquire()
         req, rows = ring.slots[slot]
         req, rows = req[:num_reqs], rows[:num_rows]
-        src = self.finished if self.device.type == "cuda" else self.req
-        req.copy_(src[:num_reqs], non_blocking=True)
+        req.copy_(self.finished[:num_reqs], non_blocking=True)  # (on the CPU, req itself)
         rows.copy_(self.rows[:num_rows], non_blocking=True)
         ring.stamp(slot, use)
         done = None

@@ -174,7 +174,7 @@ def main() -> None:
                  "to write on stdin")
     _, state, tokenizer, shadow, num_sites, shadow_shape, layout = init
     writer = TraceWriter.reopen(**state)
-    ring = RingView(layout, layout["fd"]) if layout is not None else None
+    ring = RingView(layout) if layout is not None else None
     finisher = StepFinisher(tokenizer)
     parent = os.getppid()
 

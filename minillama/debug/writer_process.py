@@ -64,12 +64,14 @@ class _Mailbox:
     def __init__(self, depth: int, alive: Callable[[], bool] = lambda: True) -> None:
         self._items: deque[tuple] = deque()
         self.pending = 0  # put and not yet handled by the sender (a message written now would pass them)
+        self._count = threading.Lock()  # pending changes on the engine's, the sender's and a UI thread
         self._wake = threading.Event()
         self._depth = depth
         self._alive = alive
 
     def put(self, item: tuple, urgent: bool = False) -> None:
-        self.pending += 1
+        with self._count:
+            self.pending += 1
         self._items.append(item)
         if urgent or len(self._items) >= WAKE_STEPS:
             self._wake.set()
@@ -88,7 +90,8 @@ class _Mailbox:
 
     def done(self) -> None:
         """One item taken is handled."""
-        self.pending -= 1
+        with self._count:
+            self.pending -= 1
 
 
 class ProcessWriter:
@@ -115,7 +118,7 @@ class ProcessWriter:
         # not the writer in the middle of a step
         self._proc = subprocess.Popen([sys.executable, "-m", "minillama.debug.writer_main"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                                      start_new_session=True, pass_fds=(recorder.buffer.ring.fd,) if layout else ())
+                                      start_new_session=True, pass_fds=(layout["fd"],) if layout else ())
         self._fd = self._proc.stdin.fileno()
         self._pipe_size = _widen_pipe(self._fd)
         self._pipe_lock = threading.Lock()  # one message at a time, whichever thread writes it
@@ -132,8 +135,6 @@ class ProcessWriter:
         self._started = threading.Event()  # the start is over, either way
         self._queue = _Mailbox(depth, lambda: self._sender.is_alive())
         # the sender hands the writer's state over and waits for the process before the first step
-        if layout is not None:
-            layout = {**layout, "fd": self._ring.fd}
         self._queue.put(("init", ("init", state, recorder.llm.tokenizer, shadow, recorder.buffer.num_sites,
                                   recorder.buffer.shadow_shape, layout)), urgent=True)
         self._flushes: deque[threading.Event] = deque()
@@ -232,7 +233,9 @@ class ProcessWriter:
     # ---- the engine's side: a thread that hands steps over ----------------------------------------
     def _send(self, msg: tuple) -> None:
         """One message (``_frame``), in one system call (each return from one takes the GIL again)."""
-        parts = _frame(msg)
+        self._write(_frame(msg))
+
+    def _write(self, parts: list) -> None:
         with self._pipe_lock:
             _write_all(self._fd, parts)
 
@@ -256,8 +259,7 @@ class ProcessWriter:
                 self._send(("close", rest[0]))
                 self._proc.stdin.close()
             elif kind == "bytes":  # written even once stopped: the process gives its lent slot back
-                with self._pipe_lock:
-                    _write_all(self._fd, rest[0])
+                self._write(rest[0])
             elif not self.stopped:
                 self._send_step(*rest)
         except (OSError, ValueError):  # the process is gone: the engine goes on, the trace stops here
